@@ -1,0 +1,159 @@
+"""The `offramp` command. Thin: parse, validate, call the library. Heavy imports stay inside commands."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _progress(label: str):
+    """A one-line progress printer for long local work (stderr, so stdout stays parseable)."""
+
+    def show(done: int, total: int, *extra) -> None:
+        tail = f" loss {extra[0]:.3f}" if extra else ""
+        end = "\n" if done >= total else ""
+        click.echo(f"\r{label}: {done}/{total}{tail}   ", nl=False, err=True)
+        if end:
+            click.echo("", err=True)
+
+    return show
+
+
+def _fail(e: Exception) -> None:
+    raise click.ClickException(str(e)) from e
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """offramp: early-exit batch inference for transformer text classifiers on Ray."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@main.command()
+@click.option("--base", default="minilm-l6", show_default=True, help="minilm-l6 (packaged), a local HF model dir, or a hub id.")
+@click.option("--dataset", default="movie-reviews", show_default=True, help="movie-reviews, trec, ... or a parquet/jsonl/csv path/URL.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to save the classifier.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--epochs", default=1.0, show_default=True, type=float)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--max-steps", default=None, type=int, help="Stop after N steps (smoke runs).")
+@click.option("--limit", default=None, type=int, help="Use only the first N training rows.")
+def finetune(base, dataset, out, text_column, label_column, epochs, batch_size, max_steps, limit):
+    """Fine-tune an original classifier (AutoModelForSequenceClassification) on a labelled dataset."""
+    from pipeline.config import FinetuneConfig
+    from pipeline.training.finetune import finetune as run
+
+    try:
+        cfg = FinetuneConfig(base=base, dataset=dataset, text_column=text_column, label_column=label_column,
+                             epochs=epochs, batch_size=batch_size, max_steps=max_steps, limit=limit)
+        report = run(out, cfg, progress=_progress("finetune step"))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    click.echo(json.dumps(report, indent=2))
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, help="The original classifier directory.")
+@click.option("--data", default="movie-reviews", show_default=True, help="Bootstrap corpus: built-in name or path/URL (no labels needed).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Early-exit artifact directory.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
+@click.option("--constraint", default=0.01, show_default=True, type=float, help="Accuracy budget for initial thresholds.")
+@click.option("--epochs", default=30, show_default=True, type=int)
+@click.option("--limit", default=None, type=int, help="Use only the first N rows.")
+def bootstrap(model_dir, data, out, text_column, pooling, constraint, epochs, limit):
+    """Train a ramp at every encoder layer by distillation from the frozen original model."""
+    from pipeline.config import BootstrapConfig
+    from pipeline.training.bootstrap import bootstrap as run
+
+    try:
+        cfg = BootstrapConfig(data=data, text_column=text_column, pooling=pooling, constraint=constraint,
+                              epochs=epochs, limit=limit)
+        manifest = run(model_dir, out, cfg, progress=_progress("caching features"))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    _print_inspect(out)
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, help="Early-exit artifact directory.")
+@click.option("--input", "input_url", default=None, help="parquet/jsonl/csv path or URL instead of TEXTS.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--mode", type=click.Choice(["exit", "release"]), default="exit", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.argument("texts", nargs=-1)
+def predict(model_dir, input_url, text_column, mode, as_json, texts):
+    """Classify TEXTS (or --input) locally, no Ray: label, score and exit layer per input."""
+    from pipeline.config import EngineConfig
+    from pipeline.engine.predictor import Predictor
+
+    if bool(texts) == bool(input_url):
+        raise click.UsageError("give either TEXTS or --input, not both or neither")
+    try:
+        if input_url:
+            from pipeline.data.readers import read_table, require_columns
+
+            table = read_table(input_url)
+            require_columns(table, [text_column], input_url)
+            texts = table.column(text_column).to_pylist()
+        predictor = Predictor(model_dir, EngineConfig(mode=mode))
+        out = predictor.predict(list(texts))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    for text, p in zip(texts, out.predictions):
+        if as_json:
+            click.echo(json.dumps({"text": text, **p.to_dict()}))
+        elif p.error:
+            click.echo(f"ERROR  {p.error}  | {str(text)[:60]!r}")
+        else:
+            flag = " (truncated)" if p.truncated else ""
+            click.echo(f"{p.label:<12} {p.score:.3f}  exit {p.exit_layer}/{predictor.model.num_layers}{flag}  | {text[:60]}")
+    if any(p.error for p in out.predictions):
+        sys.exit(2)
+
+
+def _print_inspect(path: str) -> None:
+    from pipeline.inspect_artifact import inspect_table
+
+    click.echo(inspect_table(path))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+def inspect(artifact):
+    """Per-ramp table: layer, validation agreement, exit rate at the current thresholds, cost."""
+    try:
+        _print_inspect(artifact)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@main.command()
+@click.option("--workdir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo model and artifact are cached between runs.")
+def demo(workdir):
+    """The embedded default: fine-tune MiniLM on movie reviews (cached), bootstrap ramps (cached),
+    then classify the movie-review corpus."""
+    from pipeline.demo import run_demo
+
+    try:
+        run_demo(Path(workdir), echo=click.echo, progress=_progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    main()

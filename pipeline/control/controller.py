@@ -1,0 +1,654 @@
+"""The threshold controller: one named Ray actor per deployment/job, and the client workers use.
+
+``ThresholdController`` is a plain class (testable without Ray). It gathers feedback rows into windows
+of ``window_rows``; for each full window it
+
+1. measures realized agreement under the thresholds in force and asks the accuracy guard what to do;
+2. on repeated violations, backs off the violating ramps (their thresholds become tuning floors until
+   the guard has seen ``backoff_hold_windows`` good windows);
+3. every ``ramp_check_windows`` windows (or at once when the active set breaks the ramp budget) runs
+   ramp adjustment;
+4. re-tunes the thresholds from scratch (all ramps closed) on the recent windows, bumps the version
+   when thresholds or the active set change, checkpoints its state (fsspec URL) and logs a history row.
+
+Why re-tune from scratch rather than from the current thresholds: the greedy search only ever lowers
+thresholds, so starting from the current ones would ratchet them down window after window and could
+never raise them when inputs get harder. From scratch, thresholds are a function of recent data only
+and move both ways; it costs milliseconds. Why tune under ``constraint * tune_headroom``: the tuner
+packs the window right up to its budget, so a fresh window would exceed the full budget about half the
+time from sampling noise alone; the headroom leaves room for that noise while the guard judges each
+window against the full constraint. On a violation the tuning buffer keeps only the newest window (the
+violation is evidence of drift, and older windows describe the old inputs).
+
+``get_or_create_controller`` starts (or finds) the detached actor; ``ControllerClient`` is what
+workers and replicas hold: fire-and-forget reports, periodic state fetches with a short timeout, and
+the last good state kept whenever the controller is unreachable.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+import numpy as np
+
+from .guard import AccuracyGuard, GuardAction, back_off, violating_ramps
+from .ramp_adjust import RampBudget, adjust_ramps, candidate_gains, ramp_utilities
+from .records import CLOSED, CostModel, FeedbackWindow
+from .tuner import evaluate, tune_thresholds
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "ControllerConfig",
+    "ControllerState",
+    "ThresholdController",
+    "ControllerClient",
+    "get_or_create_controller",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "offramp"
+_CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class ControllerConfig:
+    """Controller settings; every field has a default that follows Apparate's artifact or DESIGN.md."""
+
+    constraint: float = 0.01
+    """Accuracy budget: largest allowed 1 - agreement with the original model, per window."""
+    window_rows: int = 512
+    """Feedback rows per window; the guard and the tuner run once per full window."""
+    tune_windows: int = 4
+    """The tuner sees the last this many windows (Apparate: the last 4 batches)."""
+    tune_headroom: float = 0.75
+    """Share of the constraint the tuner may spend; the rest absorbs window-to-window noise."""
+    init_step: float = 0.01
+    """Greedy search: initial threshold step."""
+    min_step: float = 0.001
+    """Greedy search: stop once steps fall below this."""
+    ramp_check_windows: int = 10
+    """Run ramp adjustment every this many windows (Apparate NLP: every 100 batches)."""
+    utility_windows: int = 20
+    """Per-window ramp utilities kept for ramp adjustment (Apparate: last 20 batches)."""
+    negative_share: float = 0.6
+    """Drop a ramp when more than this share of its recent utilities are negative (Apparate NLP)."""
+    max_active: int | None = None
+    """Most active ramps (Apparate: 2 NLP, 3 CV); None = no count limit, only the tail budget."""
+    max_tail_overhead: float = 0.05
+    """Most extra cost the active ramps add to a row that never exits, as a share of the model."""
+    adjust_ramps: bool = True
+    """Turn ramp adjustment on or off (off: the active set never changes)."""
+    backoff_after: int = 2
+    """Consecutive violating windows that trigger a back-off (Apparate: >= 2)."""
+    backoff_factor: float = 0.1
+    """Back-off: thr = 1 - (1 - thr) * factor for violating ramps (Apparate's x0.1 cut)."""
+    backoff_hold_windows: int = 4
+    """Good windows in a row after which back-off floors are lifted."""
+    history_limit: int = 1000
+    """Per-window history rows kept in memory."""
+    max_pending_rows: int = 65536
+    """Most unprocessed feedback rows held; older rows are dropped beyond this (bounded memory)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"ControllerConfig: {msg}")
+
+        need(0.0 <= self.constraint < 1.0, f"constraint={self.constraint} must be in [0, 1), e.g. 0.01")
+        need(self.window_rows >= 1, f"window_rows={self.window_rows} must be >= 1 (e.g. 512)")
+        need(self.tune_windows >= 1, f"tune_windows={self.tune_windows} must be >= 1")
+        need(0.0 < self.tune_headroom <= 1.0, f"tune_headroom={self.tune_headroom} must be in (0, 1]")
+        need(0.0 < self.min_step <= self.init_step, f"need 0 < min_step ({self.min_step}) <= init_step ({self.init_step})")
+        need(self.ramp_check_windows >= 1, f"ramp_check_windows={self.ramp_check_windows} must be >= 1")
+        need(self.utility_windows >= 1, f"utility_windows={self.utility_windows} must be >= 1")
+        need(0.0 <= self.negative_share < 1.0, f"negative_share={self.negative_share} must be in [0, 1)")
+        need(self.max_active is None or self.max_active >= 0, f"max_active={self.max_active} must be >= 0 or None")
+        need(self.max_tail_overhead >= 0.0, f"max_tail_overhead={self.max_tail_overhead} must be >= 0")
+        need(self.backoff_after >= 1, f"backoff_after={self.backoff_after} must be >= 1")
+        need(0.0 <= self.backoff_factor < 1.0, f"backoff_factor={self.backoff_factor} must be in [0, 1)")
+        need(self.backoff_hold_windows >= 1, f"backoff_hold_windows={self.backoff_hold_windows} must be >= 1")
+        need(self.history_limit >= 1, f"history_limit={self.history_limit} must be >= 1")
+        need(
+            self.max_pending_rows >= self.window_rows,
+            f"max_pending_rows={self.max_pending_rows} must be >= window_rows={self.window_rows}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "ControllerConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ControllerConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class ControllerState:
+    """The versioned state workers fetch, plus counters. JSON-serialisable via ``to_dict``."""
+
+    version: int
+    thresholds: list[float]
+    active: list[bool]
+    windows: int = 0  # full windows processed
+    rows: int = 0  # feedback rows received
+    reports: int = 0  # report() calls accepted
+    rejected: int = 0  # report() calls refused (malformed payload)
+    dropped_rows: int = 0  # rows dropped because the pending buffer was full
+    violations: int = 0  # windows whose realized agreement broke the constraint
+    backoffs: int = 0  # back-offs applied
+    ramp_changes: int = 0  # ramp adjustments that changed the active set
+    restores: int = 0  # times this state was restored from a checkpoint
+    updated_at: float = 0.0  # time.time() of the last version change
+
+    @classmethod
+    def initial(cls, num_ramps: int, active: Sequence[bool] | None = None) -> "ControllerState":
+        """All ramps closed; all active unless ``active`` says otherwise."""
+        act = [True] * num_ramps if active is None else [bool(a) for a in active]
+        return cls(version=0, thresholds=[CLOSED] * num_ramps, active=act, updated_at=time.time())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ControllerState":
+        known = {f.name for f in fields(cls)}
+        s = cls(**{k: v for k, v in d.items() if k in known})
+        s.thresholds = [float(x) for x in s.thresholds]
+        s.active = [bool(x) for x in s.active]
+        return s
+
+
+def _as_state(x: ControllerState | dict[str, Any] | None) -> ControllerState | None:
+    if x is None or isinstance(x, ControllerState):
+        return x
+    return ControllerState.from_dict(x)
+
+
+class ThresholdController:
+    """Controller logic: windows of feedback in, versioned thresholds and active ramps out.
+
+    Args:
+        costs: latency/compute profile (``CostModel`` or its ``to_dict()``).
+        config: ``ControllerConfig`` or a dict of its fields.
+        initial_state: starting thresholds/active set (e.g. from bootstrap); default all closed, all
+            active. Ignored when a checkpoint exists at ``checkpoint_url``.
+        checkpoint_url: fsspec URL of a JSON checkpoint written after every window and read here.
+    """
+
+    def __init__(
+        self,
+        costs: CostModel | dict[str, Any],
+        config: ControllerConfig | dict[str, Any] | None = None,
+        initial_state: ControllerState | dict[str, Any] | None = None,
+        checkpoint_url: str | None = None,
+    ) -> None:
+        self.costs = costs if isinstance(costs, CostModel) else CostModel.from_dict(costs)
+        self.config = config if isinstance(config, ControllerConfig) else ControllerConfig.from_dict(config)
+        self.checkpoint_url = checkpoint_url
+        R = self.costs.num_ramps
+        cfg = self.config
+        self._budget = RampBudget(R if cfg.max_active is None else cfg.max_active, cfg.max_tail_overhead)
+        self._guard = AccuracyGuard(cfg.constraint, cfg.backoff_after)
+        self._floors = np.zeros(R)
+        self._ok_streak = 0
+        self._since_check = 0
+        self._pending: deque[FeedbackWindow] = deque()
+        self._pending_rows = 0
+        self._tune_buf: deque[FeedbackWindow] = deque(maxlen=cfg.tune_windows)
+        self._utils: deque[np.ndarray] = deque(maxlen=cfg.utility_windows)
+        self._history: deque[dict[str, Any]] = deque(maxlen=cfg.history_limit)
+        self.checkpoint_errors = 0
+
+        state = _as_state(initial_state) or ControllerState.initial(R)
+        if len(state.thresholds) != R or len(state.active) != R:
+            raise ValueError(
+                f"initial_state has {len(state.thresholds)} thresholds / {len(state.active)} active flags;"
+                f" the cost model has {R} ramps"
+            )
+        state.thresholds = [CLOSED if not a else float(t) for t, a in zip(state.thresholds, state.active)]
+        self.state = state
+        if checkpoint_url and self._restore():
+            self.state.restores += 1
+            self._save()
+
+    # ----- public API (also the actor's methods) -----
+    def report(self, window: FeedbackWindow | dict[str, Any]) -> int:
+        """Add feedback rows; process every full window. Returns the current version. Never raises."""
+        try:
+            w = window if isinstance(window, FeedbackWindow) else FeedbackWindow.from_dict(window)
+            if w.num_ramps != self.costs.num_ramps:
+                raise ValueError(f"window has {w.num_ramps} ramps, the cost model {self.costs.num_ramps}")
+        except Exception as exc:  # a bad payload must not take the controller down
+            self.state.rejected += 1
+            logger.warning("controller rejected a report: %s", exc)
+            return self.state.version
+        self.state.reports += 1
+        self.state.rows += len(w)
+        if len(w):
+            self._pending.append(w)
+            self._pending_rows += len(w)
+        self._trim_pending()
+        cfg = self.config
+        while self._pending_rows >= cfg.window_rows:
+            self._process(self._take(cfg.window_rows))
+        return self.state.version
+
+    def flush(self) -> dict[str, Any]:
+        """Process the pending rows now as a (short) window, e.g. at the end of a job."""
+        if self._pending_rows:
+            self._process(self._take(self._pending_rows))
+        return self.get_state()
+
+    def get_state(self) -> dict[str, Any]:
+        """The current versioned state as a plain dict."""
+        return self.state.to_dict()
+
+    def history(self, last: int | None = None) -> list[dict[str, Any]]:
+        """Per-window records, oldest first (the last ``last`` ones when given)."""
+        rows = list(self._history)
+        return rows if last is None else rows[-last:]
+
+    def get_config(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "costs": self.costs.to_dict(), "checkpoint_url": self.checkpoint_url}
+
+    def ping(self) -> bool:
+        return True
+
+    # ----- window processing -----
+    def _trim_pending(self) -> None:
+        while self._pending_rows > self.config.max_pending_rows and self._pending:
+            old = self._pending.popleft()
+            self._pending_rows -= len(old)
+            self.state.dropped_rows += len(old)
+
+    def _take(self, n: int) -> FeedbackWindow:
+        parts: list[FeedbackWindow] = []
+        need = n
+        while need > 0:
+            w = self._pending.popleft()
+            if len(w) > need:
+                parts.append(w.slice(0, need))
+                self._pending.appendleft(w.slice(need))
+                need = 0
+            else:
+                parts.append(w)
+                need -= len(w)
+        self._pending_rows -= n
+        return parts[0] if len(parts) == 1 else FeedbackWindow.concat(parts)
+
+    def _process(self, w: FeedbackWindow) -> None:
+        t0 = time.perf_counter()
+        cfg, st = self.config, self.state
+        thr = np.asarray(st.thresholds, dtype=np.float64)
+        act = np.asarray(st.active, dtype=bool)
+
+        realized = evaluate(w, self.costs, thr, act)
+        action = self._guard.observe(realized.agreement)
+        self._utils.append(ramp_utilities(w, self.costs, thr, act))
+        backed_off: list[int] = []
+        if action is GuardAction.OK:
+            self._ok_streak += 1
+            if self._ok_streak >= cfg.backoff_hold_windows:
+                self._floors[:] = 0.0
+            self._tune_buf.append(w)
+        else:
+            st.violations += 1
+            self._ok_streak = 0
+            self._tune_buf.clear()  # drift: only the newest window describes current inputs
+            self._tune_buf.append(w)
+            if action is GuardAction.BACKOFF:
+                bad = violating_ramps(w, self.costs, thr, act, cfg.constraint)
+                cut = back_off(thr, bad, cfg.backoff_factor)
+                self._floors = np.where(bad, np.maximum(self._floors, cut), self._floors)
+                backed_off = np.flatnonzero(bad).tolist()
+                st.backoffs += 1
+
+        data = FeedbackWindow.concat(list(self._tune_buf))
+        target = cfg.constraint * cfg.tune_headroom
+        tune_kw = dict(init_step=cfg.init_step, min_step=cfg.min_step, floor=self._floors)
+
+        self._since_check += 1
+        ramp_note: dict[str, Any] | None = None
+        new_act = act
+        over_budget = not self._budget.fits(self.costs, act)
+        if cfg.adjust_ramps and (self._since_check >= cfg.ramp_check_windows or over_budget):
+            self._since_check = 0
+            gains = candidate_gains(data, self.costs, act, target, **tune_kw)
+            decision = adjust_ramps(list(self._utils), act, self.costs, self._budget, gains, cfg.negative_share)
+            ramp_note = decision.to_dict()
+            if decision.changed:
+                new_act = decision.active
+                self._utils.clear()  # utilities depend on the whole set: gather fresh evidence
+                st.ramp_changes += 1
+        t_tune = time.perf_counter()
+        tuned = tune_thresholds(data, self.costs, target, new_act, **tune_kw)
+        tune_ms = (time.perf_counter() - t_tune) * 1e3
+
+        changed = not (np.array_equal(tuned.thresholds, thr) and np.array_equal(new_act, act))
+        if changed:
+            st.version += 1
+            st.thresholds = [float(x) for x in tuned.thresholds]
+            st.active = [bool(x) for x in new_act]
+            st.updated_at = time.time()
+        st.windows += 1
+        self._history.append(
+            {
+                "window": st.windows,
+                "rows": len(w),
+                "action": action.value,
+                "agreement": realized.agreement,
+                "savings": realized.savings,
+                "layer_savings": realized.layer_savings,
+                "tuned_rows": len(data),
+                "tuned_agreement": tuned.agreement,
+                "tuned_savings": tuned.savings,
+                "backed_off": backed_off,
+                "ramp_check": ramp_note,
+                "version": st.version,
+                "thresholds": list(st.thresholds),
+                "active": list(st.active),
+                "tune_ms": tune_ms,
+                "window_ms": (time.perf_counter() - t0) * 1e3,
+            }
+        )
+        self._save()
+
+    # ----- checkpoint -----
+    def _checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "format": _CHECKPOINT_FORMAT,
+            "num_ramps": self.costs.num_ramps,
+            "state": self.state.to_dict(),
+            "guard": self._guard.to_dict(),
+            "floors": self._floors.tolist(),
+            "ok_streak": self._ok_streak,
+            "since_check": self._since_check,
+        }
+
+    def _save(self) -> None:
+        if not self.checkpoint_url:
+            return
+        try:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.checkpoint_url)
+            parent = path.rsplit("/", 1)[0] if "/" in path else ""
+            if parent:
+                try:
+                    fs.makedirs(parent, exist_ok=True)
+                except Exception:  # object stores have no directories
+                    pass
+            text = json.dumps(self._checkpoint_payload())
+            tmp = f"{path}.tmp"
+            with fs.open(tmp, "w") as f:  # write then rename: a crash never leaves half a checkpoint
+                f.write(text)
+            fs.mv(tmp, path)
+        except Exception as exc:  # never let storage trouble stop tuning
+            self.checkpoint_errors += 1
+            logger.warning("controller checkpoint to %s failed: %s", self.checkpoint_url, exc)
+
+    def _restore(self) -> bool:
+        try:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.checkpoint_url)
+            if not fs.exists(path):
+                return False
+            with fs.open(path, "r") as f:
+                payload = json.loads(f.read())
+            if payload.get("format") != _CHECKPOINT_FORMAT or payload.get("num_ramps") != self.costs.num_ramps:
+                logger.warning("ignoring checkpoint %s: format/ramp count does not match", self.checkpoint_url)
+                return False
+            self.state = ControllerState.from_dict(payload["state"])
+            self._guard = AccuracyGuard.from_dict(payload["guard"])
+            self._floors = np.asarray(payload["floors"], dtype=np.float64)
+            self._ok_streak = int(payload["ok_streak"])
+            self._since_check = int(payload["since_check"])
+            return True
+        except Exception as exc:
+            logger.warning("could not restore checkpoint %s: %s; starting fresh", self.checkpoint_url, exc)
+            return False
+
+
+# ----------------------------------------------------------------------------- Ray wrappers
+_ACTOR_CLASS = None
+
+
+def _actor_class():
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        _ACTOR_CLASS = ray.remote(ThresholdController)
+    return _ACTOR_CLASS
+
+
+def get_or_create_controller(
+    name: str,
+    costs: CostModel | dict[str, Any],
+    config: ControllerConfig | dict[str, Any] | None = None,
+    initial_state: ControllerState | dict[str, Any] | None = None,
+    checkpoint_url: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+):
+    """Start the named detached controller actor, or return the running one (its args then ignored).
+
+    The actor takes no CPU (``num_cpus=0``: it must never starve Ray Data on a small machine), restarts
+    forever (``max_restarts=-1``; its ``__init__`` restores the checkpoint), and does not retry calls
+    that were in flight when it died (``max_task_retries=0``): reports are best-effort feedback and a
+    restart loses the partial window anyway, while a state fetch is simply asked again later. Calls made
+    while it restarts are queued by Ray and delivered once it is back.
+    """
+    cls = _actor_class()
+    c = costs.to_dict() if isinstance(costs, CostModel) else dict(costs)
+    cfg = config.to_dict() if isinstance(config, ControllerConfig) else dict(config or {})
+    init = initial_state.to_dict() if isinstance(initial_state, ControllerState) else initial_state
+    return cls.options(
+        name=name,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=0,
+        num_cpus=0,
+    ).remote(c, cfg, init, checkpoint_url)
+
+
+class ControllerClient:
+    """Worker-side view of the controller. Never raises: the last good state always stands.
+
+    ``report`` is fire-and-forget (failures are counted when their replies come back, or when the
+    actor cannot be found); ``maybe_refresh`` fetches the state every ``refresh_every`` batches, or
+    sooner when a report reply shows a newer version, waiting at most ``timeout_s``. A fetch that times
+    out stays pending and is collected by a later call, so a restarting controller sees one request per
+    client, not a pile. A lost handle is looked up again by name, at most every ``reconnect_every_s``.
+
+    Args:
+        name, namespace: the controller actor's name and namespace.
+        initial_state: state to use until the first fetch (else one fetch is tried at construction).
+        refresh_every: batches between fetches for ``maybe_refresh``.
+        timeout_s: longest wait for a state fetch.
+        reconnect_every_s: least time between name look-ups after a failure.
+        max_in_flight: reports whose replies are tracked (older ones are forgotten, not failed).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str = DEFAULT_NAMESPACE,
+        initial_state: ControllerState | dict[str, Any] | None = None,
+        refresh_every: int = 8,
+        timeout_s: float = 2.0,
+        reconnect_every_s: float = 5.0,
+        max_in_flight: int = 256,
+        handle: Any = None,
+    ) -> None:
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every={refresh_every} must be >= 1")
+        self.name = name
+        self.namespace = namespace
+        self.refresh_every = refresh_every
+        self.timeout_s = timeout_s
+        self.reconnect_every_s = reconnect_every_s
+        self.max_in_flight = max_in_flight
+        self._handle = handle
+        self._last_lookup = float("-inf")
+        self._state = _as_state(initial_state)
+        self._pending_get: Any = None
+        self._in_flight: deque = deque()
+        self._batches = 0
+        self._seen_version = -1
+        self.reports_sent = 0
+        self.reports_failed = 0
+        self.refreshes = 0
+        self.refresh_failures = 0
+        if self._state is None:
+            self.refresh()
+
+    # ----- state -----
+    @property
+    def state(self) -> ControllerState | None:
+        return self._state
+
+    @property
+    def version(self) -> int:
+        """Version of the state in use; -1 before any state was obtained."""
+        return -1 if self._state is None else self._state.version
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        return None if self._state is None else np.asarray(self._state.thresholds, dtype=np.float64)
+
+    @property
+    def active(self) -> np.ndarray | None:
+        return None if self._state is None else np.asarray(self._state.active, dtype=bool)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "reports_sent": self.reports_sent,
+            "reports_failed": self.reports_failed,
+            "refreshes": self.refreshes,
+            "refresh_failures": self.refresh_failures,
+            "connected": self._handle is not None,
+        }
+
+    # ----- calls -----
+    def report(self, window: FeedbackWindow | dict[str, Any]) -> bool:
+        """Send feedback without waiting. Returns False (and counts it) when it could not be sent."""
+        try:
+            self._reap()
+            handle = self._get_handle()
+            if handle is None:
+                self.reports_failed += 1
+                return False
+            if isinstance(window, FeedbackWindow):  # numpy arrays travel cheaper than lists
+                window = {"conf": window.conf, "pred": window.pred, "final": window.final}
+            self._in_flight.append(handle.report.remote(window))
+            while len(self._in_flight) > self.max_in_flight:
+                self._in_flight.popleft()
+            self.reports_sent += 1
+            return True
+        except Exception as exc:
+            self.reports_failed += 1
+            self._handle = None
+            logger.debug("report to controller %s failed: %s", self.name, exc)
+            return False
+
+    def maybe_refresh(self, every_n_batches: int | None = None) -> bool:
+        """Count one batch; fetch the state when due (or a newer version was seen). True if updated.
+
+        Between due calls a fetch left pending by a timeout is only polled, never waited for, so an
+        unreachable controller costs a worker at most ``timeout_s`` every ``every_n_batches`` batches.
+        """
+        self._batches += 1
+        n = every_n_batches or self.refresh_every
+        try:
+            self._reap()
+        except Exception:
+            pass
+        due = self._batches % n == 0 or self._seen_version > self.version
+        if due:
+            return self.refresh()
+        if self._pending_get is not None:
+            return self.refresh(timeout_s=0.0)
+        return False
+
+    def refresh(self, timeout_s: float | None = None) -> bool:
+        """Fetch the state now, waiting at most ``timeout_s`` (default: the client's). True if received."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        wait = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            if self._pending_get is None:
+                handle = self._get_handle()
+                if handle is None:
+                    self.refresh_failures += 1
+                    return False
+                self._pending_get = handle.get_state.remote()
+            d = ray.get(self._pending_get, timeout=wait)
+            self._pending_get = None
+            self._state = ControllerState.from_dict(d)
+            self.refreshes += 1
+            return True
+        except GetTimeoutError:
+            if wait > 0:
+                self.refresh_failures += 1  # keep the request pending; a later call collects it
+            return False
+        except Exception as exc:
+            self._pending_get = None
+            self._handle = None
+            self.refresh_failures += 1
+            logger.debug("state fetch from controller %s failed: %s", self.name, exc)
+            return False
+
+    # ----- internals -----
+    def _get_handle(self):
+        if self._handle is not None:
+            return self._handle
+        now = time.monotonic()
+        if now - self._last_lookup < self.reconnect_every_s:
+            return None
+        self._last_lookup = now
+        try:
+            import ray
+
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        except Exception as exc:
+            logger.debug("controller %s/%s not found: %s", self.namespace, self.name, exc)
+            self._handle = None
+        return self._handle
+
+    def _reap(self) -> None:
+        """Collect finished report replies: count failures, note the newest version seen."""
+        if not self._in_flight:
+            return
+        import ray
+
+        refs = list(self._in_flight)
+        ready, rest = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            try:
+                self._seen_version = max(self._seen_version, int(ray.get(ref, timeout=0)))
+            except Exception:
+                self.reports_failed += 1
+        self._in_flight = deque(rest)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Handles and object refs are tied to one process; a copied client looks the actor up again.
+        d = self.__dict__.copy()
+        d["_handle"] = None
+        d["_pending_get"] = None
+        d["_in_flight"] = deque()
+        d["_last_lookup"] = float("-inf")
+        return d

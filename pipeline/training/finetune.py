@@ -1,0 +1,109 @@
+"""Fine-tune an original classifier (AutoModelForSequenceClassification) so the demo has a real model.
+
+Users normally bring their own; this exists so everything can be run offline end to end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import FinetuneConfig
+from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
+from pipeline.engine.predictor import validate_text
+from pipeline.model.artifact import resolve_base
+
+log = logging.getLogger(__name__)
+
+
+def _splits(cfg: FinetuneConfig) -> tuple[TextDataset, TextDataset]:
+    ds = load_dataset(cfg.dataset, cfg.text_column, cfg.label_column, require_labels=True)
+    bad = [i for i, t in enumerate(ds.texts) if validate_text(t)]
+    if bad:
+        raise ValueError(
+            f"{cfg.dataset!r}: row {bad[0]} is unusable ({validate_text(ds.texts[bad[0]])}); "
+            f"{len(bad)} such rows: clean the training data first"
+        )
+    if cfg.dataset in BUILTIN:
+        train, test = ds.split("train", cfg.seed), ds.split("test", cfg.seed)
+    else:
+        order = np.random.default_rng(cfg.seed).permutation(len(ds))
+        k = max(1, len(ds) // 10)
+        train, test = ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))
+    return train.head(cfg.limit), test
+
+
+@torch.inference_mode()
+def predict_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
+    model.eval()
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out = np.empty(len(texts), dtype=np.int64)
+    for s in range(0, len(texts), batch_size):
+        idx = order[s : s + batch_size]
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        out[idx] = model(**enc).logits.argmax(-1).numpy()
+    return out
+
+
+def finetune(out: str, cfg: FinetuneConfig | None = None, progress=None) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    cfg = cfg or FinetuneConfig()
+    torch.manual_seed(cfg.seed)
+    train, test = _splits(cfg)
+    names = train.label_names or [str(i) for i in range(int(train.labels.max()) + 1)]
+    base = resolve_base(cfg.base)
+    local = Path(base).exists()
+    tok = AutoTokenizer.from_pretrained(base, local_files_only=local)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        local_files_only=local, use_safetensors=True,
+    )
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
+    warmup = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    rng = np.random.default_rng(cfg.seed)
+    labels = torch.as_tensor(train.labels)
+    t0, step = time.perf_counter(), 0
+    model.train()
+    while step < total:
+        for b in np.array_split(rng.permutation(len(train)), steps_per_epoch):
+            enc = tok([train.texts[i] for i in b], truncation=True, max_length=cfg.max_length, padding=True,
+                      return_tensors="pt")
+            loss = model(**enc, labels=labels[b]).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if progress:
+                progress(step, total, float(loss.detach()))
+            if step >= total:
+                break
+    train_s = time.perf_counter() - t0
+    pred = predict_labels(model, tok, test.texts, max_length=cfg.max_length)
+    report = {
+        "base": cfg.base,
+        "dataset": cfg.dataset,
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "steps": step,
+        "train_seconds": round(train_s, 1),
+        "test_accuracy": float((pred == test.labels).mean()),
+        "label_names": names,
+    }
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    Path(out, "eval.json").write_text(json.dumps(report, indent=2))
+    return report

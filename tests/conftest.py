@@ -1,0 +1,28 @@
+"""Shared test setup: quiet, offline, deterministic."""
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random BERT classifier saved like a user's model (safetensors + tokenizer)."""
+    from tests.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-bert"), "bert", num_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_model_dir, tmp_path_factory):
+    """An early-exit artifact bootstrapped from the tiny model on 300 movie-review rows."""
+    from pipeline.config import BootstrapConfig
+    from pipeline.training.bootstrap import bootstrap
+
+    out = tmp_path_factory.mktemp("tiny-ee")
+    bootstrap(tiny_model_dir, str(out), BootstrapConfig(limit=300, epochs=5))
+    return str(out)

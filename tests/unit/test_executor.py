@@ -1,0 +1,137 @@
+"""Early-exit executor on tiny random BERT / DistilBERT / RoBERTa classifiers."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.engine.executor import execute
+from pipeline.engine.policy import ExitPolicy
+from pipeline.model.early_exit import EarlyExitModel
+from pipeline.model.ramps import RampSet
+from tests.tiny import tiny_classifier
+
+FAMILIES = ["bert", "distilbert", "roberta"]
+
+
+def _model(family, num_layers=4, num_labels=3, seed=0):
+    hf = tiny_classifier(family, num_layers=num_layers, num_labels=num_labels, seed=seed)
+    torch.manual_seed(seed + 1)
+    return EarlyExitModel(hf, RampSet(list(range(1, num_layers)), 32, num_labels)).eval()
+
+
+def _batch(B=7, S=15, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 2000, (B, S), generator=g)
+    lengths = torch.randint(2, S + 1, (B,), generator=g)
+    lengths[0] = S
+    mask = (torch.arange(S)[None, :] < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_ramps_closed_equals_original_model(family):
+    m = _model(family)
+    ids, mask = _batch()
+    with torch.inference_mode():
+        ref = torch.softmax(m.hf_model(input_ids=ids, attention_mask=mask).logits, -1)
+    for mode in ("exit", "release"):
+        out = execute(m, ids, mask, ExitPolicy.closed(len(m.ramps)), mode)
+        assert torch.equal(out.label, ref.argmax(-1))
+        torch.testing.assert_close(out.score, ref.max(-1).values, atol=1e-5, rtol=1e-5)
+        assert (out.exit_layer == m.num_layers).all()
+
+
+def _policy_that_splits(m, ids, mask):
+    """Thresholds at the 80th percentile of ramp confidence: some rows exit at each ramp, some never."""
+    out = execute(m, ids, mask, ExitPolicy.closed(len(m.ramps)), "release")
+    thr = np.nanquantile(out.ramp_conf.numpy(), 0.8, axis=0)
+    return ExitPolicy(thr)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exit_and_release_modes_give_the_same_answers(family):
+    m = _model(family)
+    ids, mask = _batch(B=16, seed=3)
+    policy = _policy_that_splits(m, ids, mask)
+    rel = execute(m, ids, mask, policy, "release")
+    ex = execute(m, ids, mask, policy, "exit", shadow=torch.zeros(16, dtype=torch.bool))
+    assert 0 < (rel.exit_layer < m.num_layers).sum() < 16, "the test needs some rows to exit and some not"
+    assert torch.equal(rel.label, ex.label)
+    assert torch.equal(rel.exit_layer, ex.exit_layer)
+    torch.testing.assert_close(rel.score, ex.score, atol=1e-5, rtol=1e-5)
+    # exit mode ran later layers on fewer rows; release ran every row everywhere
+    assert rel.layer_rows == [16] * m.num_layers
+    assert ex.layer_rows[0] == 16 and ex.layer_rows[-1] < 16
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prediction_does_not_depend_on_batch_mates(family):
+    m = _model(family)
+    ids, mask = _batch(B=12, seed=5)
+    policy = _policy_that_splits(m, ids, mask)
+    together = execute(m, ids, mask, policy, "exit")
+    for i in range(12):
+        width = int(mask[i].sum())
+        alone = execute(m, ids[i : i + 1, :width], mask[i : i + 1, :width], policy, "exit")
+        assert alone.label.item() == together.label[i].item()
+        assert alone.exit_layer.item() == together.exit_layer[i].item()
+        assert abs(alone.score.item() - together.score[i].item()) < 1e-4
+    # and a different grouping of the same rows (reversed order)
+    rev = execute(m, ids.flip(0), mask.flip(0), policy, "exit")
+    assert torch.equal(rev.label.flip(0), together.label)
+
+
+def test_threshold_zero_exits_every_row_at_the_first_ramp():
+    m = _model("bert")
+    ids, mask = _batch()
+    thr = np.array([0.0, 1.0, 1.0])
+    out = execute(m, ids, mask, ExitPolicy(thr), "exit")
+    assert (out.exit_layer == 1).all()
+    assert out.layer_rows == [7]  # nothing ran after layer 1
+    ramp = torch.softmax(m.ramp(0, m.layer(0, m.embed(ids), m.layer_mask(m.embed(ids), mask)), mask), -1)
+    assert torch.equal(out.label, ramp.argmax(-1))
+
+
+def test_inactive_ramp_never_exits():
+    m = _model("bert")
+    ids, mask = _batch()
+    out = execute(m, ids, mask, ExitPolicy(np.zeros(3), active=np.array([False, True, True])), "exit")
+    assert (out.exit_layer == 2).all()
+
+
+def test_feedback_rows_release_all_exit_only_shadow():
+    m = _model("bert")
+    ids, mask = _batch(B=10, seed=7)
+    policy = _policy_that_splits(m, ids, mask)
+    with torch.inference_mode():
+        final = m.hf_model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    rel = execute(m, ids, mask, policy, "release")
+    assert rel.feedback_rows.tolist() == list(range(10))
+    assert torch.equal(rel.final_pred, final)
+    assert not torch.isnan(rel.ramp_conf).any()  # every ramp recorded for feedback rows
+    shadow = torch.zeros(10, dtype=torch.bool)
+    shadow[[2, 5]] = True
+    ex = execute(m, ids, mask, policy, "exit", shadow=shadow)
+    assert ex.feedback_rows.tolist() == [2, 5]
+    assert torch.equal(ex.final_pred, final[[2, 5]])
+    torch.testing.assert_close(ex.ramp_conf, rel.ramp_conf[[2, 5]], atol=1e-5, rtol=1e-5)
+    # a shadow row still answers as if it had exited
+    assert torch.equal(ex.label, rel.label)
+
+
+def test_bad_mode_and_policy_size_are_errors():
+    m = _model("bert")
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="mode"):
+        execute(m, ids, mask, ExitPolicy.closed(3), "fast")
+    with pytest.raises(ValueError, match="thresholds"):
+        execute(m, ids, mask, ExitPolicy.closed(5), "exit")
+
+
+@pytest.mark.skipif(not hasattr(torch, "bfloat16"), reason="no bfloat16 in this torch")
+def test_bfloat16_runs_on_cpu_and_mostly_agrees():
+    m = _model("bert")
+    ids, mask = _batch(B=32, seed=9)
+    ref = execute(m, ids, mask, ExitPolicy.closed(3), "exit")
+    out = execute(m.to(torch.bfloat16), ids, mask, ExitPolicy.closed(3), "exit")
+    assert out.score.dtype == torch.float32
+    assert (out.label == ref.label).float().mean() >= 0.8

@@ -1,0 +1,97 @@
+"""The worker-side engine: one result per input, in order, bad rows flagged, no row lost."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import EngineConfig
+from pipeline.engine import predictor as predictor_mod
+from pipeline.engine.predictor import Predictor, shadow_mask
+
+TEXTS = ["a fine film", "dull", "one of the best movies of the year, truly moving", "meh", "not good at all"] * 8
+
+
+def test_one_result_per_input_in_order_matching_unsorted_runs(tiny_artifact):
+    p = Predictor(tiny_artifact, EngineConfig(token_budget=64, max_batch_rows=4))
+    out = p.predict(TEXTS)
+    assert len(out.predictions) == len(TEXTS)
+    # the same text always gets the same answer wherever the sort put it
+    for i, t in enumerate(TEXTS):
+        j = TEXTS.index(t)
+        assert out.predictions[i].label == out.predictions[j].label
+        assert out.predictions[i].exit_layer == out.predictions[j].exit_layer
+    # one big batch gives the same answers as many small ones
+    big = Predictor(tiny_artifact, EngineConfig(token_budget=65536, max_token_budget=65536)).predict(TEXTS)
+    assert [x.label for x in big.predictions] == [x.label for x in out.predictions]
+    assert [x.exit_layer for x in big.predictions] == [x.exit_layer for x in out.predictions]
+
+
+def test_bad_rows_are_reported_not_dropped(tiny_artifact):
+    p = Predictor(tiny_artifact)
+    texts = ["good", None, "", "   ", 42, "bad"]
+    out = p.predict(texts)
+    errors = [x.error for x in out.predictions]
+    assert errors[0] is None and errors[5] is None
+    assert "null" in errors[1]
+    assert "empty" in errors[2] and "empty" in errors[3]
+    assert "int" in errors[4]
+    assert out.stats["errors"] == 4
+
+
+def test_long_text_is_truncated_and_flagged(tiny_artifact):
+    p = Predictor(tiny_artifact, EngineConfig(max_length=32))
+    out = p.predict(["word " * 100, "short text"])
+    assert out.predictions[0].truncated and out.predictions[0].error is None
+    assert not out.predictions[1].truncated
+
+
+def test_cuda_oom_halves_budget_and_loses_no_row(tiny_artifact, monkeypatch):
+    p = Predictor(tiny_artifact, EngineConfig(token_budget=4096, max_batch_rows=64))
+    expected = [x.label for x in p.predict(TEXTS).predictions]
+    real = predictor_mod.execute
+    calls = []
+
+    def flaky(model, ids, mask, *a, **k):
+        calls.append(ids.shape[0])
+        if ids.shape[0] > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, ids, mask, *a, **k)
+
+    monkeypatch.setattr(predictor_mod, "execute", flaky)
+    out = p.predict(TEXTS)
+    assert [x.label for x in out.predictions] == expected
+    assert all(x.error is None for x in out.predictions)
+    assert p.budget.ooms >= 1 and p.budget.value < 4096
+    assert max(calls[1:]) <= 8 or calls[0] > 8
+
+
+def test_failed_batch_reports_every_row(tiny_artifact, monkeypatch):
+    p = Predictor(tiny_artifact)
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(predictor_mod, "execute", broken)
+    out = p.predict(["a", "b", "c"])
+    assert all("kernel exploded" in x.error for x in out.predictions)
+
+
+def test_feedback_is_shadow_rows_in_exit_mode_and_all_rows_in_release(tiny_artifact):
+    texts = [f"review number {i} was {'good' if i % 2 else 'bad'}" for i in range(200)]
+    ex = Predictor(tiny_artifact, EngineConfig(shadow_fraction=0.1)).predict(texts)
+    assert 5 <= len(ex.feedback) <= 40
+    rel = Predictor(tiny_artifact, EngineConfig(mode="release")).predict(texts)
+    assert len(rel.feedback) == 200
+    assert [x.label for x in ex.predictions] == [x.label for x in rel.predictions]
+
+
+def test_shadow_choice_is_deterministic_and_near_the_fraction():
+    keys = list(range(20000))
+    a, b = shadow_mask(keys, 0.05), shadow_mask(keys, 0.05)
+    assert np.array_equal(a, b)
+    assert 0.04 < a.mean() < 0.06
+    assert not shadow_mask(keys, 0).any() and shadow_mask(keys, 1).all()
+
+
+def test_threshold_override_must_match_ramps(tiny_artifact):
+    with pytest.raises(ValueError, match="thresholds"):
+        Predictor(tiny_artifact, EngineConfig(thresholds=[0.5]))
