@@ -141,6 +141,27 @@ def inspect(artifact):
         _fail(e)
 
 
+@main.group()
+def bench():
+    """Benchmarks: print a table and write JSON, baselines measured side by side in the same run."""
+
+
+@bench.command("model")
+@click.option("--model", "model_dir", required=True, help="Early-exit artifact directory.")
+@click.option("--dataset", default="movie-reviews", show_default=True)
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]))
+@click.option("--limit", default=None, type=int)
+@click.option("--thresholds", default="0.6,0.7,0.8,0.9,0.95", show_default=True, help="Shared thresholds to sweep.")
+@click.option("--dtypes", default="float32,bfloat16", show_default=True)
+@click.option("--out", "out_json", default="bench_results/model.json", show_default=True)
+def bench_model(model_dir, dataset, split, limit, thresholds, dtypes, out_json):
+    """Threshold sweep vs the plain original model and length-sorted batches, plus the oracle."""
+    from pipeline.bench.model_bench import run_model_bench
+
+    run_model_bench(model_dir, dataset, split, limit, [float(x) for x in thresholds.split(",")],
+                    tuple(dtypes.split(",")), out_json=out_json, echo=click.echo)
+
+
 @main.command()
 @click.option("--workdir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo model and artifact are cached between runs.")
