@@ -10,6 +10,7 @@ A row's answer is the same in both modes and never depends on its batch-mates.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,8 +44,13 @@ def execute(
     mode: str = "exit",
     shadow: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None,
+    on_exit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None,
 ) -> BatchOutput:
-    """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (exit mode only)."""
+    """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (exit mode only).
+
+    on_exit(rows, labels, scores, layer) is called as soon as rows exit at a ramp, before later
+    layers run: the online path answers those requests early (Apparate's early release).
+    """
     if mode not in ("exit", "release"):
         raise ValueError(f"mode {mode!r} must be 'exit' or 'release'")
     if len(policy.thresholds) != len(model.ramps):
@@ -82,6 +88,8 @@ def execute(
             rows = alive[new]
             label[rows], score[rows], exit_layer[rows] = pred[new], conf[new], i + 1
             decided[rows] = True
+            if on_exit is not None:
+                on_exit(rows, pred[new], conf[new], i + 1)
         if mode == "exit":
             keep = ~decided[alive] | feedback[alive]
             if not keep.all():

@@ -12,6 +12,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -139,7 +140,10 @@ class Predictor:
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     # -- the loop -----------------------------------------------------------------------------
-    def predict(self, texts: list, ids: list | None = None, mode: str | None = None) -> PredictOutput:
+    def predict(self, texts: list, ids: list | None = None, mode: str | None = None,
+                on_result: Callable[[int, Prediction], None] | None = None) -> PredictOutput:
+        """One Prediction per text, in order. `on_result(i, prediction)` fires as soon as row i's
+        answer is known (at its ramp, before the rest of its batch finishes), once per row."""
         mode = mode or self.config.mode
         n = len(texts)
         out: list[Prediction | None] = [None] * n
@@ -147,6 +151,8 @@ class Predictor:
             err = validate_text(t)
             if err:
                 out[i] = Prediction(None, -1, 0.0, 0, error=err)
+                if on_result:
+                    on_result(i, out[i])
         valid = [i for i in range(n) if out[i] is None]
         feedback: list = []
         layer_rows = np.zeros(self.model.num_layers, np.int64)
@@ -161,7 +167,8 @@ class Predictor:
                 idx = pending.popleft()
                 try:
                     start = time.perf_counter()
-                    res = self._execute([enc[j] for j in idx], shadow[idx], mode)
+                    early = self._early_callback(idx, valid, truncated, on_result) if on_result else None
+                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early)
                     self.budget.observe(len(idx) * int(lengths[idx].max()), time.perf_counter() - start)
                 except Exception as e:  # noqa: BLE001 - every row must get an answer or an error
                     if _is_oom(e) and len(idx) > 1 and self.budget.on_oom():
@@ -175,8 +182,10 @@ class Predictor:
                     log.exception("micro-batch of %d rows failed", len(idx))
                     for j in idx:
                         out[valid[j]] = Prediction(None, -1, 0.0, 0, bool(truncated[j]), f"inference failed: {e!r}")
+                        if on_result:
+                            on_result(valid[j], out[valid[j]])
                     continue
-                self._update(res, idx, valid, truncated, out, feedback, layer_rows)
+                self._update(res, idx, valid, truncated, out, feedback, layer_rows, on_result)
         elapsed = time.perf_counter() - t0
         stats = {
             "rows": n,
@@ -189,17 +198,31 @@ class Predictor:
         fb = FeedbackWindow.concat(feedback) if feedback else FeedbackWindow.empty(self.num_ramps)
         return PredictOutput(out, fb, stats)  # type: ignore[arg-type]
 
-    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str):
+    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None):
         input_ids, mask = self._pad(seqs)
-        return execute(self.model, input_ids, mask, self.policy, mode, torch.from_numpy(shadow).to(self.device))
+        shadow_t = torch.from_numpy(shadow).to(self.device)
+        return execute(self.model, input_ids, mask, self.policy, mode, shadow_t, on_exit=on_exit)
 
-    def _update(self, res, idx, valid, truncated, out, feedback, layer_rows) -> None:
+    def _early_callback(self, idx, valid, truncated, on_result):
+        """Executor rows exiting at a ramp -> on_result(caller index, Prediction) right away."""
+
+        def on_exit(rows, labels, scores, layer):
+            for k, lid, sc in zip(rows.tolist(), labels.tolist(), scores.tolist()):
+                j = idx[k]
+                on_result(valid[j], Prediction(self.label_names[lid], lid, float(sc), layer, bool(truncated[j])))
+
+        return on_exit
+
+    def _update(self, res, idx, valid, truncated, out, feedback, layer_rows, on_result=None) -> None:
         label, score, exit_layer = res.label.cpu().numpy(), res.score.cpu().numpy(), res.exit_layer.cpu().numpy()
+        L = self.model.num_layers
         for k, j in enumerate(idx):
             lid = int(label[k])
             out[valid[j]] = Prediction(
                 self.label_names[lid], lid, float(score[k]), int(exit_layer[k]), bool(truncated[j])
             )
+            if on_result and exit_layer[k] == L:  # ramp exits were already announced
+                on_result(valid[j], out[valid[j]])
         if len(res.feedback_rows):
             feedback.append(FeedbackWindow(res.ramp_conf.cpu().numpy(), res.ramp_pred.cpu().numpy(), res.final_pred.cpu().numpy()))
         layer_rows[: len(res.layer_rows)] += res.layer_rows

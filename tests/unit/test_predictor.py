@@ -95,3 +95,18 @@ def test_shadow_choice_is_deterministic_and_near_the_fraction():
 def test_threshold_override_must_match_ramps(tiny_artifact):
     with pytest.raises(ValueError, match="thresholds"):
         Predictor(tiny_artifact, EngineConfig(thresholds=[0.5]))
+
+
+def test_on_result_fires_once_per_row_and_ramp_exits_come_before_the_batch_ends(tiny_artifact):
+    p = Predictor(tiny_artifact, EngineConfig(mode="release"))
+    texts = TEXTS + [None]
+    events = []
+    out = p.predict(texts, on_result=lambda i, pred: events.append((i, pred.exit_layer)))
+    assert sorted(i for i, _ in events) == list(range(len(texts)))
+    for i, layer in events:
+        assert out.predictions[i].exit_layer == layer
+    L = p.model.num_layers
+    early = [k for k, (_, layer) in enumerate(events) if 0 < layer < L]
+    late = [k for k, (_, layer) in enumerate(events) if layer == L]
+    if early and late:  # in one batch, every early answer is announced before any final one
+        assert min(early) < max(late)

@@ -1,0 +1,144 @@
+"""Accuracy guard (state machine and back-off), and the controller's guard loop without Ray."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.control.controller import ControllerConfig, ControllerState, ThresholdController
+from pipeline.control.guard import AccuracyGuard, GuardAction, back_off, is_violation, violating_ramps
+from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
+from pipeline.control.synthetic import synthetic_window
+
+
+# ----------------------------------------------------------------------------- state machine
+def test_violation_retunes_then_repeated_violations_back_off():
+    g = AccuracyGuard(constraint=0.01, backoff_after=2)
+    assert g.observe(0.995) is GuardAction.OK
+    assert g.observe(0.98) is GuardAction.RETUNE
+    assert g.observe(0.97) is GuardAction.BACKOFF
+    assert g.observe(0.97) is GuardAction.BACKOFF  # still violating: keep backing off
+    assert g.observe(0.999) is GuardAction.OK and g.consecutive == 0
+    assert g.observe(0.98) is GuardAction.RETUNE  # the count starts over after a good window
+    assert AccuracyGuard.from_dict(json.loads(json.dumps(g.to_dict()))).consecutive == 1
+
+
+def test_exactly_at_the_constraint_is_not_a_violation():
+    assert not is_violation(0.99, 0.01)  # 1 - 0.99 is 0.010000000000000009 in floats
+    assert is_violation(0.9899, 0.01)
+    with pytest.raises(ValueError):
+        AccuracyGuard(constraint=0.01, backoff_after=0)
+
+
+def test_back_off_raises_only_the_offending_thresholds():
+    thr = np.array([0.9, 0.8, CLOSED, 0.5])
+    out = back_off(thr, [True, False, True, True])
+    assert out == pytest.approx([0.99, 0.8, CLOSED, 0.95])
+    assert back_off(out, [True, False, False, False])[0] == pytest.approx(0.999)  # x0.1 again
+    assert back_off(thr, [False, True, False, False], close=True).tolist() == [0.9, CLOSED, CLOSED, 0.5]
+    assert thr.tolist() == [0.9, 0.8, CLOSED, 0.5]  # input untouched
+
+
+def test_violating_ramps_names_the_ramp_with_wrong_exits():
+    rng = np.random.default_rng(0)
+    N = 1000
+    final = rng.integers(0, 2, N)
+    conf = rng.uniform(0.6, 1.0, (N, 3)).astype(np.float32)
+    pred = np.stack([final, final, final], 1)
+    flip = rng.uniform(size=N) < 0.2
+    pred[flip, 1] = 1 - final[flip]  # ramp 1 is wrong on 20% of rows
+    w = FeedbackWindow(conf, pred, final)
+    costs = CostModel.uniform(4, [1, 2, 3], 0.01)
+    thr = np.array([0.9, 0.7, 0.7])
+    bad = violating_ramps(w, costs, thr, None, 0.01)
+    assert bad.tolist() == [False, True, False]
+
+
+# ----------------------------------------------------------------------------- controller loop
+def _stream(rows, seed, ramp0_right=True):
+    """Two ramps; ramp 1 always right; ramp 0 right (or a coin flip), confident either way."""
+    rng = np.random.default_rng(seed)
+    final = rng.integers(0, 2, rows)
+    p0 = final if ramp0_right else rng.integers(0, 2, rows)
+    conf = np.stack([rng.uniform(0.6, 1.0, rows), rng.uniform(0.6, 1.0, rows)], 1)
+    return FeedbackWindow(conf.astype(np.float32), np.stack([p0, final], 1), final)
+
+
+def test_controller_retunes_on_violation_and_backs_off_the_bad_ramp():
+    costs = CostModel.uniform(3, [1, 2], 0.01)
+    ctl = ThresholdController(costs, ControllerConfig(window_rows=200, adjust_ramps=False))
+    for k in range(4):
+        ctl.report(_stream(200, k))
+    opened = np.array(ctl.get_state()["thresholds"])
+    assert opened[0] < 0.7  # ramp 0 was always right: open wide
+    v_before = ctl.get_state()["version"]
+    for k in range(4, 8):  # drift: ramp 0 becomes a confident coin flip
+        ctl.report(_stream(200, k, ramp0_right=False))
+    h = ctl.history()
+    actions = [x["action"] for x in h[4:]]
+    assert actions[0] == "retune"
+    assert "backoff" in actions
+    first_backoff = next(x for x in h if x["action"] == "backoff")
+    assert first_backoff["backed_off"] == [0]
+    prev = h[h.index(first_backoff) - 1]["thresholds"][0]
+    assert first_backoff["thresholds"][0] >= 1 - (1 - prev) * 0.1 - 1e-12  # cut before re-tuning
+    st = ctl.get_state()
+    assert st["violations"] >= 2 and st["backoffs"] >= 1 and st["version"] > v_before
+    # Recovery: the controller stops violating once ramp 0 is throttled.
+    for k in range(8, 14):
+        ctl.report(_stream(200, k, ramp0_right=False))
+    assert ctl.history()[-1]["action"] == "ok"
+    assert 1 - ctl.history()[-1]["agreement"] <= 0.01 + 1e-12
+
+
+def test_controller_windows_versions_and_json_state(tmp_path):
+    costs = CostModel.uniform(6, [1, 2, 3, 4, 5], 0.01)
+    cfg = ControllerConfig(window_rows=256, ramp_check_windows=2, max_active=3)
+    ctl = ThresholdController(costs, cfg)
+    assert ctl.get_state()["version"] == 0
+    w = synthetic_window(100, [0.4, 0.6, 0.7, 0.85, 0.95], seed=0)
+    ctl.report(w.to_dict())  # plain lists, as sent over JSON
+    ctl.report(w)
+    assert ctl.get_state()["windows"] == 0  # 200 rows pending, window not full
+    ctl.report(w)  # 300 rows: one window of 256 processed, 44 pending
+    st = ctl.get_state()
+    assert st["windows"] == 1 and st["rows"] == 300 and st["version"] >= 1
+    # Five active ramps break max_active=3, so the first window already ran ramp adjustment.
+    assert sum(st["active"]) <= 3 and st["ramp_changes"] == 1
+    assert all(t == CLOSED for t, a in zip(st["thresholds"], st["active"]) if not a)
+    json.dumps(st)
+    json.dumps(ctl.history())
+    assert ctl.report({"conf": [[0.5]], "pred": [[0]], "final": [0]}) == st["version"]  # wrong ramp count
+    assert ctl.report({"nonsense": 1}) == st["version"]
+    assert ctl.get_state()["rejected"] == 2
+    ctl.flush()
+    assert ctl.get_state()["windows"] == 2
+
+
+def test_controller_restores_its_checkpoint(tmp_path):
+    url = f"file://{tmp_path}/sub/ctl.json"
+    costs = CostModel.uniform(4, [1, 2, 3], 0.01)
+    cfg = ControllerConfig(window_rows=300, adjust_ramps=False)
+    init = ControllerState.initial(3, active=[True, False, True])
+    a = ThresholdController(costs, cfg, initial_state=init, checkpoint_url=url)
+    for k in range(3):
+        a.report(synthetic_window(300, [0.5, 0.8, 0.95], seed=k))
+    a._guard.consecutive = 1  # guard state travels with the checkpoint too
+    a._save()
+    before = a.get_state()
+    b = ThresholdController(costs, cfg, initial_state=None, checkpoint_url=url)
+    after = b.get_state()
+    assert after["version"] == before["version"] >= 1
+    assert after["thresholds"] == before["thresholds"] and after["active"] == [True, False, True]
+    assert after["restores"] == 1 and b._guard.consecutive == 1
+    # A checkpoint for another ramp count is ignored, not trusted.
+    c = ThresholdController(CostModel.uniform(3, [1, 2], 0.01), cfg, checkpoint_url=url)
+    assert c.get_state()["version"] == 0
+
+
+def test_config_checks_name_the_field():
+    with pytest.raises(ValueError, match="window_rows"):
+        ControllerConfig(window_rows=0)
+    with pytest.raises(ValueError, match="unknown field"):
+        ControllerConfig.from_dict({"windo_rows": 5})
+    with pytest.raises(ValueError, match="ramps"):
+        ThresholdController(CostModel.uniform(3, [1, 2], 0.01), initial_state=ControllerState.initial(3))
