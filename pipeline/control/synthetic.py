@@ -1,9 +1,9 @@
 """Synthetic feedback windows with a controllable ramp quality (tests, benchmarks, replays).
 
 Each row has a difficulty d ~ U(0, 1); ramp r has a skill s_r. The ramp agrees with the original model
-with probability p = sigmoid(sharpness * (s_r - d)) and reports a confidence near max(p, 1/C) (logit-scale noise), so confidence is
-informative about agreement the way a trained ramp's is. ``shift`` moves every row's difficulty up
-(drift toward harder inputs).
+with probability p = sigmoid(sharpness * (s_r - d)) and reports a confidence near max(p, 1/C)
+(logit-scale noise), so confidence is informative about agreement the way a trained ramp's is.
+``shift`` moves every row's difficulty up (drift toward harder inputs).
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def synthetic_window(
     shift: float = 0.0,
 ) -> FeedbackWindow:
     """A window of ``rows`` rows with one ramp per entry of ``skills`` (higher = more often right)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes} must be >= 2")
     rng = np.random.default_rng(seed)
     s = np.asarray(skills, dtype=np.float64)[None, :]  # [1, R]
     d = np.clip(rng.uniform(0.0, 1.0, size=(rows, 1)) + shift, 0.0, 1.5)  # [N, 1]

@@ -1,0 +1,156 @@
+"""The controller as a detached Ray actor: shared versions, restarts from checkpoint, resilient clients."""
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from pipeline.control.controller import (
+    ControllerClient,
+    ControllerConfig,
+    ControllerState,
+    get_or_create_controller,
+)
+from pipeline.control.records import CostModel
+from pipeline.control.synthetic import synthetic_window
+
+NS = "offramp-tests"
+SKILLS = [0.45, 0.6, 0.75, 0.9, 0.97]
+COSTS = CostModel.uniform(6, [1, 2, 3, 4, 5], 0.01)
+
+
+def _name(tag: str) -> str:
+    return f"ctl-{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def _wait_for(pred, timeout_s=30.0, every_s=0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+@pytest.fixture
+def controller(ray_session, tmp_path):
+    """A fresh detached controller with a file checkpoint; killed for good afterwards."""
+    ray = ray_session
+    name = _name("t")
+    url = f"file://{tmp_path}/ckpt/controller.json"
+    cfg = ControllerConfig(window_rows=256, adjust_ramps=False)
+    handle = get_or_create_controller(name, COSTS, cfg, checkpoint_url=url, namespace=NS)
+    ray.get(handle.ping.remote(), timeout=60)
+    yield name, handle, url
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:
+        pass
+
+
+def test_get_or_create_returns_the_running_actor(ray_session, controller):
+    ray = ray_session
+    name, handle, url = controller
+    again = get_or_create_controller(name, COSTS, ControllerConfig(window_rows=7), checkpoint_url=url, namespace=NS)
+    assert again._actor_id == handle._actor_id
+    assert ray.get(again.get_config.remote(), timeout=10)["config"]["window_rows"] == 256  # first args win
+    assert ray.get_actor(name, namespace=NS)._actor_id == handle._actor_id
+
+
+def test_two_worker_clients_share_versions_and_survive_a_restart(ray_session, controller):
+    ray = ray_session
+    name, handle, _ = controller
+
+    @ray.remote(num_cpus=0.25)
+    class Worker:
+        """Stands in for an inference actor: reports feedback, refreshes thresholds, never crashes."""
+
+        def __init__(self, name, seed):
+            self.client = ControllerClient(name, NS, refresh_every=1, timeout_s=1.0, reconnect_every_s=0.2)
+            self.seed = seed
+
+        def step(self, rows):
+            w = synthetic_window(rows, SKILLS, seed=self.seed)
+            self.seed += 1000
+            sent = self.client.report(w)
+            self.client.maybe_refresh()
+            return {"sent": sent, **self.client.stats(), "thresholds": self.client.thresholds.tolist()}
+
+        def refresh(self):
+            self.client.refresh()
+            s = self.client.state
+            return None if s is None else s.to_dict()
+
+    workers = [Worker.remote(name, seed) for seed in (1, 2)]
+    assert [s["version"] for s in ray.get([w.refresh.remote() for w in workers], timeout=60)] == [0, 0]
+
+    # Four 128-row reports -> two 256-row windows -> at least one new version.
+    for _ in range(2):
+        out = ray.get([w.step.remote(128) for w in workers], timeout=60)
+        assert all(o["sent"] for o in out)
+    state = _wait_for(lambda: (s := ray.get(handle.get_state.remote(), timeout=10))["windows"] >= 2 and s)
+    assert state["version"] >= 1
+    seen = ray.get([w.refresh.remote() for w in workers], timeout=60)
+    assert [s["version"] for s in seen] == [state["version"]] * 2
+    assert all(s["thresholds"] == state["thresholds"] for s in seen)
+
+    # Kill the controller mid-stream; Ray restarts it and it restores the checkpoint.
+    ray.kill(handle, no_restart=False)
+    out = ray.get([w.step.remote(16) for w in workers], timeout=60)  # 32 rows: no window completes
+    for o in out:  # workers keep going on their last state, no exception
+        assert o["version"] == state["version"]
+        assert o["thresholds"] == state["thresholds"]
+
+    def restored():
+        seen = ray.get([w.refresh.remote() for w in workers], timeout=60)
+        return all(s["restores"] == 1 for s in seen) and seen
+
+    seen = _wait_for(restored, timeout_s=60)
+    for s in seen:
+        assert s["version"] == state["version"]
+        assert s["thresholds"] == state["thresholds"] and s["active"] == state["active"]
+
+    # The restarted controller keeps tuning and both workers follow it.
+    for _ in range(4):
+        ray.get([w.step.remote(128) for w in workers], timeout=60)
+    after = _wait_for(lambda: (s := ray.get(handle.get_state.remote(), timeout=10))["windows"] > state["windows"] and s)
+    seen = ray.get([w.refresh.remote() for w in workers], timeout=60)
+    assert [s["version"] for s in seen] == [after["version"]] * 2
+    assert after["version"] >= state["version"]
+    for w in workers:
+        ray.kill(w)
+
+
+def test_driver_clients_keep_last_state_while_the_controller_is_down(ray_session, controller):
+    ray = ray_session
+    name, handle, _ = controller
+    clients = [ControllerClient(name, NS, refresh_every=2, timeout_s=0.5, reconnect_every_s=0.1) for _ in range(2)]
+    for k in range(4):
+        assert clients[k % 2].report(synthetic_window(128, SKILLS, seed=10 + k))
+    state = _wait_for(lambda: (s := ray.get(handle.get_state.remote(), timeout=10))["windows"] >= 2 and s)
+    for c in clients:
+        assert c.refresh() and c.version == state["version"]
+
+    ray.kill(handle, no_restart=False)
+    for _ in range(4):  # reports and refreshes during the restart: never raise, state stays
+        for c in clients:
+            c.report(synthetic_window(8, SKILLS, seed=99))
+            c.maybe_refresh()
+            assert c.version == state["version"]
+            assert np.array_equal(c.thresholds, np.asarray(state["thresholds"]))
+
+    _wait_for(lambda: all(c.refresh() and c.state.restores == 1 for c in clients), timeout_s=60)
+    assert all(c.version == state["version"] for c in clients)
+
+
+def test_client_without_a_controller_never_raises(ray_session):
+    init = ControllerState.initial(5)
+    c = ControllerClient(_name("missing"), NS, initial_state=init, timeout_s=0.2, reconnect_every_s=0.0)
+    assert c.report(synthetic_window(4, SKILLS, seed=0)) is False
+    assert c.refresh() is False
+    assert c.maybe_refresh(every_n_batches=1) is False
+    assert c.version == 0 and c.thresholds.tolist() == [1.0] * 5
+    assert c.stats()["reports_failed"] == 1 and not c.stats()["connected"]
+    lonely = ControllerClient(_name("missing"), NS, timeout_s=0.2)
+    assert lonely.version == -1 and lonely.thresholds is None
