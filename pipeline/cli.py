@@ -141,6 +141,38 @@ def inspect(artifact):
         _fail(e)
 
 
+def _job_config(config, **overrides):
+    from pydantic import ValidationError
+
+    from pipeline.config import JobConfig
+
+    try:
+        return JobConfig.from_yaml(config, **overrides)
+    except ValidationError as e:
+        raise click.ClickException(f"{config}: {e}") from e
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--input", "input_url", default=None, help="Override input.url.")
+@click.option("--output", "output_url", default=None, help="Override output.url.")
+@click.option("--model", "model", default=None, help="Override model.")
+@click.option("--address", default=None, help="Join this Ray cluster (e.g. ray://head:10001 or auto); default: embedded local Ray.")
+@click.option("--resume", is_flag=True, default=None, help="Finish an interrupted job: keep finished parts.")
+def run(config, input_url, output_url, model, address, resume):
+    """Run an offline batch-inference job on Ray (embedded local Ray unless --address)."""
+    from pipeline.offline.job import JobError, format_summary, run_job
+
+    cfg = _job_config(config, **{"input.url": input_url, "output.url": output_url, "model": model, "resume": resume})
+    try:
+        summary = run_job(cfg, address=address, echo=lambda m: click.echo(m, err=True))
+    except (JobError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(format_summary(summary))
+
+
 @main.group()
 def bench():
     """Benchmarks: print a table and write JSON, baselines measured side by side in the same run."""

@@ -45,6 +45,20 @@ class EngineConfig(_Strict):
     """torch intra-op threads for CPU inference (default: torch's choice)."""
     thresholds: list[float] | None = None
     """Override the artifact's per-ramp thresholds (>= 1.0 closes a ramp). Default: the manifest's."""
+    quantize: str | None = None
+    """A compression method applied at load time, e.g. `int8-dynamic` (CPU), `fp16` / `bf16` (GPU); see
+    `pipeline.compression.methods()`. Unchecked: `offramp quantize` checks a method and records it in the artifact."""
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from pipeline.compression.registry import methods
+
+        if v not in methods():
+            raise ValueError(f"quantize={v!r} is not a compression method; use one of {methods()} or leave it unset")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -107,22 +121,35 @@ class BootstrapConfig(_Strict):
     seed: int = 0
 
 
-class ControllerConfig(_Strict):
-    """The shared threshold controller (see pipeline.control)."""
+class ControllerSettings(_Strict):
+    """How workers and replicas share the threshold controller (pipeline.control.controller)."""
 
     enabled: bool = True
-    constraint: float = Field(0.01, ge=0, lt=1)
-    """Bound on 1 - agreement with the original model's prediction."""
-    window_rows: int = Field(512, ge=16)
-    """Feedback rows per tuning window."""
+    """Off: every worker keeps the artifact's thresholds."""
+    name: str | None = None
+    """Actor name (default: derived from the model path); one controller per model deployment."""
+    namespace: str = "offramp"
+    checkpoint_url: str | None = None
+    """fsspec URL where the controller checkpoints its state; restored when it restarts."""
     refresh_every_batches: int = Field(4, ge=1)
     """Workers fetch the controller's state every this many batches."""
-    ramp_budget: int | None = Field(None, ge=1)
-    """Maximum active ramps (default: all)."""
-    checkpoint_url: str | None = None
-    """fsspec URL where the controller checkpoints its state (restored on restart)."""
-    name: str | None = None
-    """Actor name (default: derived from the model directory)."""
+    tuning: dict[str, Any] = Field(default_factory=dict)
+    """Algorithm settings (constraint, window_rows, max_active, ...): fields of
+    pipeline.control.controller.ControllerConfig; checked when the config is built."""
+
+    @field_validator("tuning")
+    @classmethod
+    def _tuning(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import dataclasses
+
+        from pipeline.control.controller import ControllerConfig
+
+        known = {f.name for f in dataclasses.fields(ControllerConfig)}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown controller tuning setting(s) {unknown}; known: {sorted(known)}")
+        ControllerConfig(**v)  # raises with the offending value named
+        return v
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -136,3 +163,83 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+class InputSpec(_Strict):
+    """What to classify."""
+
+    url: str
+    """parquet/jsonl/csv file, directory or glob on any fsspec URL (local, file://, memory://, s3://, gs://),
+    or `builtin:NAME` for a packaged dataset (movie-reviews, trec, ...; written to parquet first)."""
+    text_column: str = "text"
+    id_column: str | None = None
+    """Column with row ids; default: stable ids `<file name>:<row number>`."""
+    passthrough: list[str] = Field(default_factory=list)
+    """Input columns copied to the output unchanged."""
+    rows_per_shard: int = Field(2048, ge=1)
+    """Rows per unit of work / output part. Small inputs are cut finer so every actor gets work."""
+
+
+class OutputSpec(_Strict):
+    url: str
+    """Directory (fsspec URL) for `part-NNNNNN.parquet` files and `_offramp_summary.json`."""
+
+
+class ActorPoolSpec(_Strict):
+    """The early-exit actor pool (Ray Data ActorPoolStrategy)."""
+
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    num_cpus: float = Field(0.75, gt=0)
+    """CPUs reserved per actor. Leave CPU for the tokenize tasks: an actor pool that takes every CPU
+    starves the other stages and the job hangs."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per actor (1 = one actor per GPU). Actors fall back to CPU when torch sees no CUDA."""
+    tokenize_cpus: float = Field(0.25, gt=0)
+    """CPUs per tokenize task."""
+    wait_for_actors_s: float = Field(120, gt=0)
+    """Fail (instead of hanging) when the minimum number of actors cannot start within this time."""
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "ActorPoolSpec":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors={self.min_actors} > max_actors={self.max_actors}")
+        return self
+
+
+class LocalRaySpec(_Strict):
+    """The embedded Ray started when no --address is given."""
+
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+    """Logical GPUs to declare (lets a CPU box test num_gpus placement)."""
+    object_store_memory: int | None = Field(None, ge=78_643_200)
+
+
+class JobConfig(_Strict):
+    """An offline batch-inference job (`offramp run job.yaml`)."""
+
+    name: str = "offramp-job"
+    model: str
+    """Early-exit artifact directory (from `offramp bootstrap`), visible to every node."""
+    input: InputSpec
+    output: OutputSpec
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    local_ray: LocalRaySpec = Field(default_factory=LocalRaySpec)
+    resume: bool = False
+    """Finish an interrupted job: keep finished parts, redo the rest."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "JobConfig":
+        data = load_yaml(path)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return cls.model_validate(data)

@@ -46,6 +46,15 @@ class PredictOutput:
     feedback: FeedbackWindow
     """Rows that ran to the end: every ramp's output and the original head's prediction."""
     stats: dict = field(default_factory=dict)
+    feedback_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """[F] caller index of each feedback row, in the feedback window's order."""
+
+    def shadow_agreement(self) -> tuple[int, int]:
+        """(agreeing, total) over feedback rows: released answer vs the original model's prediction."""
+        if not len(self.feedback):
+            return 0, 0
+        released = np.array([self.predictions[i].label_id for i in self.feedback_rows])
+        return int((released == self.feedback.final).sum()), len(self.feedback)
 
 
 def validate_text(text) -> str | None:
@@ -88,6 +97,51 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+@dataclass
+class Encoded:
+    """Tokenized rows: ids per row ([] where the row has an error), truncated flags, per-row errors."""
+
+    input_ids: list[list[int]]
+    truncated: np.ndarray
+    errors: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class TextEncoder:
+    """Validation + tokenization, separable from the model so Ray tasks can tokenize ahead of the actors."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    @classmethod
+    def from_artifact(cls, artifact: str, max_length: int | None = None) -> "TextEncoder":
+        from transformers import AutoConfig
+
+        from pipeline.model.artifact import load_tokenizer, model_max_length
+
+        tok = load_tokenizer(f"{artifact}/model")
+        limit = model_max_length(AutoConfig.from_pretrained(f"{artifact}/model"), tok)
+        return cls(tok, min(max_length or limit, limit))
+
+    def encode(self, texts: list) -> Encoded:
+        errors = [validate_text(t) for t in texts]
+        valid = [i for i, e in enumerate(errors) if e is None]
+        ids: list[list[int]] = [[] for _ in texts]
+        truncated = np.zeros(len(texts), bool)
+        if valid:
+            enc = self.tokenizer([texts[i] for i in valid], truncation=True, max_length=self.max_length,
+                                 padding=False)["input_ids"]
+            for i, e in zip(valid, enc):
+                ids[i] = e
+                if len(e) >= self.max_length:  # maybe cut: check the untruncated length
+                    full = self.tokenizer(texts[i], truncation=False, verbose=False)["input_ids"]
+                    truncated[i] = len(full) > self.max_length
+        return Encoded(ids, truncated, errors)
+
+
 class Predictor:
     """Loads an early-exit artifact once and classifies batches of texts."""
 
@@ -100,7 +154,8 @@ class Predictor:
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         self.model, self.tokenizer, self.manifest = load_artifact(artifact, self.device, self.dtype)
-        self.max_length = min(self.config.max_length or 10**9, model_max_length(self.model.hf_model, self.tokenizer))
+        self.max_length = min(self.config.max_length or 10**9, model_max_length(self.model.config, self.tokenizer))
+        self.encoder = TextEncoder(self.tokenizer, self.max_length)
         thresholds = self.config.thresholds if self.config.thresholds is not None else self.manifest.thresholds
         if len(thresholds) != len(self.model.ramps):
             raise ValueError(f"{len(thresholds)} thresholds given for {len(self.model.ramps)} ramps")
@@ -120,15 +175,6 @@ class Predictor:
         self.policy = policy
 
     # -- schedule ---------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
-        """Token ids per text (truncated to max_length) and a truncated flag per text."""
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
-        truncated = np.zeros(len(texts), bool)
-        for i, ids in enumerate(enc):
-            if len(ids) >= self.max_length:  # maybe cut: check the untruncated length
-                truncated[i] = len(self.tokenizer(texts[i], truncation=False, verbose=False)["input_ids"]) > self.max_length
-        return enc, truncated
-
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id or 0
@@ -144,23 +190,29 @@ class Predictor:
                 on_result: Callable[[int, Prediction], None] | None = None) -> PredictOutput:
         """One Prediction per text, in order. `on_result(i, prediction)` fires as soon as row i's
         answer is known (at its ramp, before the rest of its batch finishes), once per row."""
+        keys = ids if ids is not None else [str(t) for t in texts]
+        return self.predict_encoded(self.encoder.encode(texts), keys, mode, on_result)
+
+    def predict_encoded(self, encoded: Encoded, keys: list, mode: str | None = None,
+                        on_result: Callable[[int, Prediction], None] | None = None) -> PredictOutput:
+        """Like predict, on rows already tokenized by a TextEncoder (keys pick the shadow rows)."""
         mode = mode or self.config.mode
-        n = len(texts)
+        n = len(encoded)
         out: list[Prediction | None] = [None] * n
-        for i, t in enumerate(texts):
-            err = validate_text(t)
+        for i, err in enumerate(encoded.errors):
             if err:
                 out[i] = Prediction(None, -1, 0.0, 0, error=err)
                 if on_result:
                     on_result(i, out[i])
         valid = [i for i in range(n) if out[i] is None]
         feedback: list = []
+        fb_rows: list = []
         layer_rows = np.zeros(self.model.num_layers, np.int64)
         t0 = time.perf_counter()
         if valid:
-            enc, truncated = self.tokenize([texts[i] for i in valid])
-            keys = [ids[i] for i in valid] if ids is not None else [texts[i] for i in valid]
-            shadow = shadow_mask(keys, self.config.shadow_fraction if mode == "exit" else 1.0)
+            enc = [encoded.input_ids[i] for i in valid]
+            truncated = encoded.truncated[valid]
+            shadow = shadow_mask([keys[i] for i in valid], self.config.shadow_fraction if mode == "exit" else 1.0)
             lengths = np.array([len(e) for e in enc])
             pending = deque(plan_microbatches(lengths, self.budget.value, self.config.max_batch_rows))
             while pending:
@@ -186,6 +238,7 @@ class Predictor:
                             on_result(valid[j], out[valid[j]])
                     continue
                 self._update(res, idx, valid, truncated, out, feedback, layer_rows, on_result)
+                fb_rows += [valid[idx[k]] for k in res.feedback_rows.tolist()]
         elapsed = time.perf_counter() - t0
         stats = {
             "rows": n,
@@ -196,7 +249,7 @@ class Predictor:
             "policy_version": self.policy.version,
         }
         fb = FeedbackWindow.concat(feedback) if feedback else FeedbackWindow.empty(self.num_ramps)
-        return PredictOutput(out, fb, stats)  # type: ignore[arg-type]
+        return PredictOutput(out, fb, stats, np.asarray(fb_rows, np.int64))  # type: ignore[arg-type]
 
     def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None):
         input_ids, mask = self._pad(seqs)

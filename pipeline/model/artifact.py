@@ -106,9 +106,10 @@ def load_tokenizer(path: str):
     return tok
 
 
-def model_max_length(model, tokenizer) -> int:
-    limit = int(getattr(model.config, "max_position_embeddings", 512))
-    if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta"):
+def model_max_length(config, tokenizer) -> int:
+    """The longest input the model takes (position embeddings), capped by the tokenizer's limit."""
+    limit = int(getattr(config, "max_position_embeddings", 512))
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
         limit -= 2  # positions start after the padding index
     tok_max = getattr(tokenizer, "model_max_length", limit) or limit
     return int(min(limit, tok_max if tok_max < 1_000_000 else limit))
@@ -164,4 +165,8 @@ def load_artifact(path: str | Path, device: str = "cpu", dtype=None):
         ) from e
     model = EarlyExitModel(hf, ramps)
     model.to(device=torch.device(device), dtype=dtype or torch.float32)
+    if manifest.compression:  # re-applied from the float weights: deterministic, no packed tensors on disk
+        from pipeline.compression import apply
+
+        apply(model, manifest.compression)
     return model.eval(), tokenizer, manifest

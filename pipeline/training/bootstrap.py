@@ -127,7 +127,7 @@ def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, prog
     layers = list(range(1, num_layers))  # a ramp after every layer but the last (the original head is there)
     ramps = RampSet(layers, hidden, hf.config.num_labels, cfg.pooling)
     model = EarlyExitModel(hf, ramps)
-    max_length = min(cfg.max_length, model_max_length(hf, tok))
+    max_length = min(cfg.max_length, model_max_length(hf.config, tok))
 
     fit, val = split_data(cfg.data, cfg)
     log.info("bootstrap: caching features of %d + %d rows", len(fit), len(val))

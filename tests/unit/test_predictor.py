@@ -110,3 +110,17 @@ def test_on_result_fires_once_per_row_and_ramp_exits_come_before_the_batch_ends(
     late = [k for k, (_, layer) in enumerate(events) if layer == L]
     if early and late:  # in one batch, every early answer is announced before any final one
         assert min(early) < max(late)
+
+
+def test_feedback_rows_point_at_the_rows_that_ran_to_the_end(tiny_artifact):
+    texts = [f"review {i}: {'great' if i % 3 else 'poor'} acting" for i in range(120)]
+    p = Predictor(tiny_artifact, EngineConfig(shadow_fraction=0.2, token_budget=256, max_batch_rows=16))
+    out = p.predict(texts)
+    rel = Predictor(tiny_artifact, EngineConfig(mode="release")).predict(texts)
+    # the final prediction recorded for feedback row k is the release run's final for that caller row
+    final_by_row = dict(zip(rel.feedback_rows.tolist(), rel.feedback.final.tolist()))
+    assert len(out.feedback_rows) == len(out.feedback) > 0
+    for k, i in enumerate(out.feedback_rows.tolist()):
+        assert out.feedback.final[k] == final_by_row[i]
+    agree, total = rel.shadow_agreement()
+    assert total == 120 and 0 <= agree <= 120

@@ -1,0 +1,214 @@
+"""`offramp quantize`: compress a classifier or an early-exit artifact, check it, record the check.
+
+The output keeps the source's float safetensors weights (no pickle, no packed tensors) and records
+the method and the check; loading re-applies the method (`load_artifact` for an artifact,
+`load_compressed_classifier` for a classifier directory with `compression.json`).
+
+The check runs the compressed model and its uncompressed source on the same held-out rows:
+agreement of the final predictions (the budget applies to 1 - agreement), gold accuracy when labels
+exist, logit SQNR, and for an artifact also the early-exit answers at the manifest's thresholds.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.compression.registry import apply, make_config, to_record
+
+COMPRESSION_JSON = "compression.json"
+
+
+class BudgetExceeded(RuntimeError):
+    """The compressed model lost more agreement than the budget allows (nothing was written)."""
+
+    def __init__(self, record: dict):
+        self.record = record
+        c = record["check"]
+        super().__init__(
+            f"{record['method']} loses {c['agreement_loss']:.2%} agreement with the uncompressed model on "
+            f"{c['rows']} rows of {c['data']}, over the budget of {c['budget']:.2%}; nothing was written. "
+            "Raise --budget or pass --allow-loss to keep it anyway"
+        )
+
+
+def _previous_output(path: Path) -> bool:
+    if (path / COMPRESSION_JSON).exists():
+        return True
+    try:
+        return bool(json.loads((path / "manifest.json").read_text()).get("compression"))
+    except (OSError, ValueError):
+        return False
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / "manifest.json").exists()
+
+
+def heldout_texts(data: str, limit: int | None = None, text_column: str = "text", label_column: str = "label"):
+    """(name, texts, labels or None): a built-in dataset's test split, or every row of a file / URL."""
+    from pipeline.data.datasets import BUILTIN, load_dataset
+    from pipeline.engine.predictor import validate_text
+
+    ds = load_dataset(data, text_column, label_column)
+    ds = ds.split("test") if data in BUILTIN else ds
+    keep = [i for i, t in enumerate(ds.texts) if validate_text(t) is None]
+    ds = ds.take(keep).head(limit)
+    if not len(ds):
+        raise ValueError(f"check data {data!r} has no usable rows; give --data with a text column")
+    return ds.name, ds.texts, ds.labels
+
+
+def load_compressed_classifier(path: str, device: str = "cpu"):
+    """An HF classifier with its directory's `compression.json` (if any) re-applied."""
+    from pipeline.model.artifact import load_classifier
+
+    model = load_classifier(path).to(device)
+    rec = Path(path) / COMPRESSION_JSON
+    if rec.exists():
+        apply(model, json.loads(rec.read_text()))
+    return model
+
+
+# -- running both models the same way (length-sorted batches) --------------------------------------
+def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int = 64):
+    enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    order = np.argsort([len(e) for e in enc], kind="stable")
+    pad = tokenizer.pad_token_id or 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for k, i in enumerate(idx):
+            ids[k, : len(enc[i])] = torch.as_tensor(enc[i])
+            mask[k, : len(enc[i])] = 1
+        yield torch.as_tensor(idx), ids, mask
+
+
+@torch.inference_mode()
+def run_classifier(model, tokenizer, texts: list[str], max_length: int = 128) -> torch.Tensor:
+    """logits [N,C] (float32, input order)."""
+    device = next(model.parameters()).device
+    out = torch.empty(len(texts), model.config.num_labels)
+    for idx, ids, mask in _batches(tokenizer, texts, max_length):
+        out[idx] = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+    return out
+
+
+@torch.inference_mode()
+def run_early_exit(model, tokenizer, texts: list[str], thresholds, active, max_length: int = 128):
+    """(final logits [N,C], exit-rule labels [N], exit layers [N]): release mode, so every row also runs to the end."""
+    from pipeline.engine.executor import execute
+    from pipeline.engine.policy import ExitPolicy
+
+    device = next(model.parameters()).device
+    policy = ExitPolicy(np.asarray(thresholds), np.asarray(active))
+    final = torch.empty(len(texts), model.num_labels)
+    label = torch.empty(len(texts), dtype=torch.long)
+    layer = torch.empty(len(texts), dtype=torch.long)
+    for idx, ids, mask in _batches(tokenizer, texts, max_length):
+        ids, mask = ids.to(device), mask.to(device)
+        final[idx] = model.full_forward(ids, mask).float().cpu()
+        res = execute(model, ids, mask, policy, "release")
+        label[idx], layer[idx] = res.label.cpu(), res.exit_layer.cpu()
+    return final, label, layer
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (cf. torchao's tests); inf when identical."""
+    noise = (ref.float() - x.float()).norm()
+    return float("inf") if noise == 0 else float(20 * torch.log10(ref.float().norm() / noise))
+
+
+def check(source_logits: torch.Tensor, logits: torch.Tensor, gold, data: str, budget: float) -> dict:
+    src, pred = source_logits.argmax(-1).numpy(), logits.argmax(-1).numpy()
+    agreement = float((src == pred).mean())
+    out = {
+        "data": data,
+        "rows": int(len(pred)),
+        "agreement": agreement,
+        "agreement_loss": 1.0 - agreement,
+        "budget": budget,
+        "within_budget": 1.0 - agreement <= budget + 1e-12,
+        "logit_sqnr_db": sqnr_db(source_logits, logits),
+        "accuracy": float((pred == gold).mean()) if gold is not None else None,
+        "source_accuracy": float((src == gold).mean()) if gold is not None else None,
+    }
+    if gold is not None:
+        out["accuracy_drop"] = out["source_accuracy"] - out["accuracy"]
+    return out
+
+
+def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews", budget: float = 0.01,
+             allow_loss: bool = False, limit: int | None = None, device: str = "cpu",
+             options: dict | None = None, text_column: str = "text", label_column: str = "label") -> dict:
+    """Compress `model_dir` (artifact or classifier dir) with `method`, check it, write `out`.
+
+    Returns the record written: {"method", "config", "source", "check"}. Raises BudgetExceeded
+    (writing nothing) when the agreement loss is over `budget` and not `allow_loss`.
+    """
+    from pipeline.model.artifact import load_artifact, load_classifier, load_tokenizer, read_manifest
+
+    src_dir, out_dir = Path(model_dir), Path(out)
+    if not src_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir!r} is not a directory; give a classifier or an artifact directory")
+    if out_dir.resolve() == src_dir.resolve():
+        raise ValueError(f"--out {out!r} is the source directory; write the compressed model somewhere else")
+    if not 0 <= budget < 1:
+        raise ValueError(f"budget={budget} must be in [0, 1), e.g. 0.01 for 1% agreement loss")
+    if out_dir.exists() and any(out_dir.iterdir()) and not _previous_output(out_dir):
+        raise ValueError(f"--out {out!r} exists and is not an earlier `offramp quantize` output; choose a new directory")
+    config = make_config(method, **(options or {}))
+    record = to_record(method, config)
+    name, texts, gold = heldout_texts(data, limit, text_column, label_column)
+    t0 = time.perf_counter()
+    artifact = is_artifact(src_dir)
+    if artifact:
+        manifest = read_manifest(src_dir)
+        if manifest.compression:
+            raise ValueError(
+                f"{model_dir!r} is already compressed ({manifest.compression.get('method')}); quantize its "
+                f"float source instead ({manifest.compression.get('source', 'the artifact it was made from')})"
+            )
+        source, tok, _ = load_artifact(src_dir, device)
+        target, _, _ = load_artifact(src_dir, device)
+        apply(target, method, config)
+        max_len = min(manifest.max_length, 512)
+        s_final, s_label, s_layer = run_early_exit(source, tok, texts, manifest.thresholds, manifest.active, max_len)
+        c_final, c_label, c_layer = run_early_exit(target, tok, texts, manifest.thresholds, manifest.active, max_len)
+        result = check(s_final, c_final, gold, name, budget)
+        ref = s_final.argmax(-1)
+        result["exit_agreement"] = float((c_label == ref).float().mean())
+        result["source_exit_agreement"] = float((s_label == ref).float().mean())
+        result["mean_exit_layer"] = float(c_layer.float().mean())
+        result["source_mean_exit_layer"] = float(s_layer.float().mean())
+        if gold is not None:
+            result["exit_accuracy"] = float((c_label.numpy() == gold).mean())
+    else:
+        if (src_dir / COMPRESSION_JSON).exists():
+            raise ValueError(f"{model_dir!r} is already compressed ({COMPRESSION_JSON}); quantize its float source")
+        tok = load_tokenizer(str(src_dir))
+        source = load_classifier(str(src_dir)).to(device)
+        target = apply(load_classifier(str(src_dir)).to(device), method, config)
+        result = check(run_classifier(source, tok, texts), run_classifier(target, tok, texts), gold, name, budget)
+    result["device"] = str(device)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    record = {**record, "source": str(model_dir), "check": result}
+    if not result["within_budget"] and not allow_loss:
+        raise BudgetExceeded(record)
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # empty, or a previous output of this command (checked above)
+    shutil.copytree(src_dir, out_dir, ignore=shutil.ignore_patterns(COMPRESSION_JSON))
+    if artifact:
+        manifest = read_manifest(out_dir)
+        manifest.compression = record
+        (out_dir / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    else:
+        (out_dir / COMPRESSION_JSON).write_text(json.dumps(record, indent=2))
+    return record

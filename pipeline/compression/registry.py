@@ -1,0 +1,206 @@
+"""Compression methods: small config classes mapped to transforms by a registry (cf. torchao `quantize_`).
+
+A method is one `register(name, ConfigClass, transform)` entry. `apply(model, method)` runs the
+transform in place on an EarlyExitModel or a bare HF sequence classifier and returns the model.
+
+Artifacts never store packed (quantized) tensors: they keep float safetensors weights and record
+`{"method": ..., "config": {...}}`; loading re-applies the transform, which is a deterministic
+function of the float weights (dynamic int8) or a dtype cast (fp16 / bf16).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_MARK = "_offramp_compression"  # attribute set on a compressed model: the method's record
+
+
+@dataclass(frozen=True)
+class Int8DynamicConfig:
+    """int8 dynamic quantization of the encoder layers' Linear modules (for CPU).
+
+    Weights are int8 (one scale per output channel by default), activations are quantized on the fly
+    per batch (torch.ao) or per row (torchao). Embeddings, LayerNorms, the original head and the ramps
+    stay float: they are a few percent of the compute and carry the decision margins.
+    """
+
+    backend: Literal["torch-ao", "torchao"] = "torch-ao"
+    """`torch-ao`: torch.ao.quantization.quantize_dynamic (fbgemm/x86 kernels, no extra dependency);
+    `torchao`: torchao's Int8DynamicActivationInt8WeightConfig (needs `pip install torchao`)."""
+    per_channel: bool = True
+    """One weight scale per output channel (torch-ao). Per-tensor scales are measurably lossy on MiniLM."""
+    compile: bool = False
+    """torch.compile each encoder layer after quantizing (torchao backend only)."""
+
+    def __post_init__(self):
+        if self.backend not in ("torch-ao", "torchao"):
+            raise ValueError(f"int8-dynamic backend {self.backend!r} is not 'torch-ao' or 'torchao'")
+        if self.compile and self.backend != "torchao":
+            raise ValueError("int8-dynamic compile=True needs backend='torchao' (torch.ao's packed ops do not compile)")
+
+
+@dataclass(frozen=True)
+class CastConfig:
+    """Cast every float weight (encoder, head and ramps) to a lower-precision float dtype."""
+
+    dtype: Literal["float16", "bfloat16"] = "bfloat16"
+
+    def __post_init__(self):
+        if self.dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"cast dtype {self.dtype!r} is not 'float16' or 'bfloat16'")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    config_cls: type
+    transform: Callable[[nn.Module, Any], nn.Module]
+    defaults: dict[str, Any]
+    summary: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, config_cls: type, transform: Callable[[nn.Module, Any], nn.Module],
+             summary: str = "", **defaults: Any) -> None:
+    """Add a method: `name` (what users type), its config class (+ default field values), its transform."""
+    if name in _REGISTRY:
+        raise ValueError(f"compression method {name!r} is already registered")
+    _REGISTRY[name] = _Entry(name, config_cls, transform, defaults, summary)
+
+
+def methods() -> list[str]:
+    """Registered method names, e.g. ['int8-dynamic', 'fp16', 'bf16']."""
+    return list(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise ValueError(f"compression method {name!r} is unknown; use one of: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def make_config(method: str, **overrides: Any):
+    """The config object for `method` with its registered defaults, then `overrides`."""
+    e = _entry(method)
+    fields = {f.name for f in dataclasses.fields(e.config_cls)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"{method}: unknown option(s) {bad}; known: {sorted(fields)}")
+    return e.config_cls(**{**e.defaults, **overrides})
+
+
+def to_record(method: str, config=None) -> dict[str, Any]:
+    """JSON-able record stored in a manifest / compression.json: {"method": ..., "config": {...}}."""
+    config = config if config is not None else make_config(method)
+    if not isinstance(config, _entry(method).config_cls):
+        raise TypeError(f"{method} takes a {_entry(method).config_cls.__name__}, not {type(config).__name__}")
+    return {"method": method, "config": dataclasses.asdict(config)}
+
+
+def from_record(record: str | dict[str, Any]):
+    """(method, config) from a method name or a stored record."""
+    if isinstance(record, str):
+        return record, make_config(record)
+    if not isinstance(record, dict) or "method" not in record:
+        raise ValueError(f"compression record {record!r} has no 'method'; expected e.g. {{'method': 'int8-dynamic'}}")
+    return record["method"], make_config(record["method"], **(record.get("config") or {}))
+
+
+def compression_of(model: nn.Module) -> dict[str, Any] | None:
+    """The record of the method applied to `model` by `apply`, or None for an uncompressed model."""
+    return getattr(model, _MARK, None)
+
+
+def apply(model: nn.Module, method: str | dict[str, Any], config=None) -> nn.Module:
+    """Compress `model` (EarlyExitModel or HF sequence classifier) in place and return it.
+
+    `method` is a registered name (with `config`, or its defaults) or a stored record. Applying a
+    second method to an already compressed model is refused: stacked transforms are never checked.
+    """
+    if config is None:
+        method, config = from_record(method)
+    elif not isinstance(method, str):
+        raise TypeError("pass config only with a method name")
+    record = to_record(method, config)
+    done = compression_of(model)
+    if done is not None:
+        if done == record:
+            return model
+        raise ValueError(
+            f"model is already compressed with {done['method']}; applying {method} on top is not supported: "
+            "start again from the float model"
+        )
+    _entry(method).transform(model, config)
+    object.__setattr__(model, _MARK, record)
+    return model
+
+
+# -- transforms ---------------------------------------------------------------------------------------
+def _hf(model: nn.Module) -> nn.Module:
+    return getattr(model, "hf_model", model)  # EarlyExitModel wraps the HF classifier
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The encoder layers (where ~all compute is) of an EarlyExitModel or an HF classifier."""
+    from pipeline.model.encoders import encoder_parts
+
+    return encoder_parts(_hf(model)).layers
+
+
+def _param_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
+    layers = encoder_layers(model)
+    dtype = next(layers.parameters()).dtype
+    if cfg.backend == "torch-ao":
+        if _param_device(model).type != "cpu":
+            raise ValueError("int8-dynamic with backend torch-ao runs on CPU only; on GPU use fp16/bf16 "
+                             "or backend='torchao'")
+        if dtype != torch.float32:
+            raise ValueError(f"int8-dynamic (torch-ao) needs a float32 model, got {dtype}; load it with dtype float32")
+        import warnings
+
+        from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+        qconfig = per_channel_dynamic_qconfig if cfg.per_channel else default_dynamic_qconfig
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+            for i in range(len(layers)):
+                # In place on each layer: the ModuleList (held by the EarlyExitModel's parts) stays the same.
+                quantize_dynamic(layers[i], {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
+        return model
+    try:
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA/.so kernels it cannot load here
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError as e:
+        raise RuntimeError("int8-dynamic backend 'torchao' needs torchao: pip install torchao") from e
+    for i in range(len(layers)):
+        quantize_(layers[i], Int8DynamicActivationInt8WeightConfig())
+        if cfg.compile:
+            layers[i].compile(dynamic=True)
+    return model
+
+
+def _cast(model: nn.Module, cfg: CastConfig) -> nn.Module:
+    dtype = getattr(torch, cfg.dtype)
+    if _param_device(model).type == "cpu" and dtype == torch.float16:
+        log.info("fp16 on CPU runs but is slow on most CPUs; bf16 is the CPU choice")
+    return model.to(dtype=dtype)
+
+
+register("int8-dynamic", Int8DynamicConfig, _int8_dynamic,
+         "int8 weights + dynamically quantized activations in the encoder's Linear layers (CPU)")
+register("fp16", CastConfig, _cast, "float16 weights and compute (GPU)", dtype="float16")
+register("bf16", CastConfig, _cast, "bfloat16 weights and compute (GPU; CPUs with AVX-512 BF16 / AMX)",
+         dtype="bfloat16")

@@ -1,0 +1,253 @@
+"""The offline job driver: plan, check, then stream shards through tokenize tasks and the actor pool.
+
+    read shards --tokenize (Ray tasks)--> EarlyExitWorker pool (ActorPoolStrategy, num_gpus/num_cpus)
+       --> part-NNNNNN.parquet per shard (atomic, deterministic) + _offramp_summary.json
+
+Everything that can be checked before model work is checked first: the model artifact, the input
+(files, rows, the text column), the output (not silently mixed with an older job's parts).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from pipeline.config import JobConfig
+from pipeline.offline import sink
+from pipeline.offline.shards import plan_shards, read_shard
+
+log = logging.getLogger(__name__)
+
+
+class JobError(RuntimeError):
+    """A job that cannot start or finish, with a message saying why and what to do."""
+
+
+def materialize_builtin(url: str, cache_dir: str = "artifacts/data") -> str:
+    """`builtin:NAME` -> a parquet file with id, text, label (the gold label, as a string)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.datasets import load_dataset
+
+    name = url.removeprefix("builtin:")
+    path = Path(cache_dir) / f"{name}.parquet"
+    if not path.exists():
+        ds = load_dataset(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        labels = [ds.label_names[i] for i in ds.labels] if ds.labels is not None else None
+        cols = {"id": ds.ids or [str(i) for i in range(len(ds))], "text": ds.texts}
+        if labels:
+            cols["label"] = labels
+        pq.write_table(pa.table(cols), path)
+    return str(path.resolve())
+
+
+def _controller_name(cfg: JobConfig) -> str:
+    if cfg.controller.name:
+        return cfg.controller.name
+    digest = hashlib.sha1(os.path.abspath(cfg.model).encode()).hexdigest()[:10]
+    return f"offramp-controller-{digest}"
+
+
+def _start_controller(cfg: JobConfig, manifest) -> dict | None:
+    if not cfg.controller.enabled:
+        return None
+    import numpy as np
+
+    from pipeline.control.controller import ControllerState, get_or_create_controller
+    from pipeline.control.records import CostModel
+    from pipeline.model.profile import cost_arrays
+
+    layer_costs, ramp_costs = cost_arrays(manifest.profile, manifest.num_layers, len(manifest.ramps))
+    costs = CostModel(layer_costs=layer_costs, ramp_layers=np.array(manifest.ramp_layers), ramp_costs=ramp_costs)
+    tuning = {"constraint": manifest.constraint, **cfg.controller.tuning}
+    thresholds = cfg.engine.thresholds or manifest.thresholds
+    initial = ControllerState(version=0, thresholds=list(thresholds), active=list(manifest.active))
+    name = _controller_name(cfg)
+    handle = get_or_create_controller(name, costs, tuning, initial, cfg.controller.checkpoint_url,
+                                      namespace=cfg.controller.namespace)
+    import ray
+
+    ray.get(handle.ping.remote(), timeout=60)
+    return {"name": name, "namespace": cfg.controller.namespace,
+            "refresh_every_batches": cfg.controller.refresh_every_batches, "handle": handle}
+
+
+def _init_ray(cfg: JobConfig, address: str | None) -> bool:
+    """Connect or start an embedded Ray; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    local = cfg.local_ray
+    ray.init(num_cpus=local.num_cpus, num_gpus=local.num_gpus, object_store_memory=local.object_store_memory,
+             include_dashboard=False)
+    return True
+
+
+def check_inputs(cfg: JobConfig):
+    """(manifest, shards, already finished shards) — everything checked before any model work."""
+    from pipeline.model.artifact import read_manifest
+
+    if "://" not in cfg.model and not Path(cfg.model).exists():
+        raise JobError(f"model {cfg.model!r} does not exist; create it with `offramp bootstrap` (or `offramp demo`)")
+    manifest = read_manifest(cfg.model)
+    try:
+        shards, _ = plan_shards(cfg.input.url, cfg.input.rows_per_shard, min_shards=2 * cfg.actors.max_actors)
+    except (FileNotFoundError, ValueError) as e:
+        raise JobError(f"cannot read input: {e}") from e
+    first = read_shard(shards[0])
+    needed = [cfg.input.text_column, cfg.input.id_column, *cfg.input.passthrough]
+    missing = [c for c in needed if c and c not in first.column_names]
+    if missing:
+        raise JobError(
+            f"input {cfg.input.url!r} has no column {missing[0]!r} (columns: {first.column_names}); "
+            "set input.text_column / input.id_column / input.passthrough in the job YAML (or --text-column)"
+        )
+    plan = {"input": cfg.input.url, "rows_per_shard": cfg.input.rows_per_shard,
+            "shards": [s.to_dict() for s in shards]}
+    finished = sink.finished_shards(cfg.output.url)
+    if finished and not cfg.resume:
+        raise JobError(
+            f"output {cfg.output.url!r} already holds {len(finished)} part files; pass --resume to finish an "
+            "interrupted job there, or choose an empty output URL"
+        )
+    if cfg.resume and finished:
+        old = sink.read_json(cfg.output.url, sink.PLAN)
+        if old is not None and old["shards"] != plan["shards"]:
+            raise JobError(
+                f"--resume: the input at {cfg.input.url!r} no longer matches the plan the output was written "
+                "with (files or row counts changed); write to a new output URL instead"
+            )
+    return manifest, shards, finished, plan
+
+
+def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
+    import ray
+
+    if cfg.input.url.startswith("builtin:"):
+        cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"url": materialize_builtin(cfg.input.url)})})
+    manifest, shards, finished, plan = check_inputs(cfg)
+    todo = [s for s in shards if s.shard not in finished]
+    sink.clean_temporaries(cfg.output.url)
+    sink.write_json(cfg.output.url, sink.PLAN, plan)
+    total_rows = sum(s.rows for s in shards)
+    echo(f"{cfg.name}: {total_rows} rows in {len(shards)} shards"
+         + (f" ({len(finished)} already finished, resuming)" if finished else ""))
+
+    started = _init_ray(cfg, address)
+    try:
+        controller = _start_controller(cfg, manifest)
+        summaries = _run_pipeline(cfg, todo, controller) if todo else []
+        summary = _summarize(cfg, shards, finished, summaries, controller, manifest)
+    finally:
+        if started:
+            ray.shutdown()
+    sink.write_json(cfg.output.url, sink.SUMMARY, summary)
+    return summary
+
+
+def _run_pipeline(cfg: JobConfig, todo, controller) -> list[dict]:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.offline.worker import EarlyExitWorker, tokenize_shards
+
+    ctx = DataContext.get_current()
+    ctx.wait_for_min_actors_s = cfg.actors.wait_for_actors_s
+    a = cfg.actors
+    engine = cfg.engine.model_dump()
+    ctl = None if controller is None else {k: v for k, v in controller.items() if k != "handle"}
+    ds = ray.data.from_items([s.to_dict() for s in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=a.tokenize_cpus,
+        fn_kwargs=dict(model=os.path.abspath(cfg.model) if "://" not in cfg.model else cfg.model,
+                       text_column=cfg.input.text_column, id_column=cfg.input.id_column,
+                       passthrough=cfg.input.passthrough, max_length=cfg.engine.max_length),
+    )
+    ds = ds.map_batches(
+        EarlyExitWorker, batch_size=None, batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
+        num_cpus=a.num_cpus, num_gpus=a.num_gpus or None,
+        # a killed or crashed actor restarts and its shard is retried; parts are atomic, so no duplicates
+        max_restarts=-1, max_task_retries=-1,
+        fn_constructor_kwargs=dict(model=os.path.abspath(cfg.model) if "://" not in cfg.model else cfg.model,
+                                   engine=engine, output_url=cfg.output.url, passthrough=cfg.input.passthrough,
+                                   controller=ctl),
+    )
+    t = time.perf_counter()
+    try:
+        rows = ds.take_all()
+    except Exception as e:  # noqa: BLE001 - translate the usual resource failure into advice
+        text = str(e)
+        if "actors" in text.lower() and ("timed out" in text.lower() or "wait" in text.lower()):
+            raise JobError(
+                f"could not start {a.min_actors} early-exit actor(s) with num_gpus={a.num_gpus}, "
+                f"num_cpus={a.num_cpus} within {a.wait_for_actors_s:.0f} s (cluster resources: "
+                f"{ray.cluster_resources()}); lower actors.min_actors / num_gpus or add nodes"
+            ) from e
+        raise
+    elapsed = time.perf_counter() - t
+    for r in rows:
+        r["_elapsed"] = elapsed
+    return rows
+
+
+def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, manifest) -> dict:
+    import numpy as np
+
+    L = manifest.num_layers
+    exits = np.zeros(L + 1, np.int64)
+    for r in rows:
+        exits += np.asarray(r["exits"], np.int64)
+    n = int(sum(r["rows"] for r in rows))
+    elapsed = rows[0]["_elapsed"] if rows else 0.0
+    shadow = int(sum(r["shadow_rows"] for r in rows))
+    agree = int(sum(r["shadow_agree"] for r in rows))
+    answered = int(exits[1:].sum())
+    per_worker: dict[str, int] = {}
+    for r in rows:
+        per_worker[r["worker"]] = per_worker.get(r["worker"], 0) + r["rows"]
+    summary = {
+        "job": cfg.name,
+        "model": cfg.model,
+        "input": cfg.input.url,
+        "output": cfg.output.url,
+        "rows": n,
+        "rows_total": int(sum(s.rows for s in shards)),
+        "shards": len(shards),
+        "shards_resumed": len(finished),
+        "seconds": round(elapsed, 3),
+        "rows_per_s": round(n / elapsed, 1) if elapsed else None,
+        "errors": int(sum(r["errors"] for r in rows)),
+        "truncated": int(sum(r["truncated"] for r in rows)),
+        "exits_per_layer": {str(i): int(exits[i]) for i in range(1, L + 1)},
+        "mean_exit_layer": round(float((exits * np.arange(L + 1)).sum() / answered), 3) if answered else None,
+        "layer_compute_saved": round(1 - float((exits * np.arange(L + 1)).sum()) / (answered * L), 4) if answered else None,
+        "shadow_rows": shadow,
+        "shadow_agreement": round(agree / shadow, 4) if shadow else None,
+        "threshold_versions_seen": sorted({int(r["policy_version"]) for r in rows}),
+        "rows_per_worker": per_worker,
+    }
+    if controller is not None:
+        import ray
+
+        try:
+            state = ray.get(controller["handle"].flush.remote(), timeout=30)
+            summary["controller"] = {"name": controller["name"], "version": state["version"],
+                                     "thresholds": state["thresholds"], "active": state["active"],
+                                     "windows": state["windows"], "violations": state["violations"]}
+        except Exception as e:  # noqa: BLE001 - the job's output is complete either way
+            summary["controller"] = {"name": controller["name"], "error": repr(e)}
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    return json.dumps(summary, indent=2)

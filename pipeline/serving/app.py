@@ -1,0 +1,150 @@
+"""The Ray Serve application: an HTTP ingress per replica around a ReplicaEngine, and its builder.
+
+Routes (see pipeline.serving.api for the exact shapes):
+    POST /predict   {"inputs": "text" | ["t1", ...]} -> [{"label", "score", "exit_layer"}] | [[...], ...]
+    GET  /health    {"status": "ok", "replica": ..., "threshold_version": ..., "queue_texts": ..., ...}
+    GET  /metrics   Prometheus text (this replica)
+Every response carries `X-Offramp-Replica` (the replica's id) and `X-Offramp-Threshold-Version`.
+
+`app_builder(args)` is the `import_path` target of a normal Ray Serve config file, so `offramp serve`,
+`serve run` and `serve deploy` all read the same YAML. It validates the args (ServeAppConfig), starts
+(or finds) the one named controller actor shared by every replica, and binds the deployment. Replica
+counts, autoscaling and ray_actor_options come from the YAML's `deployments:` section.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from pipeline.serving.api import ApiError, error_body, parse_predict_request, prediction_body
+from pipeline.serving.batcher import BatchFailed, QueueFull
+from pipeline.serving.config import ServeAppConfig
+from pipeline.serving.metrics import CONTENT_TYPE
+
+__all__ = ["DEPLOYMENT_NAME", "EarlyExitDeployment", "app_builder", "resolve_config"]
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "EarlyExitDeployment"
+api = FastAPI(title="offramp", docs_url=None, redoc_url=None)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (tests)
+        return f"{os.uname().nodename}:{os.getpid()}"
+
+
+@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class EarlyExitDeployment:
+    """One replica: its own request queue, one model run at a time, answers released at their ramp."""
+
+    def __init__(self, config: dict, controller: dict | None = None):
+        from pipeline.serving.replica import ReplicaEngine
+
+        self.config = ServeAppConfig.model_validate(config)
+        self.engine = ReplicaEngine(self.config, controller, _replica_id())
+        self.limits = self.config.batching
+
+    def _respond(self, body, status: int = 200, headers: dict | None = None) -> JSONResponse:
+        h = {"X-Offramp-Replica": self.engine.replica,
+             "X-Offramp-Threshold-Version": str(int(self.engine.predictor.policy.version)), **(headers or {})}
+        return JSONResponse(body, status_code=status, headers=h)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body is {declared} bytes; the limit is {limit} (batching.max_body_bytes): "
+                                "send fewer or shorter texts per request")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over {limit} bytes (batching.max_body_bytes): "
+                                    "send fewer or shorter texts per request")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            req = parse_predict_request(await self._read_body(request), self.limits.max_items_per_request,
+                                        self.limits.max_body_bytes)
+            encoded = self.engine.encode(req.texts)
+            if not req.truncate and encoded.truncated.any():
+                i = int(encoded.truncated.argmax())
+                raise ApiError(422, f"text {i} is longer than the model's {self.engine.predictor.max_length} tokens; "
+                                    'shorten it or send "truncate": true')
+            preds = await self.engine.predict(encoded, req.texts)
+            failed = [(i, p.error) for i, p in enumerate(preds) if p.error]
+            if failed:
+                i, why = failed[0]
+                raise ApiError(500, f"{len(failed)} of {len(preds)} texts failed; text {i}: {why}", "Backend")
+            resp = self._respond(prediction_body(preds, req.single))
+        except ApiError as e:
+            resp = self._respond(error_body(e.message, e.error_type), e.status, e.headers)
+        except QueueFull as e:
+            resp = self._respond(error_body(str(e), "Overloaded"), 503, {"Retry-After": str(e.retry_after_s)})
+        except BatchFailed as e:
+            resp = self._respond(error_body(str(e), "Backend"), 500)
+        except Exception as e:  # noqa: BLE001 - a bad request must never take the replica down
+            log.exception("unexpected error in /predict")
+            resp = self._respond(error_body(f"internal error: {e!r}", "Backend"), 500)
+        self.engine.metrics.request("/predict", resp.status_code, time.perf_counter() - t0)
+        return resp
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        h = self.engine.health()
+        code = 200 if h["status"] == "ok" else 503
+        self.engine.metrics.request("/health", code)
+        return self._respond(h, code)
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        self.engine.metrics.request("/metrics", 200)
+        return Response(self.engine.metrics_text(), media_type=CONTENT_TYPE,
+                        headers={"X-Offramp-Replica": self.engine.replica})
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a dead batch loop gets the replica restarted."""
+        if not self.engine.queue.healthy:
+            raise RuntimeError("batch loop is not running")
+
+
+def _controller_name(cfg: ServeAppConfig) -> str:
+    digest = hashlib.sha1(os.path.abspath(cfg.model).encode()).hexdigest()[:10]
+    return f"offramp-serve-controller-{digest}"
+
+
+def resolve_config(args: dict) -> ServeAppConfig:
+    """Validate the app args; the model path becomes absolute (replicas may run elsewhere)."""
+    cfg = ServeAppConfig.model_validate(args or {})
+    if "://" not in cfg.model:
+        cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
+    if cfg.controller.enabled and not cfg.controller.name:
+        cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"name": _controller_name(cfg)})})
+    return cfg
+
+
+def app_builder(args: dict):
+    """Ray Serve application builder (`import_path: pipeline.serving.app:app_builder`)."""
+    from pipeline.model.artifact import read_manifest
+    from pipeline.offline.job import _start_controller  # TODO(owner): make a public shared helper
+
+    cfg = resolve_config(args)
+    manifest = read_manifest(cfg.model)  # fails here, with advice, if the artifact is missing
+    controller = _start_controller(cfg, manifest)
+    if controller is not None:
+        controller = {k: v for k, v in controller.items() if k != "handle"}
+    return EarlyExitDeployment.bind(cfg.model_dump(mode="json"), controller)

@@ -1,0 +1,131 @@
+"""What one replica does apart from HTTP: host the engine, queue and batch requests, feed the controller.
+
+    texts --encode (validate + tokenize, on the event loop)--> BatchQueue --worker thread--> Predictor
+    after each batch: metrics; feedback -> ControllerClient.report (controller thread, fire-and-forget);
+    every few batches the thresholds are refreshed and swapped into the Predictor.
+
+Controller calls run on their own thread so a slow or restarting controller never delays a batch; when
+the controller is down the replica keeps its last thresholds and keeps serving.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from pipeline.control.records import FeedbackWindow
+from pipeline.engine.predictor import Encoded, Prediction
+from pipeline.serving.batcher import BatchQueue, BatchReport
+from pipeline.serving.config import ServeAppConfig
+from pipeline.serving.metrics import ServingMetrics
+
+__all__ = ["ReplicaEngine", "import_class"]
+
+log = logging.getLogger(__name__)
+
+
+def import_class(path: str):
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import predictor_class={path!r}: {e}") from e
+
+
+class ReplicaEngine:
+    """Predictor + BatchQueue + controller sync + metrics for one replica.
+
+    Args:
+        config: the application's settings.
+        controller: {"name", "namespace", "refresh_every_batches"} of the shared controller, or None.
+        replica: this replica's id (metrics label, response header).
+        client: a ready ControllerClient-like object (tests); default: built from `controller`.
+    """
+
+    def __init__(self, config: ServeAppConfig, controller: dict | None = None, replica: str = "local",
+                 client=None):
+        self.config = config
+        self.replica = replica
+        self.predictor = import_class(config.predictor_class)(config.model, config.engine)
+        self.num_layers = self.predictor.model.num_layers
+        self.metrics = ServingMetrics(replica)
+        self.queue = BatchQueue(self._run, config.batching, on_batch=self._on_batch)
+        self.client = client
+        if self.client is None and controller:
+            from pipeline.control.controller import ControllerClient, ControllerState
+
+            p = self.predictor
+            initial = ControllerState(version=p.policy.version, thresholds=list(p.policy.thresholds),
+                                      active=list(p.policy.active))
+            self.client = ControllerClient(controller["name"], controller["namespace"], initial_state=initial,
+                                           refresh_every=controller["refresh_every_batches"])
+        self._ctl_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offramp-controller")
+        self._ctl_busy = False
+        self._feedback: list[FeedbackWindow] = []
+
+    # -- requests ---------------------------------------------------------------------------------
+    def encode(self, texts: list[str]) -> Encoded:
+        return self.predictor.encoder.encode(texts)
+
+    async def predict(self, encoded: Encoded, keys: list[str]) -> list[Prediction]:
+        """Answers in order; raises QueueFull (-> 503) or BatchFailed (-> 500)."""
+        return await self.queue.submit(encoded, keys)
+
+    def _run(self, encoded: Encoded, keys: list, on_result) -> object:  # worker thread
+        return self.predictor.predict_encoded(encoded, keys, on_result=on_result)
+
+    # -- after each batch -------------------------------------------------------------------------
+    def _on_batch(self, report: BatchReport) -> None:  # event loop
+        self.metrics.batch(report, self.num_layers)
+        if self.client is None:
+            return
+        if report.output is not None and len(report.output.feedback):
+            self._feedback.append(report.output.feedback)
+        if not self._ctl_busy:
+            windows, self._feedback = self._feedback, []
+            self._ctl_busy = True
+            fut = self._ctl_executor.submit(self._sync_controller, windows)
+            fut.add_done_callback(self._ctl_done)
+
+    def _ctl_done(self, _fut) -> None:
+        self._ctl_busy = False
+
+    def _sync_controller(self, windows: list[FeedbackWindow]) -> None:  # controller thread
+        """Report feedback (fire-and-forget), refresh thresholds when due, swap them in. Never raises."""
+        from pipeline.engine.policy import ExitPolicy
+
+        try:
+            if windows:
+                self.client.report(windows[0] if len(windows) == 1 else FeedbackWindow.concat(windows))
+            self.client.maybe_refresh()
+            if self.client.version > self.predictor.policy.version:
+                self.predictor.set_policy(ExitPolicy(self.client.thresholds, self.client.active, self.client.version))
+                log.info("replica %s: thresholds version %d", self.replica, self.client.version)
+        except Exception:  # noqa: BLE001 - the controller is an optimisation, never a dependency
+            log.exception("controller sync failed; keeping thresholds version %d", self.predictor.policy.version)
+
+    # -- status -----------------------------------------------------------------------------------
+    def health(self) -> dict:
+        ctl = self.client.stats() if self.client is not None else None
+        return {
+            "status": "ok" if self.queue.healthy else "unhealthy",
+            "replica": self.replica,
+            "mode": self.config.engine.mode,
+            "queue_texts": self.queue.queued_rows,
+            "batches": self.queue.batches,
+            "failed_batches": self.queue.failed_batches,
+            "threshold_version": int(self.predictor.policy.version),
+            "thresholds": [float(t) for t in self.predictor.policy.thresholds],
+            "controller": ctl,
+        }
+
+    def metrics_text(self) -> bytes:
+        failures = 0
+        if self.client is not None:
+            s = self.client.stats()
+            failures = int(s.get("reports_failed", 0)) + int(s.get("refresh_failures", 0))
+        return self.metrics.render(self.queue.queued_rows, int(self.predictor.policy.version), failures)
+
+    async def close(self) -> None:
+        await self.queue.close()
+        self._ctl_executor.shutdown(wait=False)

@@ -1,0 +1,155 @@
+"""The offline job on a real local Ray: real parquet/jsonl files, the real actor pool, the controller."""
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import JobConfig
+from pipeline.engine.predictor import Predictor
+from pipeline.offline.job import JobError, run_job
+
+SENTENCES = ["a great film", "dull and long", "the acting is superb", "I walked out", "not bad at all",
+             "a masterpiece of boredom", "fun for the whole family", "the plot makes no sense"]
+
+
+def _texts(n):
+    return [f"{SENTENCES[i % len(SENTENCES)]} ({i})" for i in range(n)]
+
+
+def _write_parquet_dir(path, n, files=3):
+    path.mkdir(parents=True, exist_ok=True)
+    texts = _texts(n)
+    per = -(-n // files)
+    for f in range(files):
+        chunk = texts[f * per : (f + 1) * per]
+        ids = [f"r{f * per + i}" for i in range(len(chunk))]
+        pq.write_table(pa.table({"rid": ids, "text": chunk, "gold": [i % 2 for i in range(len(chunk))]}),
+                       path / f"part-{f}.parquet")
+    return texts
+
+
+def _cfg(model, inp, out, **kw):
+    base = {
+        "model": model,
+        "input": {"url": str(inp), "text_column": "text", "id_column": "rid", "passthrough": ["gold"],
+                  "rows_per_shard": 64},
+        "output": {"url": str(out)},
+        "actors": {"min_actors": 2, "max_actors": 2, "num_cpus": 0.5, "tokenize_cpus": 0.25,
+                   "wait_for_actors_s": 60},
+        "controller": {"enabled": True, "name": f"ctl-{os.path.basename(str(out))}",
+                       "tuning": {"window_rows": 32}},
+        "engine": {"shadow_fraction": 0.25},
+    }
+    for k, v in kw.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return JobConfig.model_validate(base)
+
+
+def _read_output(out):
+    return pq.read_table(str(out)).to_pylist()
+
+
+def test_job_classifies_every_row_once_spreads_over_actors_and_matches_local(ray_session, tiny_artifact, tmp_path):
+    texts = _write_parquet_dir(tmp_path / "in", 600)
+    summary = run_job(_cfg(tiny_artifact, tmp_path / "in", tmp_path / "out"))
+    rows = _read_output(tmp_path / "out")
+    assert sorted(r["rid"] if "rid" in r else r["id"] for r in rows) == sorted(f"r{i}" for i in range(600))
+    assert len({r["id"] for r in rows}) == 600
+    assert sorted(os.listdir(tmp_path / "out"))[:2] == ["_offramp_plan.json", "_offramp_summary.json"]
+    assert summary["rows"] == 600 and summary["errors"] == 0
+    assert len(summary["rows_per_worker"]) >= 2, f"work did not spread: {summary['rows_per_worker']}"
+    assert sum(summary["exits_per_layer"].values()) == 600
+    assert summary["shadow_rows"] > 50 and 0 <= summary["shadow_agreement"] <= 1
+    assert "controller" in summary and summary["controller"]["version"] >= 0
+    # the same answers as the local predictor (same thresholds: controller starts from the artifact's)
+    if summary["threshold_versions_seen"] == [0]:
+        local = Predictor(tiny_artifact).predict(texts, ids=[f"r{i}" for i in range(600)])
+        by_id = {r["id"]: r for r in rows}
+        for i, p in enumerate(local.predictions):
+            assert by_id[f"r{i}"]["label"] == p.label
+    assert {r["gold"] for r in rows} == {0, 1}  # pass-through column kept
+
+
+def test_bad_rows_are_reported_with_errors_not_dropped(ray_session, tiny_artifact, tmp_path):
+    lines = [{"text": "fine"}, {"text": None}, {"text": ""}, {"text": "   "}, {"text": "word " * 800}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = _cfg(tiny_artifact, tmp_path / "in.jsonl", tmp_path / "out",
+               input={"id_column": None, "passthrough": [], "rows_per_shard": 2, "url": str(tmp_path / "in.jsonl")},
+               controller={"enabled": False})
+    summary = run_job(cfg)
+    rows = sorted(_read_output(tmp_path / "out"), key=lambda r: int(r["id"].split(":")[1]))
+    assert [r["id"] for r in rows] == [f"in.jsonl:{i}" for i in range(5)]
+    assert rows[0]["error"] is None and rows[0]["label"]
+    assert "null" in rows[1]["error"] and "empty" in rows[2]["error"] and "empty" in rows[3]["error"]
+    assert rows[4]["truncated"] and rows[4]["error"] is None
+    assert summary["errors"] == 3 and summary["truncated"] == 1
+
+
+def test_missing_column_fails_before_model_work(ray_session, tiny_artifact, tmp_path):
+    _write_parquet_dir(tmp_path / "in", 10, files=1)
+    cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", input={"text_column": "body"})
+    with pytest.raises(JobError, match="no column 'body'"):
+        run_job(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_input_and_missing_model_are_clear(ray_session, tiny_artifact, tmp_path):
+    with pytest.raises(JobError, match="cannot read input"):
+        run_job(_cfg(tiny_artifact, tmp_path / "nothing-here", tmp_path / "out"))
+    with pytest.raises(JobError, match="offramp bootstrap"):
+        run_job(_cfg(str(tmp_path / "no-model"), tmp_path / "in", tmp_path / "out"))
+
+
+def test_resume_finishes_only_missing_shards_without_duplicates(ray_session, tiny_artifact, tmp_path):
+    _write_parquet_dir(tmp_path / "in", 300)
+    cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", controller={"enabled": False})
+    first = run_job(cfg)
+    parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))
+    assert parts == [f"part-{i:06d}.parquet" for i in range(first["shards"])]  # deterministic names
+    for p in parts[1::2]:  # an interrupted job: half the parts missing, a stray temp file
+        os.remove(tmp_path / "out" / p)
+    (tmp_path / "out" / "_tmp-000001-dead.parquet").write_bytes(b"partial")
+    with pytest.raises(JobError, match="--resume"):
+        run_job(cfg)
+    second = run_job(cfg.model_copy(update={"resume": True}))
+    assert second["shards_resumed"] == len(parts) - len(parts[1::2])
+    assert second["rows"] < 300
+    rows = _read_output(tmp_path / "out")
+    assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(300))
+    assert not any(p.startswith("_tmp-") for p in os.listdir(tmp_path / "out"))
+
+
+def _actor_pids(pattern="EarlyExitWorker"):
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+def test_killed_actor_job_still_completes_exactly_once(ray_session, tiny_artifact, tmp_path):
+    _write_parquet_dir(tmp_path / "in", 3000, files=2)
+    cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", input={"rows_per_shard": 100},
+               controller={"enabled": False})
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("summary", run_job(cfg)))
+    t.start()
+    killed = None
+    deadline = time.time() + 120
+    while time.time() < deadline and t.is_alive():
+        done = [p for p in os.listdir(tmp_path / "out")] if (tmp_path / "out").exists() else []
+        pids = _actor_pids()
+        if sum(p.startswith("part-") for p in done) >= 2 and pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    t.join(timeout=300)
+    assert killed is not None, "the job finished before an actor could be killed; make it longer"
+    assert not t.is_alive() and "summary" in result
+    rows = _read_output(tmp_path / "out")
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 3000
