@@ -116,6 +116,9 @@ class BootstrapConfig(_Strict):
     """Held-out share for per-ramp agreement and initial thresholds (URL data; built-ins use their split)."""
     constraint: float = Field(0.01, ge=0, lt=1)
     """Accuracy constraint for the initial thresholds: at most this share of disagreement."""
+    tune_headroom: float = Field(0.5, gt=0, le=1)
+    """Share of the constraint the initial thresholds may spend on the validation split: thresholds
+    tuned to the full budget on ~1k rows overfit them (measured: 98.4% agreement on the test split)."""
     limit: int | None = Field(None, ge=1)
     max_length: int = Field(128, ge=8)
     seed: int = 0

@@ -95,11 +95,13 @@ def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "t
     out, _, p = _offramp(ee_dir, texts, EngineConfig(mode="release", thresholds=[1.0] * R))
     fb = out.feedback
     L = p.model.num_layers
-    agree = fb.pred == fb.final[:, None]
+    order = np.argsort(out.feedback_rows)  # feedback rows -> caller order
+    final, ramp_pred = fb.final[order], fb.pred[order]
+    agree = ramp_pred == final[:, None]
     first = np.where(agree.any(1), agree.argmax(1), -1)
     layers = np.array(p.manifest.ramp_layers)
     oracle_exit = np.where(first >= 0, layers[np.maximum(first, 0)], L)
-    add("oracle (first ramp that agrees)", fb.final, 0, oracle_exit, note="bound, not runnable")
+    add("oracle (first ramp that agrees)", final, 0, oracle_exit, note="bound, not runnable")
 
     result = {"model": ee_dir, "dataset": ds.name, "rows": len(texts), "num_layers": L,
               "torch_threads": torch.get_num_threads(), "rows_table": rows,

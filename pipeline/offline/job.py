@@ -113,19 +113,21 @@ def check_inputs(cfg: JobConfig):
         )
     plan = {"input": cfg.input.url, "rows_per_shard": cfg.input.rows_per_shard,
             "shards": [s.to_dict() for s in shards]}
-    finished = sink.finished_shards(cfg.output.url)
-    if finished and not cfg.resume:
+    existing = sink.list_parts(cfg.output.url)
+    if existing and not cfg.resume:
         raise JobError(
-            f"output {cfg.output.url!r} already holds {len(finished)} part files; pass --resume to finish an "
+            f"output {cfg.output.url!r} already holds parts of {len(existing)} shards; pass --resume to finish an "
             "interrupted job there, or choose an empty output URL"
         )
-    if cfg.resume and finished:
+    finished: set[int] = set()
+    if cfg.resume and existing:
         old = sink.read_json(cfg.output.url, sink.PLAN)
         if old is not None and old["shards"] != plan["shards"]:
             raise JobError(
                 f"--resume: the input at {cfg.input.url!r} no longer matches the plan the output was written "
                 "with (files or row counts changed); write to a new output URL instead"
             )
+        finished = sink.finished_shards(cfg.output.url, {s.shard: s.rows for s in shards})
     return manifest, shards, finished, plan
 
 
@@ -173,11 +175,12 @@ def _run_pipeline(cfg: JobConfig, todo, controller) -> list[dict]:
                        passthrough=cfg.input.passthrough, max_length=cfg.engine.max_length),
     )
     ds = ds.map_batches(
-        EarlyExitWorker, batch_size=None, batch_format="pyarrow",
+        # Ray Data needs a batch size for GPU actors; a shard cut across batches becomes several parts.
+        EarlyExitWorker, batch_size=cfg.input.rows_per_shard if a.num_gpus else None, batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
         num_cpus=a.num_cpus, num_gpus=a.num_gpus or None,
-        # a killed or crashed actor restarts and its shard is retried; parts are atomic, so no duplicates
-        max_restarts=-1, max_task_retries=-1,
+        # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: a killed actor restarts
+        # and its batch is retried; parts are atomic with deterministic names, so no duplicates.
         fn_constructor_kwargs=dict(model=os.path.abspath(cfg.model) if "://" not in cfg.model else cfg.model,
                                    engine=engine, output_url=cfg.output.url, passthrough=cfg.input.passthrough,
                                    controller=ctl),

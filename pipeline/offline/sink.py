@@ -1,8 +1,9 @@
-"""Output: one parquet part per shard, written atomically, with deterministic names.
+"""Output: parquet parts named by shard and first row, written atomically, deterministic names.
 
-`part-<shard>.parquet` appears only when the whole shard is written (write to a temp name, then
-rename), so a rerun can skip finished shards and a retried shard overwrites its own part: every
-input row appears in the output exactly once.
+`part-<shard>-<first row>.parquet` appears only once fully written (temp name, then rename). A
+shard usually arrives whole (one part); when Ray Data cuts batches across shards it arrives in
+pieces, each its own part. A retried batch rewrites the same name, and a rerun counts each shard's
+rows in its parts to skip finished shards: every input row appears in the output exactly once.
 """
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import uuid
 
 import pyarrow as pa
 
-PART = re.compile(r"part-(\d{6})\.parquet$")
+PART = re.compile(r"part-(\d{6})-(\d{6})\.parquet$")
 PLAN = "_offramp_plan.json"
 SUMMARY = "_offramp_summary.json"
 
 
-def part_name(shard: int) -> str:
-    return f"part-{shard:06d}.parquet"
+def part_name(shard: int, first_row: int = 0) -> str:
+    return f"part-{shard:06d}-{first_row:06d}.parquet"
 
 
 def _fs(url: str):
@@ -27,24 +28,48 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def write_part(table: pa.Table, output_url: str, shard: int) -> str:
+def write_part(table: pa.Table, output_url: str, shard: int, first_row: int = 0) -> str:
     import pyarrow.parquet as pq
 
     fs, root = _fs(output_url)
     fs.makedirs(root, exist_ok=True)
-    final = f"{root.rstrip('/')}/{part_name(shard)}"
-    tmp = f"{root.rstrip('/')}/_tmp-{shard:06d}-{uuid.uuid4().hex[:8]}.parquet"
+    final = f"{root.rstrip('/')}/{part_name(shard, first_row)}"
+    tmp = f"{root.rstrip('/')}/_tmp-{shard:06d}-{first_row:06d}-{uuid.uuid4().hex[:8]}.parquet"
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
     fs.mv(tmp, final)
     return final
 
 
-def finished_shards(output_url: str) -> set[int]:
+def list_parts(output_url: str) -> dict[int, list[str]]:
+    """shard -> its part paths"""
     fs, root = _fs(output_url)
     if not fs.exists(root):
-        return set()
-    return {int(m.group(1)) for p in fs.ls(root, detail=False) if (m := PART.search(p))}
+        return {}
+    parts: dict[int, list[str]] = {}
+    for p in fs.ls(root, detail=False):
+        if m := PART.search(p):
+            parts.setdefault(int(m.group(1)), []).append(p)
+    return parts
+
+
+def finished_shards(output_url: str, shard_rows: dict[int, int]) -> set[int]:
+    """Shards whose parts hold all their rows. Parts of unfinished shards are removed (redone whole)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = _fs(output_url)
+    done = set()
+    for shard, paths in list_parts(output_url).items():
+        rows = 0
+        for p in paths:
+            with fs.open(p, "rb") as f:
+                rows += pq.ParquetFile(f).metadata.num_rows
+        if rows == shard_rows.get(shard, -1):
+            done.add(shard)
+        else:
+            for p in paths:
+                fs.rm(p)
+    return done
 
 
 def clean_temporaries(output_url: str) -> int:

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.offline.shards import Shard, read_shard
 from pipeline.offline.sink import write_part
@@ -51,6 +52,7 @@ def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: st
             "truncated": pa.array(enc.truncated),
             "error": pa.array(enc.errors, pa.string()),
             "shard": pa.array([shard.shard] * len(texts), pa.int64()),
+            "row": pa.array(range(len(texts)), pa.int64()),
         }
         for c in passthrough:
             cols[c] = table.column(c)
@@ -96,7 +98,7 @@ class EarlyExitWorker:
 
         summaries = []
         for shard in sorted(set(batch.column("shard").to_pylist())):
-            rows = batch.filter(pa.compute.equal(batch.column("shard"), shard))
+            rows = batch.filter(pc.equal(batch.column("shard"), shard))
             self._maybe_update_policy()
             t = time.perf_counter()
             enc = Encoded(
@@ -119,7 +121,8 @@ class EarlyExitWorker:
             }
             for c in self.passthrough:
                 table[c] = rows.column(c)
-            write_part(pa.table(table), self.output_url, int(shard))
+            first_row = int(pc.min(rows.column("row")).as_py())
+            write_part(pa.table(table), self.output_url, int(shard), first_row)
 
             fb = out.feedback
             shadow_agree, _ = out.shadow_agreement()

@@ -206,14 +206,15 @@ class BatchQueue:
                 req.state = "done"
             raise
 
-    async def close(self) -> None:
-        """Stop the loop; requests still queued get BatchFailed."""
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Stop taking batches; let the running one finish (cancelled after `timeout_s`); requests still
+        queued get BatchFailed."""
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
+            self._wakeup.set()
             try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._task, timeout_s)
+            except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
                 pass
         while self._queue:
             req = self._queue.popleft()

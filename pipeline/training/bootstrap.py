@@ -143,7 +143,7 @@ def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, prog
     layer_costs, ramp_costs = cost_arrays(profile, num_layers, len(layers))
     costs = CostModel(layer_costs=layer_costs, ramp_layers=np.array(layers), ramp_costs=ramp_costs)
     window = FeedbackWindow(conf=conf.astype(np.float32), pred=pred.astype(np.int64), final=final.astype(np.int64))
-    tuned = tune_thresholds(window, costs, constraint=cfg.constraint)
+    tuned = tune_thresholds(window, costs, constraint=cfg.constraint * cfg.tune_headroom)
     outcome = evaluate(window, costs, tuned.thresholds, np.ones(len(layers), bool))
 
     label_names = [str(hf.config.id2label.get(i, i)) for i in range(hf.config.num_labels)]

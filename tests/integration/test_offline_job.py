@@ -41,7 +41,7 @@ def _cfg(model, inp, out, **kw):
                   "rows_per_shard": 64},
         "output": {"url": str(out)},
         "actors": {"min_actors": 2, "max_actors": 2, "num_cpus": 0.5, "tokenize_cpus": 0.25,
-                   "wait_for_actors_s": 60},
+                   "wait_for_actors_s": 180},
         "controller": {"enabled": True, "name": f"ctl-{os.path.basename(str(out))}",
                        "tuning": {"window_rows": 32}},
         "engine": {"shadow_fraction": 0.25},
@@ -111,14 +111,20 @@ def test_resume_finishes_only_missing_shards_without_duplicates(ray_session, tin
     cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", controller={"enabled": False})
     first = run_job(cfg)
     parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))
-    assert parts == [f"part-{i:06d}.parquet" for i in range(first["shards"])]  # deterministic names
+    assert parts == [f"part-{i:06d}-000000.parquet" for i in range(first["shards"])]  # deterministic names
     for p in parts[1::2]:  # an interrupted job: half the parts missing, a stray temp file
         os.remove(tmp_path / "out" / p)
-    (tmp_path / "out" / "_tmp-000001-dead.parquet").write_bytes(b"partial")
+    # ...and a shard only partly written (a piece of it): it must be redone whole, not duplicated
+    piece = pq.read_table(tmp_path / "out" / parts[0]).slice(0, 5)
+    pq.write_table(piece, tmp_path / "out" / parts[1])
+    (tmp_path / "out" / "_tmp-000001-000000-dead.parquet").write_bytes(b"partial")
     with pytest.raises(JobError, match="--resume"):
         run_job(cfg)
     second = run_job(cfg.model_copy(update={"resume": True}))
     assert second["shards_resumed"] == len(parts) - len(parts[1::2])
+    plan = json.loads((tmp_path / "out" / "_offramp_plan.json").read_text())["shards"]
+    redone = {int(p.split("-")[1]) for p in parts[1::2]}
+    assert second["rows"] == sum(s["stop"] - s["start"] for s in plan if s["shard"] in redone)
     assert second["rows"] < 300
     rows = _read_output(tmp_path / "out")
     assert sorted(r["id"] for r in rows) == sorted(f"r{i}" for i in range(300))

@@ -1,0 +1,130 @@
+"""`offramp serve configs/serve/<app>.yaml`: start Ray Serve with the early-exit application(s).
+
+The YAML is a normal Ray Serve config file; this command does what `serve run <file>` does (start Serve
+with the file's http_options, deploy the applications through Serve's controller, which applies the
+file's `deployments:` options) plus: the offramp args are checked here first (a missing artifact fails in
+a second, not after a build task), relative model paths are resolved against the current directory,
+HTTP binds 127.0.0.1 unless the file or --host says otherwise, and the URLs are printed.
+Heavy imports (ray) stay inside the functions.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+__all__ = ["deploy", "serve"]
+
+OFFRAMP_IMPORT_PATH = "pipeline.serving.app:app_builder"
+
+
+def _load_config(path: str, host: str | None, port: int | None):
+    """ServeDeploySchema with offramp args resolved and the bind address settled."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.config import load_yaml
+    from pipeline.model.artifact import read_manifest
+    from pipeline.serving.app import resolve_config
+
+    data = load_yaml(path)
+    if "applications" not in data:
+        raise ValueError(f"{path} is not a Ray Serve config file: it has no `applications:` list "
+                         "(see configs/serve/movie_reviews.yaml)")
+    http = dict(data.get("http_options") or {})
+    http.setdefault("host", "127.0.0.1")  # never expose the endpoint by accident
+    if host:
+        http["host"] = host
+    if port:
+        http["port"] = port
+    data["http_options"] = http
+    for app in data["applications"]:
+        if app.get("import_path") == OFFRAMP_IMPORT_PATH:
+            try:
+                cfg = resolve_config(app.get("args") or {})
+            except ValueError as e:
+                raise ValueError(f"application {app.get('name')!r} in {path}: {e}") from e
+            read_manifest(cfg.model)  # a missing or foreign artifact fails now, with advice
+            app["args"] = cfg.model_dump(mode="json", exclude_unset=False)
+    return ServeDeploySchema.model_validate(data)
+
+
+def deploy(path: str, host: str | None = None, port: int | None = None, timeout_s: float = 300.0,
+           echo=print) -> list[str]:
+    """Deploy every application of the config file on the connected Ray; wait until RUNNING. URLs out."""
+    from ray import serve
+    from ray.serve._private.api import serve_start  # what `serve run <file>` calls
+    from ray.serve.config import gRPCOptions
+
+    config = _load_config(path, host, port)
+    client = serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+        controller_options=config.controller_options,
+    )
+    client.deploy_apps(config, _blocking=False)
+    names = [a.name for a in config.applications]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
+        failed = [n for n, s in states.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")]
+        if failed:
+            app = apps[failed[0]]
+            why = [app.message] + [f"{d}: {s.message}" for d, s in app.deployments.items() if s.message]
+            raise RuntimeError(f"application {failed[0]!r} failed to deploy: " + "\n".join(w for w in why if w))
+        if all(s == "RUNNING" for s in states.values()):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"applications not running after {timeout_s:.0f} s: {states}; check the replicas' "
+                               "resources (ray_actor_options) against the cluster's")
+        time.sleep(0.5)
+    h = config.http_options
+    shown = "127.0.0.1" if h.host in ("0.0.0.0", "::") else h.host
+    urls = [f"http://{shown}:{h.port}{(a.route_prefix or '/').rstrip('/')}" for a in config.applications]
+    for a, url in zip(config.applications, urls):
+        echo(f"{a.name}: {url}/predict  (also {url}/health, {url}/metrics)")
+    return urls
+
+
+@click.command("serve")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--host", default=None, help="Bind address (default: the file's http_options.host, else 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="HTTP port (default: the file's http_options.port, else 8000).")
+@click.option("--address", default=None, help="Ray cluster address (default: start an embedded local Ray).")
+@click.option("--blocking/--no-blocking", default=True, show_default=True,
+              help="Wait for Ctrl-C (an embedded Ray stops when this command exits).")
+@click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds to wait for RUNNING.")
+def serve(config_file, host, port, address, blocking, timeout_s):
+    """Serve early-exit models over HTTP on Ray Serve (a Ray Serve config file; see configs/serve/)."""
+    import ray
+
+    started = False
+    try:
+        if not ray.is_initialized():
+            from ray.serve._private.constants import SERVE_NAMESPACE
+
+            ray.init(address=address, namespace=SERVE_NAMESPACE, log_to_driver=True)
+            started = address is None
+        deploy(config_file, host, port, timeout_s, echo=click.echo)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if started:
+            ray.shutdown()
+        raise click.ClickException(str(e)) from e
+    if not blocking:
+        if started:
+            click.echo("note: --no-blocking with an embedded Ray: the endpoint stops when this command exits", err=True)
+        return
+    click.echo(f"serving {Path(config_file).name}; Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("shutting down")
+    finally:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+        if started:
+            ray.shutdown()

@@ -1,0 +1,151 @@
+"""One replica's engine without Ray or HTTP: real tiny early-exit model behind the request queue.
+
+Early release is made observable with a Predictor subclass whose layers after the first are slow: a text
+that exits at ramp 1 must be answered long before the text that shares its batch and runs to the end.
+"""
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.config import EngineConfig
+from pipeline.control.records import FeedbackWindow
+from pipeline.engine.predictor import Predictor
+from pipeline.serving.config import ServeAppConfig
+from pipeline.serving.replica import ReplicaEngine
+
+CANDIDATES = ["a fine film", "dull", "one of the best movies of the year, truly moving", "meh",
+              "not good at all", "an utter mess", "charming and sharp", "I walked out"]
+
+
+class SlowTail(Predictor):
+    """Every layer after the first sleeps `delay_s`: ramp-1 exits happen long before the batch ends."""
+
+    delay_s = 0.15
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        layer = self.model.layer
+
+        def slow(i, h, mask):
+            if i >= 1:
+                time.sleep(self.delay_s)
+            return layer(i, h, mask)
+
+        self.model.layer = slow
+
+
+def ramp1_split(artifact):
+    """(text exiting at ramp 1, text running to the end, thresholds) for the tiny model."""
+    p = Predictor(artifact, EngineConfig(mode="release", thresholds=[1.0, 1.0, 1.0]))
+    out = p.predict(CANDIDATES)
+    conf = np.empty(len(CANDIDATES))
+    conf[out.feedback_rows] = out.feedback.conf[:, 0]
+    hi, lo = int(conf.argmax()), int(conf.argmin())
+    assert conf[hi] > conf[lo]
+    return CANDIDATES[hi], CANDIDATES[lo], [float(conf[hi] + conf[lo]) / 2, 1.0, 1.0]
+
+
+def app_config(artifact, thresholds=None, predictor_class="pipeline.engine.predictor:Predictor", **batching):
+    return ServeAppConfig(
+        model=artifact,
+        engine={"thresholds": thresholds, "token_budget": 4096},
+        controller={"enabled": False},
+        batching={"batch_wait_timeout_s": 0.0, **batching},
+        predictor_class=predictor_class,
+    )
+
+
+def test_release_mode_is_the_default_and_import_paths_are_checked(tiny_artifact):
+    assert ServeAppConfig(model="x").engine.mode == "release"
+    assert ServeAppConfig(model="x", engine={"num_threads": 1}).engine.mode == "release"
+    assert ServeAppConfig(model="x", engine={"mode": "exit"}).engine.mode == "exit"
+    with pytest.raises(ValueError, match="predictor_class"):
+        ServeAppConfig(model="x", predictor_class="no_colon")
+    with pytest.raises(ValueError, match="cannot import"):
+        ReplicaEngine(app_config(tiny_artifact, predictor_class="pipeline.nothing:Here"))
+
+
+def test_a_ramp1_exit_is_answered_before_its_batch_finishes(tiny_artifact):
+    early, late, thresholds = ramp1_split(tiny_artifact)
+    eng = ReplicaEngine(app_config(tiny_artifact, thresholds, predictor_class=f"{__name__}:SlowTail"))
+    reference = Predictor(tiny_artifact, EngineConfig(mode="release", thresholds=thresholds)).predict([early, late])
+
+    async def main():
+        t0 = time.monotonic()
+        when = {}
+
+        async def ask(text):
+            out = await eng.predict(eng.encode([text]), [text])
+            when[text] = time.monotonic() - t0
+            return out[0]
+
+        a, b = await asyncio.gather(ask(early), ask(late))  # queued together -> one batch
+        await eng.close()
+        return a, b, when
+
+    a, b, when = asyncio.run(main())
+    assert a.exit_layer == 1 and b.exit_layer == 4
+    assert [a.label, b.label] == [p.label for p in reference.predictions]
+    assert eng.queue.batches == 1
+    assert when[late] - when[early] > 2 * SlowTail.delay_s  # answered ~3 slow layers earlier
+    text = eng.metrics_text().decode()
+    assert any(line.startswith("offramp_exits_total{") and 'layer="1"' in line for line in text.splitlines())
+    assert "offramp_release_lead_seconds_count" in text
+
+
+class FakeClient:
+    """ControllerClient stand-in: records reports; after the first one, hands out version 1 thresholds."""
+
+    def __init__(self, thresholds, fail=False):
+        self.reports, self.fail = [], fail
+        self.version, self.thresholds, self.active = 0, None, None
+        self._next = np.asarray(thresholds)
+
+    def report(self, window):
+        if self.fail:
+            raise ConnectionError("controller unreachable")
+        self.reports.append(window)
+        return True
+
+    def maybe_refresh(self):
+        if self.fail:
+            raise ConnectionError("controller unreachable")
+        if self.reports and self.version == 0:
+            self.version, self.thresholds, self.active = 1, self._next, np.ones(len(self._next), bool)
+        return True
+
+    def stats(self):
+        return {"version": self.version, "reports_failed": 0, "refresh_failures": 0}
+
+
+def _ask_many(eng, texts):
+    async def main():
+        outs = []
+        for t in texts:
+            outs.append((await eng.predict(eng.encode([t]), [t]))[0])
+            await asyncio.sleep(0.05)  # let the controller thread run between batches
+        await eng.close()
+        return outs
+
+    return asyncio.run(main())
+
+
+def test_feedback_reaches_the_controller_and_new_thresholds_are_used(tiny_artifact):
+    client = FakeClient([0.0, 1.0, 1.0])  # version 1 opens ramp 1 for everything
+    eng = ReplicaEngine(app_config(tiny_artifact, [1.0, 1.0, 1.0]), client=client)
+    outs = _ask_many(eng, CANDIDATES[:4])
+    assert client.reports and all(isinstance(w, FeedbackWindow) for w in client.reports)
+    assert sum(len(w) for w in client.reports) >= 1  # release mode: every row is feedback
+    assert outs[0].exit_layer == 4  # before the update: all ramps closed
+    assert eng.predictor.policy.version == 1 and outs[-1].exit_layer == 1
+    assert eng.health()["threshold_version"] == 1
+
+
+def test_a_dead_controller_never_stops_serving(tiny_artifact):
+    client = FakeClient([0.0, 1.0, 1.0], fail=True)
+    eng = ReplicaEngine(app_config(tiny_artifact, [1.0, 1.0, 1.0]), client=client)
+    outs = _ask_many(eng, CANDIDATES[:3])
+    assert all(o.error is None and o.exit_layer == 4 for o in outs)
+    assert eng.predictor.policy.version == 0
