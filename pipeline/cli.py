@@ -173,6 +173,44 @@ def run(config, input_url, output_url, model, address, resume):
     click.echo(format_summary(summary))
 
 
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--address", required=True, help="Ray dashboard address, e.g. http://head:8265.")
+@click.option("--input", "input_url", default=None)
+@click.option("--output", "output_url", default=None)
+@click.option("--model", default=None)
+@click.option("--resume", is_flag=True)
+@click.option("--wait", is_flag=True, help="Wait for the job to finish and print its logs.")
+def submit(config, address, input_url, output_url, model, resume, wait):
+    """Submit CONFIG as a Ray Job (the project is the job's working dir; entrypoint jobs/run_job.py)."""
+    from pipeline.offline.submit import job_logs, submit_job, wait_for_job
+
+    try:
+        job_id = submit_job(config, address, input_url, output_url, resume, model)
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
+        _fail(e)
+    click.echo(job_id)
+    if wait:
+        status = wait_for_job(job_id, address)
+        click.echo(job_logs(job_id, address), err=True)
+        click.echo(status)
+        if status != "SUCCEEDED":
+            sys.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", required=True, help="Ray dashboard address, e.g. http://head:8265.")
+@click.option("--logs", is_flag=True, help="Print the job's logs too.")
+def status(job_id, address, logs):
+    """Status (and logs) of a submitted job."""
+    from pipeline.offline.submit import job_logs, job_status
+
+    click.echo(job_status(job_id, address))
+    if logs:
+        click.echo(job_logs(job_id, address))
+
+
 @main.group()
 def bench():
     """Benchmarks: print a table and write JSON, baselines measured side by side in the same run."""

@@ -11,7 +11,6 @@ Every response carries `X-Offramp-Replica` (the replica's id) and `X-Offramp-Thr
 (or finds) the one named controller actor shared by every replica, and binds the deployment. Replica
 counts, autoscaling and ray_actor_options come from the YAML's `deployments:` section.
 """
-from __future__ import annotations
 
 import hashlib
 import logging
@@ -27,7 +26,7 @@ from pipeline.serving.batcher import BatchFailed, QueueFull
 from pipeline.serving.config import ServeAppConfig
 from pipeline.serving.metrics import CONTENT_TYPE
 
-__all__ = ["DEPLOYMENT_NAME", "EarlyExitDeployment", "app_builder", "resolve_config"]
+__all__ = ["DEPLOYMENT_NAME", "EarlyExitDeployment", "app_builder", "build_app", "resolve_config"]
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +136,21 @@ def resolve_config(args: dict) -> ServeAppConfig:
     return cfg
 
 
-def app_builder(args: dict):
-    """Ray Serve application builder (`import_path: pipeline.serving.app:app_builder`)."""
+def build_app(args: "dict | ServeAppConfig", **deployment_options):
+    """The bound application; `deployment_options` (num_replicas, ray_actor_options, ...) as in
+    `serve.deployment` (a config file's `deployments:` section overrides them)."""
     from pipeline.model.artifact import read_manifest
     from pipeline.offline.job import _start_controller  # TODO(owner): make a public shared helper
 
-    cfg = resolve_config(args)
+    cfg = resolve_config(args.model_dump() if isinstance(args, ServeAppConfig) else args)
     manifest = read_manifest(cfg.model)  # fails here, with advice, if the artifact is missing
     controller = _start_controller(cfg, manifest)
     if controller is not None:
         controller = {k: v for k, v in controller.items() if k != "handle"}
-    return EarlyExitDeployment.bind(cfg.model_dump(mode="json"), controller)
+    deployment = EarlyExitDeployment.options(**deployment_options) if deployment_options else EarlyExitDeployment
+    return deployment.bind(cfg.model_dump(mode="json"), controller)
+
+
+def app_builder(args: dict):
+    """Ray Serve application builder (`import_path: pipeline.serving.app:app_builder`)."""
+    return build_app(args)

@@ -92,7 +92,7 @@ def serve_env(ray_session, tiny_artifact, tmp_path_factory):
              "deployments": [{**deployment, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}]},
             {"name": "hooks", "route_prefix": "/hooks", "import_path": "pipeline.serving.app:app_builder",
              "args": {"model": tiny_artifact, "engine": {"thresholds": thresholds},
-                      "controller": {"enabled": False}, "predictor_class": f"{__name__}:HookedPredictor",
+                      "controller": {"enabled": False}, "predictor_class": "tests.integration.test_serve:HookedPredictor",
                       "batching": {"max_queue": 4, "max_items_per_request": 4, "max_batch_size": 8,
                                    "batch_wait_timeout_s": 0.0}},
              "deployments": [{**deployment, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]},

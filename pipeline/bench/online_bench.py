@@ -1,0 +1,285 @@
+"""Online load benchmark: offramp's endpoint vs a plain Ray Serve deployment, side by side in one run.
+
+    (a) plain:   the original model (the artifact's model/ dir) through transformers, `@serve.batch`,
+                 texts padded in arrival order: how Ray Serve's docs serve a classifier;
+    (b) offramp: the early-exit app (pipeline.serving.app), its own queue, answers released at the ramp.
+
+Both run in one local Ray at the same time, one replica each, same CPU threads; the load alternates
+between them rate by rate so background noise hits both alike. An open-loop client in a separate process
+sends Poisson arrivals of movie-review test sentences (one text per request) to 127.0.0.1; every rate
+sends a fixed number of requests (or stops after --max-seconds) and waits a bounded time for stragglers.
+First each app's capacity is measured closed-loop (many clients in flight); the offered rates are
+fractions of (a)'s capacity. Reported per app and rate: p50/p90/p99 latency of successful requests,
+achieved throughput, errors, agreement of (b)'s labels with (a)'s for the same texts, mean exit layer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+__all__ = ["bench_online", "run_online_bench"]
+
+
+# ----------------------------------------------------------------------------- the plain baseline
+def _plain_deployment():
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(name="PlainClassifier", max_ongoing_requests=1024)
+    class PlainClassifier:
+        """The original model with `@serve.batch`, as in Ray Serve's docs (no sorting, no exits)."""
+
+        def __init__(self, model_dir: str, num_threads: int, max_batch_size: int, batch_wait_timeout_s: float):
+            import torch
+
+            from pipeline.model.artifact import load_classifier, load_tokenizer
+
+            torch.set_num_threads(num_threads)
+            self.torch = torch
+            self.model, self.tok = load_classifier(model_dir), load_tokenizer(model_dir)
+            self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+            self.batch.set_max_batch_size(max_batch_size)
+            self.batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+        async def batch(self, texts: list[str]) -> list[dict]:
+            enc = self.tok(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+            with self.torch.inference_mode():
+                probs = self.torch.softmax(self.model(**enc).logits.float(), -1)
+            score, label = probs.max(-1)
+            return [{"label": self.labels[int(i)], "score": float(s)} for i, s in zip(label, score)]
+
+        async def __call__(self, request: Request):
+            body = await request.json()
+            return JSONResponse([await self.batch(body["inputs"])])
+
+    return PlainClassifier
+
+
+# ----------------------------------------------------------------------------- the load client
+def _client(url: str, texts: list[str], order: list[int], rate: float | None, concurrency: int | None,
+            max_seconds: float, seed: int, conn) -> None:
+    """Separate process. Open loop (Poisson arrivals at `rate`/s) or closed loop (`concurrency` in flight).
+    Sends len(order) requests or stops at max_seconds; sends back one record per request."""
+    import asyncio
+
+    import aiohttp
+
+    async def main():
+        records = []
+        rng = np.random.default_rng(seed)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
+            t0 = time.perf_counter()
+
+            async def one(k: int, idx: int):
+                sent = time.perf_counter()
+                rec = {"k": k, "text": idx, "sent": sent - t0, "status": 0, "latency": None, "label": None,
+                       "exit_layer": None}
+                try:
+                    async with s.post(f"{url}/predict", json={"inputs": texts[idx]}) as r:
+                        body = await r.read()
+                        rec["status"] = r.status
+                        if r.status == 200:
+                            row = json.loads(body)[0]
+                            rec["label"], rec["exit_layer"] = row["label"], row.get("exit_layer")
+                except Exception as e:  # noqa: BLE001 - a failed request is a data point
+                    rec["error"] = repr(e)[:200]
+                rec["latency"] = time.perf_counter() - sent
+                records.append(rec)
+
+            if rate:  # open loop: arrivals never wait for answers
+                tasks, next_t = [], 0.0
+                for k, idx in enumerate(order):
+                    next_t += rng.exponential(1.0 / rate)
+                    if next_t > max_seconds:
+                        break
+                    delay = next_t - (time.perf_counter() - t0)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.ensure_future(one(k, idx)))
+                await asyncio.wait(tasks, timeout=60)
+            else:  # closed loop: `concurrency` requests always in flight
+                it = iter(enumerate(order))
+
+                async def worker():
+                    for k, idx in it:
+                        if time.perf_counter() - t0 > max_seconds:
+                            return
+                        await one(k, idx)
+
+                await asyncio.gather(*(worker() for _ in range(concurrency or 1)))
+            return records, time.perf_counter() - t0
+
+    conn.send(asyncio.run(main()))
+    conn.close()
+
+
+def _load(url, texts, order, rate=None, concurrency=None, max_seconds=60.0, seed=0) -> tuple[list[dict], float]:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_client, args=(url, texts, order, rate, concurrency, max_seconds, seed, child),
+                    daemon=True)
+    p.start()
+    child.close()
+    if not parent.poll(max_seconds + 120):
+        p.kill()
+        raise RuntimeError(f"load client against {url} did not finish")
+    records, wall = parent.recv()
+    p.join(10)
+    return records, wall
+
+
+def _summary(records: list[dict], wall: float) -> dict:
+    ok = [r for r in records if r["status"] == 200]
+    lat = np.array([r["latency"] for r in ok]) * 1000
+    ends = [r["sent"] + r["latency"] for r in ok]
+    span = (max(ends) - min(r["sent"] for r in ok)) if ok else wall
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: None)
+    layers = [r["exit_layer"] for r in ok if r.get("exit_layer")]
+    return {
+        "sent": len(records), "ok": len(ok), "errors": len(records) - len(ok),
+        "status_counts": {str(s): sum(r["status"] == s for r in records) for s in {r["status"] for r in records}},
+        "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99), "mean_ms": float(lat.mean()) if len(lat) else None,
+        "throughput_rps": len(ok) / span if span > 0 else None,
+        "mean_exit_layer": float(np.mean(layers)) if layers else None,
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+def run_online_bench(model: str = "artifacts/minilm-movie-ee", serve_config: str | None = "configs/serve/movie_reviews.yaml",
+                     fractions: tuple[float, ...] = (0.3, 0.5, 0.7), rps: tuple[float, ...] | None = None,
+                     requests_per_rate: int = 400, capacity_requests: int = 400, max_seconds: float = 40.0,
+                     num_threads: int = 2, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01,
+                     port: int = 8011, out_json: str | None = "bench_results/online.json", echo=print) -> dict:
+    import ray
+    from ray import serve
+
+    from pipeline.config import load_yaml
+    from pipeline.data.datasets import load_dataset
+    from pipeline.serving.app import build_app
+
+    model = os.path.abspath(model)
+    texts = load_dataset("movie-reviews").split("test").texts
+    rng = np.random.default_rng(0)
+    args = {"model": model}
+    if serve_config:  # offramp's engine and batching settings from the shipped config
+        app = load_yaml(serve_config)["applications"][0]["args"]
+        args = {**{k: v for k, v in app.items() if k != "model"}, "model": model}
+    args.setdefault("engine", {})["num_threads"] = num_threads
+    args.setdefault("controller", {})["name"] = f"offramp-bench-{os.getpid()}"
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    results: dict = {"model": model, "texts": len(texts), "num_threads": num_threads, "cpu_count": os.cpu_count(),
+                     "offramp_args": args, "plain": {"max_batch_size": max_batch_size,
+                                                     "batch_wait_timeout_s": batch_wait_timeout_s}, "runs": []}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        actor = {"num_cpus": 0.5}  # resource accounting only: the load hits one app at a time
+        plain = _plain_deployment().options(ray_actor_options=actor).bind(
+            f"{model}/model", num_threads, max_batch_size, batch_wait_timeout_s)
+        serve.run(plain, name="plain", route_prefix="/plain")
+        serve.run(build_app(args, ray_actor_options=actor, max_ongoing_requests=1024), name="offramp",
+                  route_prefix="/offramp")
+        urls = {"plain": f"http://127.0.0.1:{port}/plain", "offramp": f"http://127.0.0.1:{port}/offramp"}
+        echo(f"deployed plain and offramp on 127.0.0.1:{port}; {len(texts)} test sentences")
+
+        warm = [int(i) for i in rng.permutation(len(texts))[:64]]
+        for name, url in urls.items():
+            _load(url, texts, warm, concurrency=8, max_seconds=60)
+        capacity = {}
+        for name, url in urls.items():
+            order = [int(i) for i in rng.integers(0, len(texts), capacity_requests)]
+            recs, wall = _load(url, texts, order, concurrency=64, max_seconds=max_seconds)
+            capacity[name] = _summary(recs, wall)["throughput_rps"] or 0.0
+            echo(f"capacity {name}: {capacity[name]:.1f} requests/s (closed loop, 64 in flight)")
+        results["capacity_rps"] = capacity
+        rates = list(rps) if rps else [f * capacity["plain"] for f in fractions]
+        plain_labels: dict[int, str] = {}
+        for i, rate in enumerate(rates):
+            order = [int(x) for x in rng.integers(0, len(texts), requests_per_rate)]
+            for name in ("plain", "offramp"):  # same texts, same arrival times (seed) for both
+                recs, wall = _load(urls[name], texts, order, rate=rate, max_seconds=max_seconds, seed=1000 + i)
+                s = _summary(recs, wall)
+                if name == "plain":
+                    plain_labels.update({r["text"]: r["label"] for r in recs if r["status"] == 200})
+                else:
+                    pairs = [(r["label"], plain_labels[r["text"]]) for r in recs
+                             if r["status"] == 200 and r["text"] in plain_labels]
+                    s["agreement"] = float(np.mean([a == b for a, b in pairs])) if pairs else None
+                    s["agreement_rows"] = len(pairs)
+                run = {"app": name, "offered_rps": rate, "fraction_of_plain_capacity": rate / capacity["plain"], **s}
+                results["runs"].append(run)
+                echo(f"  {name:<8} offered {rate:6.1f}/s: p50 {s['p50_ms'] or 0:7.1f} ms  p99 {s['p99_ms'] or 0:7.1f} ms"
+                     f"  {s['throughput_rps'] or 0:6.1f}/s  errors {s['errors']}")
+        import requests
+
+        results["offramp_health"] = requests.get(f"{urls['offramp']}/health", timeout=10).json()
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+    echo(_table(results))
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(results, indent=2))
+        echo(f"wrote {out_json}")
+    return results
+
+
+def _table(results: dict) -> str:
+    cap = results["capacity_rps"]
+    lines = [f"capacity (closed loop): plain {cap['plain']:.1f}/s, offramp {cap['offramp']:.1f}/s "
+             f"({cap['offramp'] / cap['plain']:.2f}x)",
+             "| offered/s | x plain cap | app | p50 ms | p90 ms | p99 ms | done/s | errors | agreement | mean exit |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in results["runs"]:
+        lines.append(f"| {r['offered_rps']:.1f} | {r['fraction_of_plain_capacity']:.2f} | {r['app']} | "
+                     f"{f(r['p50_ms'], '.1f')} | {f(r['p90_ms'], '.1f')} | {f(r['p99_ms'], '.1f')} | "
+                     f"{f(r['throughput_rps'], '.1f')} | {r['errors']} | {f(r.get('agreement'), '.4f')} | "
+                     f"{f(r.get('mean_exit_layer'), '.2f')} |")
+    by = {}
+    for r in results["runs"]:
+        by.setdefault(r["offered_rps"], {})[r["app"]] = r
+    for rate, d in by.items():
+        if "plain" in d and "offramp" in d and d["plain"]["p50_ms"] and d["offramp"]["p50_ms"]:
+            lines.append(f"at {rate:.1f}/s: p50 {d['offramp']['p50_ms'] / d['plain']['p50_ms'] - 1:+.0%}, "
+                         f"p99 {d['offramp']['p99_ms'] / d['plain']['p99_ms'] - 1:+.0%} (offramp vs plain)")
+    return "\n".join(lines)
+
+
+@click.command("online")
+@click.option("--model", "model_dir", default="artifacts/minilm-movie-ee", show_default=True,
+              help="Early-exit artifact; (a) serves its model/ dir plainly.")
+@click.option("--config", "serve_config", default="configs/serve/movie_reviews.yaml", show_default=True,
+              help="offramp serve config whose first app's engine/batching settings (b) uses.")
+@click.option("--rates", default="0.3,0.5,0.7", show_default=True, help="Offered loads as fractions of (a)'s capacity.")
+@click.option("--rps", default=None, help="Absolute offered rates (requests/s), instead of --rates.")
+@click.option("--requests", "requests_per_rate", default=400, show_default=True, help="Requests per rate.")
+@click.option("--max-seconds", default=40.0, show_default=True, help="Each rate stops after this long.")
+@click.option("--num-threads", default=2, show_default=True, help="torch threads per replica (both apps).")
+@click.option("--port", default=8011, show_default=True)
+@click.option("--out", "out_json", default="bench_results/online.json", show_default=True)
+def bench_online(model_dir, serve_config, rates, rps, requests_per_rate, max_seconds, num_threads, port, out_json):
+    """Open-loop Poisson load on 127.0.0.1: plain @serve.batch deployment vs offramp, p50/p90/p99, throughput,
+    agreement."""
+    if not Path(model_dir, "manifest.json").exists():
+        raise click.ClickException(f"{model_dir} is not an early-exit artifact; run `offramp demo` first")
+    run_online_bench(model_dir, serve_config, tuple(float(x) for x in rates.split(",")),
+                     tuple(float(x) for x in rps.split(",")) if rps else None, requests_per_rate,
+                     max_seconds=max_seconds, num_threads=num_threads, port=port, out_json=out_json, echo=click.echo)
+
+
+if __name__ == "__main__":
+    bench_online()
