@@ -50,7 +50,7 @@ def main(verbose: bool) -> None:
 @click.option("--epochs", default=1.0, show_default=True, type=float)
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--max-steps", default=None, type=int, help="Stop after N steps (smoke runs).")
-@click.option("--limit", default=None, type=int, help="Use only the first N training rows.")
+@click.option("--limit", default=None, type=int, help="Use only N training rows (a random sample).")
 def finetune(base, dataset, out, text_column, label_column, epochs, batch_size, max_steps, limit):
     """Fine-tune an original classifier (AutoModelForSequenceClassification) on a labelled dataset."""
     from pipeline.config import FinetuneConfig
@@ -73,7 +73,7 @@ def finetune(base, dataset, out, text_column, label_column, epochs, batch_size, 
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
 @click.option("--constraint", default=0.01, show_default=True, type=float, help="Accuracy budget for initial thresholds.")
 @click.option("--epochs", default=30, show_default=True, type=int)
-@click.option("--limit", default=None, type=int, help="Use only the first N rows.")
+@click.option("--limit", default=None, type=int, help="Use only N rows (a random sample).")
 def bootstrap(model_dir, data, out, text_column, pooling, constraint, epochs, limit):
     """Train a ramp at every encoder layer by distillation from the frozen original model."""
     from pipeline.config import BootstrapConfig
@@ -230,6 +230,22 @@ def bench_model(model_dir, dataset, split, limit, thresholds, dtypes, out_json):
 
     run_model_bench(model_dir, dataset, split, limit, [float(x) for x in thresholds.split(",")],
                     tuple(dtypes.split(",")), out_json=out_json, echo=click.echo)
+
+
+@bench.command("offline")
+@click.option("--model", "model_dir", default="artifacts/minilm-movie-ee", show_default=True)
+@click.option("--config", default="configs/jobs/movie_reviews.yaml", show_default=True, help="Job YAML whose engine/actors settings (b) uses.")
+@click.option("--rows", default=50_000, show_default=True, type=int)
+@click.option("--dtype", default=None, help="Override engine.dtype for (b).")
+@click.option("--quantize", default=None, help="Override engine.quantize for (b).")
+@click.option("--skip-baseline", is_flag=True, help="Skip (a) (slow: ~100 rows/s on 2 cores).")
+@click.option("--out", "out_json", default="bench_results/offline.json", show_default=True)
+def bench_offline(model_dir, config, rows, dtype, quantize, skip_baseline, out_json):
+    """(a) Ray docs-style map_batches vs (b) offramp's job vs (c) ONNX Runtime int8, same corpus."""
+    from pipeline.bench.offline_bench import run_offline_bench
+
+    overrides = {k: v for k, v in {"dtype": dtype, "quantize": quantize}.items() if v is not None}
+    run_offline_bench(model_dir, config, rows, out_json, skip_baseline, overrides, echo=click.echo)
 
 
 @main.command()

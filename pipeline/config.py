@@ -93,7 +93,7 @@ class FinetuneConfig(_Strict):
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps (tests and smoke runs)."""
     limit: int | None = Field(None, ge=1)
-    """Use only the first N training rows."""
+    """Use only N training rows (a random sample)."""
     seed: int = 0
 
 
@@ -168,6 +168,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+OUTPUT_COLUMNS = ("id", "label", "label_id", "score", "exit_layer", "truncated", "error")
+
+
 class InputSpec(_Strict):
     """What to classify."""
 
@@ -181,6 +184,15 @@ class InputSpec(_Strict):
     """Input columns copied to the output unchanged."""
     rows_per_shard: int = Field(2048, ge=1)
     """Rows per unit of work / output part. Small inputs are cut finer so every actor gets work."""
+
+    @field_validator("passthrough")
+    @classmethod
+    def _no_clash(cls, v: list[str]) -> list[str]:
+        clash = sorted(set(v) & set(OUTPUT_COLUMNS))
+        if clash:
+            raise ValueError(f"passthrough column(s) {clash} would overwrite prediction columns {OUTPUT_COLUMNS}; "
+                             "rename them in the input")
+        return v
 
 
 class OutputSpec(_Strict):

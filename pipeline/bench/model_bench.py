@@ -53,7 +53,7 @@ def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "t
 
     ds = load_dataset(dataset)
     ds = ds.split(split) if dataset in BUILTIN else ds
-    ds = ds.head(limit)
+    ds = ds.sample(limit)
     texts, gold = ds.texts, ds.labels
     thresholds = thresholds or [0.6, 0.7, 0.8, 0.9, 0.95]
     rows: list[dict] = []

@@ -51,6 +51,12 @@ class TextDataset:
     def head(self, n: int | None) -> "TextDataset":
         return self if n is None or n >= len(self) else self.take(np.arange(n))
 
+    def sample(self, n: int | None, seed: int = 0) -> "TextDataset":
+        """n rows at random (in their original order). Use this, not head(): some files are sorted by label."""
+        if n is None or n >= len(self):
+            return self
+        return self.take(np.sort(np.random.default_rng(seed).permutation(len(self))[:n]))
+
     def split(self, part: str, seed: int = 0) -> "TextDataset":
         """Deterministic 70/10/20 train/validation/test split (same rows for every command)."""
         if part not in SPLITS:

@@ -27,7 +27,7 @@ class JobError(RuntimeError):
 
 
 def materialize_builtin(url: str, cache_dir: str = "artifacts/data") -> str:
-    """`builtin:NAME` -> a parquet file with id, text, label (the gold label, as a string)."""
+    """`builtin:NAME` -> a parquet file with id, text, gold_label (as a string)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -41,7 +41,7 @@ def materialize_builtin(url: str, cache_dir: str = "artifacts/data") -> str:
         labels = [ds.label_names[i] for i in ds.labels] if ds.labels is not None else None
         cols = {"id": ds.ids or [str(i) for i in range(len(ds))], "text": ds.texts}
         if labels:
-            cols["label"] = labels
+            cols["gold_label"] = labels
         pq.write_table(pa.table(cols), path)
     return str(path.resolve())
 

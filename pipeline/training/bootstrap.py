@@ -103,8 +103,8 @@ def split_data(data: str, cfg: BootstrapConfig) -> tuple[TextDataset, TextDatase
         k = max(1, int(round(len(ds) * cfg.validation_fraction)))
         fit, val = ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))
     if cfg.limit:
-        fit = fit.head(cfg.limit)
-        val = val.head(max(1, int(cfg.limit * cfg.validation_fraction / (1 - cfg.validation_fraction))))
+        fit = fit.sample(cfg.limit, cfg.seed)
+        val = val.sample(max(1, int(cfg.limit * cfg.validation_fraction / (1 - cfg.validation_fraction))), cfg.seed)
     if len(fit) < 2 or len(val) < 1:
         raise ValueError(f"bootstrap data {data!r} has too few usable rows ({len(fit)} train, {len(val)} validation)")
     return fit, val

@@ -35,7 +35,7 @@ def _splits(cfg: FinetuneConfig) -> tuple[TextDataset, TextDataset]:
         order = np.random.default_rng(cfg.seed).permutation(len(ds))
         k = max(1, len(ds) // 10)
         train, test = ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))
-    return train.head(cfg.limit), test
+    return train.sample(cfg.limit, cfg.seed), test
 
 
 @torch.inference_mode()

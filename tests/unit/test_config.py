@@ -30,3 +30,10 @@ def test_every_shipped_yaml_parses():
     files = sorted(Path(__file__).resolve().parents[2].joinpath("configs").rglob("*.yaml"))
     for f in files:
         assert isinstance(load_yaml(f), dict), f
+
+
+def test_passthrough_cannot_overwrite_prediction_columns():
+    from pipeline.config import InputSpec
+
+    with pytest.raises(ValidationError, match="overwrite prediction columns"):
+        InputSpec(url="x.parquet", passthrough=["label"])

@@ -1,0 +1,58 @@
+"""The strongest single-machine peer we compare against: ONNX Runtime, int8 dynamic quantization,
+length-sorted batches. Export -> quantize -> run; used by the offline benchmark only."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def export_int8(model_dir: str, out_dir: str) -> str:
+    """Export the classifier to ONNX (TorchScript exporter, dynamic batch/sequence) and quantize it."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
+    if int8.exists():
+        return str(int8)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, local_files_only=True, use_safetensors=True, attn_implementation="eager").eval()
+    ids = torch.ones(2, 16, dtype=torch.long)
+    with torch.inference_mode():
+        torch.onnx.export(
+            model, (ids, torch.ones_like(ids)), str(fp32), dynamo=False, opset_version=17,
+            input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b"}},
+        )
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+    return str(int8)
+
+
+def run_onnx(onnx_path: str, tokenizer, texts: list[str], batch_size: int = 64, threads: int = 2,
+             max_length: int = 512) -> tuple[np.ndarray, float]:
+    """Predictions in input order and seconds (tokenization included), on length-sorted batches."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    t = time.perf_counter()
+    enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    order = np.argsort([len(e) for e in enc], kind="stable")
+    preds = np.empty(len(texts), np.int64)
+    pad = tokenizer.pad_token_id or 0
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        width = max(len(enc[i]) for i in idx)
+        ids = np.full((len(idx), width), pad, np.int64)
+        mask = np.zeros((len(idx), width), np.int64)
+        for k, i in enumerate(idx):
+            ids[k, : len(enc[i])] = enc[i]
+            mask[k, : len(enc[i])] = 1
+        logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        preds[idx] = logits.argmax(-1)
+    return preds, time.perf_counter() - t
