@@ -65,7 +65,8 @@ def parse_predict_request(body: bytes, max_items: int, max_body_bytes: int) -> P
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f'request body is not valid JSON ({e}); send {{"inputs": "some text"}}') from None
     if not isinstance(data, dict):
-        raise ApiError(400, f'request body must be a JSON object like {{"inputs": "some text"}}, got {type(data).__name__}')
+        raise ApiError(400, 'request body must be a JSON object like {"inputs": "some text"}, '
+                            f"got {type(data).__name__}")
     unknown = sorted(set(data) - _KNOWN)
     if unknown:
         raise ApiError(422, f"unknown field(s) {unknown}; known fields: {sorted(_KNOWN)}")
@@ -75,7 +76,8 @@ def parse_predict_request(body: bytes, max_items: int, max_body_bytes: int) -> P
     if not isinstance(truncate, bool):
         raise ApiError(422, f'"truncate" must be true or false, got {truncate!r}')
     if data.get("raw_scores", False) is not False:
-        raise ApiError(422, '"raw_scores": true is not supported; offramp returns the probability of the predicted label')
+        raise ApiError(422, '"raw_scores": true is not supported; offramp returns the probability of the '
+                            "predicted label")
     inputs = data["inputs"]
     if isinstance(inputs, str):
         texts, single = [inputs], True
@@ -107,8 +109,9 @@ def _one_text(x, i: int):
 
 
 def _kind(x) -> str:
-    return "null" if x is None else {dict: "an object", list: "a list", bool: "a boolean"}.get(
-        type(x), f"a {type(x).__name__}")
+    names = {type(None): "null", dict: "an object", list: "a list", bool: "a boolean", int: "an integer",
+             float: "a number"}
+    return names.get(type(x), f"a {type(x).__name__}")
 
 
 def prediction_body(predictions, single: bool) -> list:

@@ -190,7 +190,8 @@ class BatchQueue:
         self._ensure_started()
         if self._queued_rows + n > self.settings.max_queue:
             self.rejected += 1
-            raise QueueFull(self._queued_rows, self.settings.max_queue, self.policy.retry_after_s(self._queued_rows + n))
+            retry = self.policy.retry_after_s(self._queued_rows + n)
+            raise QueueFull(self._queued_rows, self.settings.max_queue, retry)
         now = self.clock()
         req = _Request(encoded, list(keys), self._loop.create_future(), sum(len(x) for x in encoded.input_ids), now)
         self._queue.append(req)

@@ -102,13 +102,14 @@ def serve(config_file, host, port, address, blocking, timeout_s):
 
     started = False
     try:
+        _load_config(config_file, host, port)  # bad args or a missing artifact fail before Ray starts
         if not ray.is_initialized():
             from ray.serve._private.constants import SERVE_NAMESPACE
 
             ray.init(address=address, namespace=SERVE_NAMESPACE, log_to_driver=True)
             started = address is None
         deploy(config_file, host, port, timeout_s, echo=click.echo)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
         if started:
             ray.shutdown()
         raise click.ClickException(str(e)) from e

@@ -5,8 +5,10 @@ different replicas (through Serve's proxy) stay separate series.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+disable_created_metrics()  # no `*_created` series per counter: they only add noise to a scrape
 
 __all__ = ["CONTENT_TYPE", "ServingMetrics"]
 
@@ -30,9 +32,10 @@ class ServingMetrics:
         self.feedback_rows = Counter("offramp_feedback_rows", "Texts that ran to the end (controller feedback)",
                                      lab, registry=r)
         self.feedback_agree = Counter("offramp_feedback_agree",
-                                      "Feedback texts whose released answer equals the original model's", lab, registry=r)
+                                      "Feedback texts whose released answer equals the original model's", lab,
+                                      registry=r)
         self.agreement = Gauge("offramp_realized_agreement",
-                               "Realized agreement with the original model on feedback texts (this replica, cumulative)",
+                               "Realized agreement with the original model on feedback texts (replica, cumulative)",
                                lab, registry=r)
         self.policy_version = Gauge("offramp_threshold_version", "Version of the thresholds in use", lab, registry=r)
         self.queue_rows = Gauge("offramp_queue_texts", "Texts waiting for a batch", lab, registry=r)

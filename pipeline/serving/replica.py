@@ -14,6 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.control.records import FeedbackWindow
+from pipeline.engine.microbatch import TokenBudget
 from pipeline.engine.predictor import Encoded, Prediction
 from pipeline.serving.batcher import BatchQueue, BatchReport
 from pipeline.serving.config import ServeAppConfig
@@ -32,6 +33,16 @@ def import_class(path: str):
         raise ValueError(f"cannot import predictor_class={path!r}: {e}") from e
 
 
+class _OnlineBudget(TokenBudget):
+    """Online, the queue already bounds a batch (max_batch_size / max_batch_tokens), so the engine runs it
+    as one micro-batch whenever it fits the token budget: splitting it would make the rows of the later
+    micro-batches wait for whole earlier passes. The budget does not drift with latency (a slow, shared
+    CPU would otherwise shrink it to single rows); it still halves on out-of-memory."""
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        return None
+
+
 class ReplicaEngine:
     """Predictor + BatchQueue + controller sync + metrics for one replica.
 
@@ -46,7 +57,8 @@ class ReplicaEngine:
                  client=None):
         self.config = config
         self.replica = replica
-        self.predictor = import_class(config.predictor_class)(config.model, config.engine)
+        self.predictor = p = import_class(config.predictor_class)(config.model, config.engine)
+        p.budget = _OnlineBudget(p.config.token_budget, p.config.max_token_budget, p.config.latency_target_s)
         self.num_layers = self.predictor.model.num_layers
         self.metrics = ServingMetrics(replica)
         self.queue = BatchQueue(self._run, config.batching, on_batch=self._on_batch)
@@ -54,7 +66,6 @@ class ReplicaEngine:
         if self.client is None and controller:
             from pipeline.control.controller import ControllerClient, ControllerState
 
-            p = self.predictor
             initial = ControllerState(version=p.policy.version, thresholds=list(p.policy.thresholds),
                                       active=list(p.policy.active))
             self.client = ControllerClient(controller["name"], controller["namespace"], initial_state=initial,

@@ -19,15 +19,24 @@ CACHE = Path(os.environ.get("OFFRAMP_TEST_CACHE", Path.home() / ".cache" / "offr
 
 @pytest.fixture(scope="module")
 def real_ee():
+    """Built once, then reused: under a file lock (parallel pytest runs) and moved into place whole."""
+    import fcntl
+    import shutil
+    import tempfile
+
     from pipeline.training.bootstrap import bootstrap
     from pipeline.training.finetune import finetune
 
-    model_dir, ee_dir = CACHE / "model", CACHE / "ee"
-    if not (model_dir / "eval.json").exists():
-        finetune(str(model_dir), FinetuneConfig(max_steps=60, batch_size=16, limit=960, learning_rate=1e-4))
-    if not (ee_dir / "manifest.json").exists():
-        bootstrap(str(model_dir), str(ee_dir), BootstrapConfig(limit=900, epochs=15))
-    return str(model_dir), str(ee_dir)
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with open(CACHE.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (CACHE / "ee" / "manifest.json").exists():
+            tmp = Path(tempfile.mkdtemp(dir=CACHE.parent))
+            finetune(str(tmp / "model"), FinetuneConfig(max_steps=60, batch_size=16, limit=960, learning_rate=1e-4))
+            bootstrap(str(tmp / "model"), str(tmp / "ee"), BootstrapConfig(limit=900, epochs=15))
+            shutil.rmtree(CACHE, ignore_errors=True)
+            tmp.rename(CACHE)
+    return str(CACHE / "model"), str(CACHE / "ee")
 
 
 def test_finetuned_minilm_is_a_real_classifier(real_ee):
