@@ -262,5 +262,16 @@ def demo(workdir):
         _fail(e)
 
 
+def _register_commands() -> None:
+    """Commands that live next to their subsystem (each module imports only click at top level)."""
+    from pipeline.bench.online_bench import bench_online
+    from pipeline.serving.commands import serve
+
+    main.add_command(serve)
+    bench.add_command(bench_online, "online")
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()
