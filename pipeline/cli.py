@@ -265,10 +265,14 @@ def demo(workdir):
 def _register_commands() -> None:
     """Commands that live next to their subsystem (each module imports only click at top level)."""
     from pipeline.bench.online_bench import bench_online
+    from pipeline.compression.commands import bench_compression, distill, quantize
+    from pipeline.control.replay_commands import replay
     from pipeline.serving.commands import serve
 
-    main.add_command(serve)
+    for command in (serve, distill, quantize, replay):
+        main.add_command(command)
     bench.add_command(bench_online, "online")
+    bench.add_command(bench_compression, "compression")
 
 
 _register_commands()
