@@ -21,9 +21,9 @@ def main(artifact: str, tmp: str) -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     started = time.time() - t0
-    pq.write_table(pa.table({"text": [f"sentence number {i} is {'good' if i % 2 else 'bad'}" for i in range(400)]}),
+    pq.write_table(pa.table({"text": [f"sentence number {i} is {'good' if i % 2 else 'bad'}" for i in range(1200)]}),
                    f"{tmp}/in.parquet")
-    base = {"model": artifact, "input": {"url": f"{tmp}/in.parquet", "rows_per_shard": 50},
+    base = {"model": artifact, "input": {"url": f"{tmp}/in.parquet", "rows_per_shard": 30},
             "output": {"url": f"{tmp}/out"}, "controller": {"enabled": False},
             "actors": {"min_actors": 2, "max_actors": 2, "num_gpus": 1, "num_cpus": 0.5, "wait_for_actors_s": 120}}
     t = time.time()

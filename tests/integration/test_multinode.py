@@ -16,7 +16,7 @@ def test_gpu_actors_spread_one_per_node_and_oversubscription_fails_clearly(tiny_
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)
-    assert result["rows"] == 400
+    assert result["rows"] == 1200
     assert len(result["nodes"]) == 2, f"expected one actor per GPU node, got {result['workers']}"
     assert result["error"] and "could not start 3 early-exit actor(s)" in result["error"]
     assert result["fail_s"] < 120  # bounded wait, not a hang
