@@ -39,6 +39,8 @@ def main(verbose: bool) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # transformers imports torchao on every model load; its optional CUDA kernels warn on CPU boxes
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 @main.command()

@@ -26,24 +26,33 @@ _MARK = "_offramp_compression"  # attribute set on a compressed model: the metho
 class Int8DynamicConfig:
     """int8 dynamic quantization of the encoder layers' Linear modules (for CPU).
 
-    Weights are int8 (one scale per output channel by default), activations are quantized on the fly
-    per batch (torch.ao) or per row (torchao). Embeddings, LayerNorms, the original head and the ramps
-    stay float: they are a few percent of the compute and carry the decision margins.
+    Weights are int8 with one scale per output channel; activations are quantized on the fly, per row
+    (torchao) or per tensor (torch.ao). Embeddings, LayerNorms, the original head and the ramps stay
+    float: they are a few percent of the compute and carry the decision margins.
+
+    Default chosen by measurement (fine-tuned MiniLM-L6, movie-review test split, 2,113 rows,
+    length-sorted batches of 64, 2 Zen 4 threads, best of 4 interleaved passes):
+        float32 244 rows/s | torch.ao per-tensor 536 (2.20x, agreement 93.9%, logit SQNR 13 dB)
+        torch.ao per-channel 470 (1.93x, 96.8%, 17 dB) | torchao eager 215 (0.88x, 99.57%, 31 dB)
+        torchao + torch.compile 558 (2.29x, 99.53%, 31 dB)  <- default
+    torch.ao quantizes activations per tensor with a reduced range and flips ~3-6% of predictions;
+    torchao's per-row activation scales keep 99.5%, and compiled it is also the fastest.
     """
 
-    backend: Literal["torch-ao", "torchao"] = "torch-ao"
-    """`torch-ao`: torch.ao.quantization.quantize_dynamic (fbgemm/x86 kernels, no extra dependency);
-    `torchao`: torchao's Int8DynamicActivationInt8WeightConfig (needs `pip install torchao`)."""
+    backend: Literal["torch-ao", "torchao"] = "torchao"
+    """`torchao`: torchao's Int8DynamicActivationInt8WeightConfig (`pip install torchao`);
+    `torch-ao`: torch.ao.quantization.quantize_dynamic (deprecated upstream; no extra dependency; lossy)."""
     per_channel: bool = True
-    """One weight scale per output channel (torch-ao). Per-tensor scales are measurably lossy on MiniLM."""
-    compile: bool = False
-    """torch.compile each encoder layer after quantizing (torchao backend only)."""
+    """torch-ao only: one weight scale per output channel (per-tensor is lossier still)."""
+    compile: bool = True
+    """torchao only: torch.compile each encoder layer (dynamic shapes). Eager torchao is slower than float;
+    compiling costs ~15 s of warm-up per process on 2 cores."""
 
     def __post_init__(self):
         if self.backend not in ("torch-ao", "torchao"):
             raise ValueError(f"int8-dynamic backend {self.backend!r} is not 'torch-ao' or 'torchao'")
         if self.compile and self.backend != "torchao":
-            raise ValueError("int8-dynamic compile=True needs backend='torchao' (torch.ao's packed ops do not compile)")
+            object.__setattr__(self, "compile", False)  # torch.ao's packed ops are not compiled
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,25 @@ def apply(model: nn.Module, method: str | dict[str, Any], config=None) -> nn.Mod
     return model
 
 
+def apply_at_load(model: nn.Module, method: str | None) -> nn.Module:
+    """EngineConfig.quantize: apply `method` (defaults) unless the model already carries it.
+
+    A model loaded from an artifact that records a method has it applied already (by load_artifact);
+    asking for the same method again is a no-op, asking for another one is an error.
+    """
+    if method is None:
+        return model
+    done = compression_of(model)
+    if done is not None:
+        if done["method"] == method:
+            return model
+        raise ValueError(
+            f"engine quantize={method!r} but the artifact is already compressed with {done['method']!r}; "
+            "unset quantize or use the float artifact"
+        )
+    return apply(model, method)
+
+
 # -- transforms ---------------------------------------------------------------------------------------
 def _hf(model: nn.Module) -> nn.Module:
     return getattr(model, "hf_model", model)  # EarlyExitModel wraps the HF classifier
@@ -185,6 +213,11 @@ def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except ImportError as e:
         raise RuntimeError("int8-dynamic backend 'torchao' needs torchao: pip install torchao") from e
+    if cfg.compile:
+        import warnings
+
+        # torchao's Int8Tensor lacks a cache hash; harmless (AOT autograd cache only), noisy on every compile.
+        warnings.filterwarnings("ignore", message="Int8Tensor does not implement _stable_hash_for_caching")
     for i in range(len(layers)):
         quantize_(layers[i], Int8DynamicActivationInt8WeightConfig())
         if cfg.compile:

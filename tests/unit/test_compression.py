@@ -1,0 +1,269 @@
+"""Compression on tiny random models: registry, int8 closeness, distilled students, artifact round trips."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.compression import apply, compression_of, make_config, methods, to_record
+from pipeline.compression.distill import DistillConfig, choose_layers, distill, kd_loss, make_student
+from pipeline.compression.quantize import BudgetExceeded, quantize, sqnr_db
+from pipeline.compression.registry import encoder_layers
+from tests.tiny import tiny_classifier
+
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+FAST_INT8 = {"backend": "torch-ao"}  # fbgemm kernels: quick on tiny models; torchao is tested on a few rows
+
+
+def _inputs(n=6, s=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 29000, (n, s), generator=g)
+    mask = torch.ones_like(ids)
+    mask[: n // 2, s // 2 :] = 0  # half the rows right-padded
+    return ids, mask
+
+
+@torch.inference_mode()
+def _logits(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def test_registry_names_and_errors():
+    assert {"int8-dynamic", "fp16", "bf16"} <= set(methods())
+    with pytest.raises(ValueError, match="unknown; use one of: int8-dynamic"):
+        make_config("int4-magic")
+    with pytest.raises(ValueError, match="unknown option"):
+        make_config("int8-dynamic", bits=4)
+    with pytest.raises(ValueError, match="backend"):
+        make_config("int8-dynamic", backend="onnx")
+    assert make_config("bf16").dtype == "bfloat16" and make_config("fp16").dtype == "float16"
+    rec = to_record("int8-dynamic")
+    assert rec["method"] == "int8-dynamic" and json.loads(json.dumps(rec)) == rec  # JSON-able, no pickle
+
+
+@pytest.mark.parametrize("method,opts", [("int8-dynamic", FAST_INT8), ("fp16", {}), ("bf16", {})])
+def test_each_method_applies_and_runs_on_cpu(method, opts):
+    ids, mask = _inputs()
+    ref = _logits(tiny_classifier(), ids, mask)
+    model = apply(tiny_classifier(), method, make_config(method, **opts))
+    assert compression_of(model)["method"] == method
+    out = _logits(model, ids, mask)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    q = encoder_layers(model)[0].attention.self.query
+    if method == "int8-dynamic":
+        assert type(q).__module__.startswith("torch.ao.nn.quantized")  # swapped for the int8 kernel
+        assert model.classifier.weight.dtype == torch.float32  # the head stays float
+    else:
+        assert q.weight.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[method]
+    assert sqnr_db(ref, out) > 30
+
+
+def test_apply_twice_is_refused_unless_identical():
+    model = apply(tiny_classifier(), "bf16")
+    assert apply(model, "bf16") is model  # same record: no-op
+    with pytest.raises(ValueError, match="already compressed with bf16"):
+        apply(model, "int8-dynamic", make_config("int8-dynamic", **FAST_INT8))
+
+
+@pytest.mark.parametrize("opts,min_db", [({"backend": "torchao", "compile": False}, 25), (FAST_INT8, 20)])
+def test_int8_linear_outputs_close_to_float(opts, min_db):
+    """SQNR of every quantized encoder Linear against its float original (cf. torchao's compute_error)."""
+    ref = tiny_classifier()
+    q = apply(tiny_classifier(), "int8-dynamic", make_config("int8-dynamic", **opts))
+    x = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(0))
+    qmods = dict(encoder_layers(q).named_modules())
+    pairs = [(a, qmods[n]) for n, a in encoder_layers(ref).named_modules() if isinstance(a, torch.nn.Linear)]
+    assert len(pairs) == 4 * 6  # q, k, v, attention out, intermediate, output per layer
+    with torch.inference_mode():
+        for a, b in pairs:
+            xin = x if a.in_features == 32 else torch.randn(4, 7, a.in_features)
+            assert sqnr_db(a(xin), b(xin)) > min_db
+    ids, mask = _inputs(16)
+    agree = (_logits(ref, ids, mask).argmax(-1) == _logits(q, ids, mask).argmax(-1)).float().mean()
+    assert agree >= 0.9
+
+
+def test_choose_layers():
+    assert choose_layers(6, num_layers=3) == [0, 2, 4]  # DistilBERT: every other layer from the bottom
+    assert choose_layers(12, num_layers=6) == [0, 2, 4, 6, 8, 10]
+    assert choose_layers(4, keep_layers=[1, 3]) == [1, 3]
+    for bad in ([3, 1], [0, 0], [5], []):
+        with pytest.raises(ValueError, match="keep_layers"):
+            choose_layers(4, keep_layers=bad)
+    with pytest.raises(ValueError, match="num_layers=7"):
+        choose_layers(6, num_layers=7)
+    with pytest.raises(ValueError, match="exactly one"):
+        DistillConfig()
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+def test_student_keeps_requested_teacher_layers(family):
+    from pipeline.model.encoders import encoder_parts
+
+    teacher = tiny_classifier(family, num_layers=4)
+    student = make_student(teacher, [1, 3])
+    t_layers, s_layers = encoder_parts(teacher).layers, encoder_parts(student).layers
+    assert len(s_layers) == 2 and student.config.num_hidden_layers == 2
+    for j, k in enumerate([1, 3]):
+        ts, ss = t_layers[k].state_dict(), s_layers[j].state_dict()
+        assert ts.keys() == ss.keys() and all(torch.equal(ts[n], ss[n]) for n in ts)
+    # everything outside the layer list (embeddings, pooler, head) is the teacher's
+    s_all, t_all = student.state_dict(), teacher.state_dict()
+    outside = [n for n in s_all if ".layer." not in n]
+    assert outside and all(torch.equal(s_all[n], t_all[n]) for n in outside)
+    assert not torch.equal(s_layers[0].state_dict()[next(iter(ss))], t_layers[0].state_dict()[next(iter(ss))])
+
+
+def test_kd_loss():
+    t = torch.tensor([[2.0, -1.0], [0.5, 0.2]])
+    assert kd_loss(t.clone(), t, None, 2.0, 0.5).abs() < 1e-6  # student == teacher, no labels: zero
+    s = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    soft = kd_loss(s, t, None, 3.0, 0.5)
+    ref = torch.nn.functional.kl_div(torch.log_softmax(s / 3, -1), torch.softmax(t / 3, -1), reduction="batchmean") * 9
+    assert torch.allclose(soft, ref)
+    y = torch.tensor([1, 0])
+    both = kd_loss(s, t, y, 3.0, 0.25)
+    assert torch.allclose(both, 0.25 * ref + 0.75 * torch.nn.functional.cross_entropy(s, y))
+
+
+def test_distill_saves_a_loadable_student_with_report(tiny_model_dir, tmp_path):
+    from pipeline.model.artifact import load_classifier
+
+    out = tmp_path / "student"
+    report = distill(tiny_model_dir, str(out), DistillConfig(keep_layers=[0, 3], max_steps=2, limit=48, eval_limit=40))
+    student = load_classifier(str(out))
+    assert student.config.num_hidden_layers == 2 and (out / "model.safetensors").exists()
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    saved = json.loads((out / "distill.json").read_text())
+    assert saved == report and report["keep_layers"] == [0, 3] and report["steps"] == 2
+    assert report["heldout_rows"] == 40 and 0 <= report["agreement_with_teacher"] <= 1
+    assert report["student_accuracy"] is not None and report["hard_labels"]
+
+
+@pytest.mark.parametrize("method,opts", [("int8-dynamic", FAST_INT8), ("bf16", {}), ("fp16", {})])
+def test_artifact_round_trip_reapplies_method(tiny_artifact, tmp_path, method, opts):
+    from pipeline.compression.quantize import run_early_exit
+    from pipeline.model.artifact import load_artifact, read_manifest
+
+    out = tmp_path / method
+    rec = quantize(tiny_artifact, str(out), method, limit=40, allow_loss=True, options=opts)
+    manifest = read_manifest(out)
+    assert manifest.compression["method"] == method and manifest.compression["check"]["rows"] == 40
+    assert manifest.compression == json.loads(json.dumps(rec))
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) and not list(out.rglob("*.pth"))
+
+    loaded, tok, m2 = load_artifact(out)
+    assert compression_of(loaded)["method"] == method
+    fresh, _, m1 = load_artifact(tiny_artifact)
+    assert compression_of(fresh) is None
+    apply(fresh, method, make_config(method, **opts))
+    texts = ["a fine film", "dull and long, with nothing to say", "ok"]
+    a = run_early_exit(loaded, tok, texts, m2.thresholds, m2.active)
+    b = run_early_exit(fresh, tok, texts, m1.thresholds, m1.active)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def _fragile_classifier_dir(path):
+    """A tiny random classifier whose decision margins are ~0 on real text: any perturbation flips some."""
+    from pipeline.compression.quantize import heldout_texts, run_classifier
+    from pipeline.model.artifact import load_tokenizer
+    from tests.tiny import save_tiny
+
+    save_tiny(path, "bert", num_layers=2)
+    from pipeline.model.artifact import load_classifier
+
+    model, tok = load_classifier(str(path)), load_tokenizer(str(path))
+    _, texts, _ = heldout_texts("movie-reviews", 120)
+    margin = run_classifier(model, tok, texts) @ torch.tensor([-1.0, 1.0])
+    with torch.no_grad():
+        model.classifier.bias[1] -= float(margin.median())  # half the rows on each side, all near the boundary
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def test_quantize_budget_refuses_then_allow_loss_writes(tmp_path):
+    src = _fragile_classifier_dir(tmp_path / "fragile")
+    out = tmp_path / "out"
+    with pytest.raises(BudgetExceeded, match="over the budget") as e:
+        quantize(src, str(out), "bf16", limit=120, budget=0.0)
+    assert e.value.record["check"]["agreement"] < 1.0 and not out.exists()  # nothing written
+    rec = quantize(src, str(out), "bf16", limit=120, budget=0.0, allow_loss=True)
+    saved = json.loads((out / "compression.json").read_text())
+    assert saved["check"]["within_budget"] is False and saved == json.loads(json.dumps(rec))
+    from pipeline.compression.quantize import load_compressed_classifier
+
+    assert compression_of(load_compressed_classifier(str(out)))["method"] == "bf16"
+    with pytest.raises(ValueError, match="already compressed"):
+        quantize(str(out), str(tmp_path / "again"), "bf16", limit=10)
+    with pytest.raises(ValueError, match="not an earlier"):
+        quantize(src, src + "/..", "bf16", limit=10)
+
+
+def test_engine_config_quantize_field():
+    from pydantic import ValidationError
+
+    from pipeline.config import EngineConfig
+
+    assert EngineConfig(quantize="int8-dynamic").quantize == "int8-dynamic"
+    assert EngineConfig().quantize is None
+    with pytest.raises(ValidationError, match="int8-dynamic"):
+        EngineConfig(quantize="int3")
+
+
+def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
+    """Agreement with the float model on movie reviews (tiny random model: a loose bound, the bench has the real one)."""
+    from pipeline.compression.quantize import heldout_texts, run_classifier
+    from pipeline.model.artifact import load_classifier, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    _, texts, _ = heldout_texts("movie-reviews", 64)
+    ref = run_classifier(load_classifier(tiny_model_dir), tok, texts)
+    q = apply(load_classifier(tiny_model_dir), "int8-dynamic", make_config("int8-dynamic", **FAST_INT8))
+    out = run_classifier(q, tok, texts)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+    assert np.isfinite(sqnr_db(ref, out))
+
+
+def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
+    """The default int8 (torchao + torch.compile) re-applied by load_artifact from a manifest record (one compile)."""
+    pytest.importorskip("torchao")
+    import shutil
+
+    from pipeline.compression.quantize import run_early_exit
+    from pipeline.model.artifact import load_artifact, read_manifest
+
+    cfg = make_config("int8-dynamic")
+    assert cfg.backend == "torchao" and cfg.compile
+    out = tmp_path / "int8"
+    shutil.copytree(tiny_artifact, out)
+    manifest = read_manifest(out)
+    manifest.compression = to_record("int8-dynamic")
+    (out / "manifest.json").write_text(manifest.model_dump_json())
+    loaded, tok, m = load_artifact(out)
+    assert compression_of(loaded)["config"] == {"backend": "torchao", "per_channel": True, "compile": True}
+    texts = ["a fine film", "dull and long, with nothing to say at all"]
+    a = run_early_exit(loaded, tok, texts, m.thresholds, m.active)
+    fresh, _, _ = load_artifact(tiny_artifact)
+    ref = run_early_exit(fresh, tok, texts, m.thresholds, m.active)
+    assert sqnr_db(ref[0], a[0]) > 20 and torch.isfinite(a[0]).all()
+
+
+def test_apply_at_load_for_engine_config():
+    from pipeline.compression import apply_at_load
+
+    model = tiny_classifier()
+    assert apply_at_load(model, None) is model and compression_of(model) is None
+    apply_at_load(model, "bf16")
+    assert compression_of(model)["method"] == "bf16"
+    assert apply_at_load(model, "bf16") is model  # already there (e.g. recorded in the artifact)
+    with pytest.raises(ValueError, match="already compressed with 'bf16'"):
+        apply_at_load(model, "fp16")
+
+
+def test_cli_method_choices_match_registry():
+    from pipeline.compression.commands import METHODS
+
+    assert set(METHODS) == set(methods())
