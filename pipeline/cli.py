@@ -225,13 +225,14 @@ def bench():
 @click.option("--limit", default=None, type=int)
 @click.option("--thresholds", default="0.6,0.7,0.8,0.9,0.95", show_default=True, help="Shared thresholds to sweep.")
 @click.option("--dtypes", default="float32,bfloat16", show_default=True)
+@click.option("--reps", default=2, show_default=True, type=int, help="Timed passes per row; the best is reported.")
 @click.option("--out", "out_json", default="bench_results/model.json", show_default=True)
-def bench_model(model_dir, dataset, split, limit, thresholds, dtypes, out_json):
+def bench_model(model_dir, dataset, split, limit, thresholds, dtypes, reps, out_json):
     """Threshold sweep vs the plain original model and length-sorted batches, plus the oracle."""
     from pipeline.bench.model_bench import run_model_bench
 
     run_model_bench(model_dir, dataset, split, limit, [float(x) for x in thresholds.split(",")],
-                    tuple(dtypes.split(",")), out_json=out_json, echo=click.echo)
+                    tuple(dtypes.split(",")), out_json=out_json, reps=reps, echo=click.echo)
 
 
 @bench.command("offline")

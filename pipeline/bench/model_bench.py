@@ -6,6 +6,7 @@ Every row of the table is measured in the same process, one after another, on th
 - offramp: exit mode at a sweep of shared thresholds and at the artifact's tuned per-ramp thresholds;
 - oracle: each row exits at the first ramp that agrees with the final prediction (not runnable: a bound).
 Agreement is with the original float model's predictions; accuracy is against gold labels.
+Each timing is the best of `reps` passes (shared machines: the minimum is the least disturbed).
 """
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ import torch
 from pipeline.config import EngineConfig
 
 
-def _plain(ee_dir: str, texts: list[str], batch_size: int) -> tuple[np.ndarray, float]:
+def _plain(ee_dir: str, texts: list[str], batch_size: int, reps: int = 1) -> tuple[np.ndarray, float]:
     from pipeline.model.artifact import load_classifier, load_tokenizer
 
     model, tok = load_classifier(f"{ee_dir}/model"), load_tokenizer(f"{ee_dir}/model")
     preds = np.empty(len(texts), np.int64)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for s in range(0, len(texts), batch_size):
-            enc = tok(texts[s : s + batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt")
-            preds[s : s + batch_size] = model(**enc).logits.argmax(-1).numpy()
-    return preds, time.perf_counter() - t
+    best = float("inf")
+    for _ in range(reps):  # best of reps: the machine is shared, the minimum is the least disturbed
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, len(texts), batch_size):
+                enc = tok(texts[s : s + batch_size], padding=True, truncation=True, max_length=512,
+                          return_tensors="pt")
+                preds[s : s + batch_size] = model(**enc).logits.argmax(-1).numpy()
+        best = min(best, time.perf_counter() - t)
+    return preds, best
 
 
 def _offramp(ee_dir: str, texts: list[str], cfg: EngineConfig, reps: int = 1):
@@ -47,7 +52,7 @@ def _offramp(ee_dir: str, texts: list[str], cfg: EngineConfig, reps: int = 1):
 
 def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "test", limit: int | None = None,
                     thresholds: list[float] | None = None, dtypes: tuple[str, ...] = ("float32", "bfloat16"),
-                    batch_size: int = 64, out_json: str | None = None, echo=print) -> dict:
+                    batch_size: int = 64, out_json: str | None = None, reps: int = 2, echo=print) -> dict:
     from pipeline.data.datasets import BUILTIN, load_dataset
     from pipeline.model.artifact import read_manifest
 
@@ -59,7 +64,7 @@ def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "t
     rows: list[dict] = []
     R = len(read_manifest(ee_dir).ramps)
 
-    ref, secs = _plain(ee_dir, texts, batch_size)
+    ref, secs = _plain(ee_dir, texts, batch_size, reps)
     plain_rps = len(texts) / secs
 
     def add(name, labels, seconds, exit_layers=None, note=""):
@@ -78,16 +83,16 @@ def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "t
     closed = None
     for dtype in dtypes:
         base = dict(dtype=dtype, device="cpu" if not torch.cuda.is_available() else "auto")
-        out, s, _ = _offramp(ee_dir, texts, EngineConfig(thresholds=[1.0] * R, **base))
+        out, s, _ = _offramp(ee_dir, texts, EngineConfig(thresholds=[1.0] * R, **base), reps)
         add(f"offramp sorted, no exits ({dtype})", [x.label_id for x in out.predictions], s,
             [x.exit_layer for x in out.predictions])
         if dtype == "float32":
             closed = rows[-1]
         for thr in thresholds:
-            out, s, _ = _offramp(ee_dir, texts, EngineConfig(thresholds=[thr] * R, **base))
+            out, s, _ = _offramp(ee_dir, texts, EngineConfig(thresholds=[thr] * R, **base), reps)
             add(f"offramp exit, shared threshold {thr} ({dtype})", [x.label_id for x in out.predictions], s,
                 [x.exit_layer for x in out.predictions])
-        out, s, _ = _offramp(ee_dir, texts, EngineConfig(**base))
+        out, s, _ = _offramp(ee_dir, texts, EngineConfig(**base), reps)
         add(f"offramp exit, tuned thresholds ({dtype})", [x.label_id for x in out.predictions], s,
             [x.exit_layer for x in out.predictions], note="artifact's per-ramp thresholds")
 
