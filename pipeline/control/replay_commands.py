@@ -90,7 +90,6 @@ def _recorded(predictor_fn, model_fp: str, texts: list[str], label: str, cache_d
     import numpy as np
 
     from pipeline.control.records import FeedbackWindow
-    from pipeline.control.tuner import static_threshold_search, tune_thresholds
     from pipeline.control.replay import record
 
     key = hashlib.sha1((model_fp + "\x00" + "\x1f".join(texts)).encode("utf-8")).hexdigest()[:16]
@@ -185,9 +184,10 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
     """Replay recorded ramp outputs through vanilla, static, controller and oracle; in-domain and under drift."""
     from pathlib import Path
 
+    import numpy as np
+
     from pipeline.control.controller import ControllerState
     from pipeline.control.records import FeedbackWindow
-    from pipeline.control.tuner import static_threshold_search, tune_thresholds
     from pipeline.control.replay import (
         aggregate,
         costs_from_manifest,
@@ -198,6 +198,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
         write_json,
     )
     from pipeline.control.replay import replay as run_replay
+    from pipeline.control.tuner import static_threshold_search, tune_thresholds
     from pipeline.data.datasets import load_dataset
     from pipeline.model.artifact import read_manifest
 
@@ -318,7 +319,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
             continue
         c, st_, o = s["controller"], s["static"], s["oracle"]
         # The best one-threshold-for-all setting at the controller's agreement, chosen on the stream itself.
-        eq = static_threshold_search(stream, costs, max(0.0, 1.0 - c["agreement"]))
+        eq = static_threshold_search(stream, costs, max(0.0, 1.0 - c["agreement"]), grid=np.arange(500, 1000) / 1000)
         click.echo(f"targets (in-domain, {label}): windows after the first at >= {100 * (1 - constraint):.0f}%: "
                    f"controller {held(c)}, static {held(st_)}; latency savings controller {_pct(c['savings'])} at "
                    f"{100 * c['agreement']:.2f}% vs static {_pct(st_['savings'])} at {100 * st_['agreement']:.2f}% "
