@@ -68,6 +68,7 @@ class EarlyExitWorker:
         from pipeline.config import EngineConfig
         from pipeline.engine.predictor import Predictor
 
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load on CPU
         self.predictor = Predictor(model, EngineConfig(**engine))
         self.output_url = output_url
         self.passthrough = passthrough

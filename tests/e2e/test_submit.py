@@ -28,13 +28,14 @@ def ray_head():
     import tempfile
 
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # unix socket paths must stay short
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     # Ray >= 2.59 authenticates local clusters with a token: share one explicitly with the client.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": uuid.uuid4().hex,
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}  # the cluster's `python` has offramp installed
     start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+             f"--dashboard-agent-listen-port={agent}",  # not the default 52365 another Ray may hold
              "--object-store-memory=100000000", "--disable-usage-stats"]
     proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
