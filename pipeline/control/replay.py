@@ -43,7 +43,6 @@ __all__ = [
     "shuffled",
     "hardest",
     "drift_stream",
-    "costs_from_manifest",
     "write_json",
     "plot",
 ]
@@ -113,14 +112,6 @@ def record(
     if return_confidence:
         return window, (np.concatenate(scores) if scores else np.zeros(0, np.float32))
     return window
-
-
-def costs_from_manifest(manifest) -> CostModel:
-    """The controller's cost model, built exactly as the offline job builds it (measured profile)."""
-    from pipeline.model.profile import cost_arrays
-
-    layer_costs, ramp_costs = cost_arrays(manifest.profile, manifest.num_layers, len(manifest.ramps))
-    return CostModel(layer_costs=layer_costs, ramp_layers=np.array(manifest.ramp_layers), ramp_costs=ramp_costs)
 
 
 # ----------------------------------------------------------------------------- streams

@@ -188,9 +188,9 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
 
     from pipeline.control.controller import ControllerState
     from pipeline.control.records import FeedbackWindow
+    from pipeline.control.shared import cost_model
     from pipeline.control.replay import (
         aggregate,
-        costs_from_manifest,
         drift_stream,
         hardest,
         plot,
@@ -208,7 +208,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
         manifest = read_manifest(model_dir)
         overrides = _parse_sets(sets)
         constraint = manifest.constraint if constraint is None else constraint
-        costs = costs_from_manifest(manifest)
+        costs = cost_model(manifest)
         boot_texts, stream_texts, desc = _splits(data, text_column, seed, limit)
         domains = [d for d in DOMAINS if d != data] if drift == "hard" else [] if drift == "none" else [drift]
         drift_texts = {d: _texts(load_dataset(d), seed, limit) for d in domains}

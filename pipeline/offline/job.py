@@ -8,7 +8,6 @@ Everything that can be checked before model work is checked first: the model art
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import JobConfig
+from pipeline.control.shared import start_shared_controller
 from pipeline.offline import sink
 from pipeline.offline.shards import plan_shards, read_shard
 
@@ -44,37 +44,6 @@ def materialize_builtin(url: str, cache_dir: str = "artifacts/data") -> str:
             cols["gold_label"] = labels
         pq.write_table(pa.table(cols), path)
     return str(path.resolve())
-
-
-def _controller_name(cfg: JobConfig) -> str:
-    if cfg.controller.name:
-        return cfg.controller.name
-    digest = hashlib.sha1(os.path.abspath(cfg.model).encode()).hexdigest()[:10]
-    return f"offramp-controller-{digest}"
-
-
-def _start_controller(cfg: JobConfig, manifest) -> dict | None:
-    if not cfg.controller.enabled:
-        return None
-    import numpy as np
-
-    from pipeline.control.controller import ControllerState, get_or_create_controller
-    from pipeline.control.records import CostModel
-    from pipeline.model.profile import cost_arrays
-
-    layer_costs, ramp_costs = cost_arrays(manifest.profile, manifest.num_layers, len(manifest.ramps))
-    costs = CostModel(layer_costs=layer_costs, ramp_layers=np.array(manifest.ramp_layers), ramp_costs=ramp_costs)
-    tuning = {"constraint": manifest.constraint, **cfg.controller.tuning}
-    thresholds = cfg.engine.thresholds or manifest.thresholds
-    initial = ControllerState(version=0, thresholds=list(thresholds), active=list(manifest.active))
-    name = _controller_name(cfg)
-    handle = get_or_create_controller(name, costs, tuning, initial, cfg.controller.checkpoint_url,
-                                      namespace=cfg.controller.namespace)
-    import ray
-
-    ray.get(handle.ping.remote(), timeout=60)
-    return {"name": name, "namespace": cfg.controller.namespace,
-            "refresh_every_batches": cfg.controller.refresh_every_batches, "handle": handle}
 
 
 def _init_ray(cfg: JobConfig, address: str | None) -> bool:
@@ -146,7 +115,7 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
 
     started = _init_ray(cfg, address)
     try:
-        controller = _start_controller(cfg, manifest)
+        controller = start_shared_controller(cfg.model, manifest, cfg.controller, cfg.engine.thresholds)
         summaries = _run_pipeline(cfg, todo, controller) if todo else []
         summary = _summarize(cfg, shards, finished, summaries, controller, manifest)
     finally:

@@ -12,7 +12,6 @@ Every response carries `X-Offramp-Replica` (the replica's id) and `X-Offramp-Thr
 counts, autoscaling and ray_actor_options come from the YAML's `deployments:` section.
 """
 
-import hashlib
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from pipeline.control.shared import controller_name
 from pipeline.serving.api import ApiError, error_body, parse_predict_request, prediction_body
 from pipeline.serving.batcher import BatchFailed, QueueFull
 from pipeline.serving.config import ServeAppConfig
@@ -129,18 +129,14 @@ class EarlyExitDeployment:
             raise RuntimeError("batch loop is not running")
 
 
-def _controller_name(cfg: ServeAppConfig) -> str:
-    digest = hashlib.sha1(os.path.abspath(cfg.model).encode()).hexdigest()[:10]
-    return f"offramp-serve-controller-{digest}"
-
-
 def resolve_config(args: dict) -> ServeAppConfig:
     """Validate the app args; the model path becomes absolute (replicas may run elsewhere)."""
     cfg = ServeAppConfig.model_validate(args or {})
     if "://" not in cfg.model:
         cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
     if cfg.controller.enabled and not cfg.controller.name:
-        cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"name": _controller_name(cfg)})})
+        name = controller_name(cfg.model, "offramp-serve-controller")
+        cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"name": name})})
     return cfg
 
 
@@ -148,11 +144,11 @@ def build_app(args: "dict | ServeAppConfig", **deployment_options):
     """The bound application; `deployment_options` (num_replicas, ray_actor_options, ...) as in
     `serve.deployment` (a config file's `deployments:` section overrides them)."""
     from pipeline.model.artifact import read_manifest
-    from pipeline.offline.job import _start_controller  # TODO(owner): make a public shared helper
+    from pipeline.control.shared import start_shared_controller
 
     cfg = resolve_config(args.model_dump() if isinstance(args, ServeAppConfig) else args)
     manifest = read_manifest(cfg.model)  # fails here, with advice, if the artifact is missing
-    controller = _start_controller(cfg, manifest)
+    controller = start_shared_controller(cfg.model, manifest, cfg.controller, cfg.engine.thresholds)
     if controller is not None:
         controller = {k: v for k, v in controller.items() if k != "handle"}
     deployment = EarlyExitDeployment.options(**deployment_options) if deployment_options else EarlyExitDeployment
