@@ -21,6 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from pipeline.training.loop import train_steps
+
 log = logging.getLogger(__name__)
 
 REPORT = "distill.json"
@@ -203,33 +205,17 @@ def distill(teacher_dir: str, out: str, cfg: DistillConfig, progress=None) -> di
     lengths = np.array([len(e) for e in enc])
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
-    warmup = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    )
     rng = np.random.default_rng(cfg.seed)
-    step = 0
-    student.train()
-    while step < total:
-        for b in _bucketed_batches(lengths, cfg.batch_size, rng):
-            ids, mask = _pad([enc[i] for i in b], pad_id)
-            bt = torch.as_tensor(b)
-            logits = student(input_ids=ids, attention_mask=mask).logits
-            loss = kd_loss(logits, teacher_logits[bt], None if labels is None else labels[bt],
-                           cfg.temperature, cfg.alpha)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            if progress:
-                progress(step, total, float(loss.detach()))
-            if step >= total:
-                break
+
+    def loss_of(b):
+        ids, mask = _pad([enc[i] for i in b], pad_id)
+        bt = torch.as_tensor(b)
+        logits = student(input_ids=ids, attention_mask=mask).logits
+        return kd_loss(logits, teacher_logits[bt], None if labels is None else labels[bt], cfg.temperature, cfg.alpha)
+
+    step = train_steps(student, lambda: _bucketed_batches(lengths, cfg.batch_size, rng), loss_of, total,
+                       cfg.learning_rate, progress)
     train_s = time.perf_counter() - t0
-    student.eval()
 
     test_enc = tok(test.texts, truncation=True, max_length=cfg.max_length)["input_ids"]
     t_pred = logits_of(teacher, test_enc, pad_id).argmax(-1).numpy()

@@ -17,6 +17,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
 from pipeline.engine.predictor import validate_text
 from pipeline.model.artifact import resolve_base
+from pipeline.training.loop import train_steps
 
 log = logging.getLogger(__name__)
 
@@ -67,30 +68,17 @@ def finetune(out: str, cfg: FinetuneConfig | None = None, progress=None) -> dict
     )
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.max_steps or max(1, int(steps_per_epoch * cfg.epochs))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
-    warmup = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    )
     rng = np.random.default_rng(cfg.seed)
     labels = torch.as_tensor(train.labels)
-    t0, step = time.perf_counter(), 0
-    model.train()
-    while step < total:
-        for b in np.array_split(rng.permutation(len(train)), steps_per_epoch):
-            enc = tok([train.texts[i] for i in b], truncation=True, max_length=cfg.max_length, padding=True,
-                      return_tensors="pt")
-            loss = model(**enc, labels=labels[b]).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            if progress:
-                progress(step, total, float(loss.detach()))
-            if step >= total:
-                break
+
+    def loss_of(b):
+        enc = tok([train.texts[i] for i in b], truncation=True, max_length=cfg.max_length, padding=True,
+                  return_tensors="pt")
+        return model(**enc, labels=labels[b]).loss
+
+    t0 = time.perf_counter()
+    step = train_steps(model, lambda: np.array_split(rng.permutation(len(train)), steps_per_epoch), loss_of,
+                       total, cfg.learning_rate, progress)
     train_s = time.perf_counter() - t0
     pred = predict_labels(model, tok, test.texts, max_length=cfg.max_length)
     report = {

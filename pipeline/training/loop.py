@@ -1,0 +1,34 @@
+"""The one optimisation loop fine-tuning and distillation share: AdamW, linear warm-up then decay,
+gradient clipping, a fixed number of steps over repeated epochs."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+
+def train_steps(model: torch.nn.Module, epoch_batches: Callable[[], Iterable], loss_of: Callable[[object], torch.Tensor],
+                total: int, learning_rate: float, progress=None) -> int:
+    """Run `total` steps; `epoch_batches()` yields one epoch of batches, `loss_of(batch)` their loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    warmup = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    )
+    step = 0
+    model.train()
+    while step < total:
+        for batch in epoch_batches():
+            loss = loss_of(batch)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if progress:
+                progress(step, total, float(loss.detach()))
+            if step >= total:
+                break
+    model.eval()
+    return step
