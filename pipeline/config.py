@@ -137,8 +137,9 @@ class ControllerSettings(_Strict):
     refresh_every_batches: int = Field(4, ge=1)
     """Workers fetch the controller's state every this many batches."""
     tuning: dict[str, Any] = Field(default_factory=dict)
-    """Algorithm settings (constraint, window_rows, max_active, ...): fields of
-    pipeline.control.controller.ControllerConfig; checked when the config is built."""
+    """Algorithm settings: fields of pipeline.control.controller.ControllerConfig (constraint [the
+    artifact's], window_rows 512, tune_headroom 0.3, backoff_after 1, max_active 3, ...), checked when the
+    config is built; unset fields keep ControllerConfig's defaults."""
 
     @field_validator("tuning")
     @classmethod

@@ -37,8 +37,8 @@ class AccuracyGuard:
 
     constraint: float = 0.01
     """Largest allowed 1 - agreement per window."""
-    backoff_after: int = 2
-    """Consecutive violations that trigger a back-off (Apparate: >= 2)."""
+    backoff_after: int = 1
+    """Consecutive violations that trigger a back-off (Apparate: 2; the controller's default: 1)."""
     consecutive: int = 0
     """Violations in a row so far."""
 

@@ -65,7 +65,8 @@ def _stream(rows, seed, ramp0_right=True):
 
 def test_controller_retunes_on_violation_and_backs_off_the_bad_ramp():
     costs = CostModel.uniform(3, [1, 2], 0.01)
-    ctl = ThresholdController(costs, ControllerConfig(window_rows=200, adjust_ramps=False))
+    # Apparate's rule (re-tune on the first violation, back off on the second); the default backs off at once.
+    ctl = ThresholdController(costs, ControllerConfig(window_rows=200, adjust_ramps=False, backoff_after=2))
     for k in range(4):
         ctl.report(_stream(200, k))
     opened = np.array(ctl.get_state()["thresholds"])
@@ -88,6 +89,19 @@ def test_controller_retunes_on_violation_and_backs_off_the_bad_ramp():
         ctl.report(_stream(200, k, ramp0_right=False))
     assert ctl.history()[-1]["action"] == "ok"
     assert 1 - ctl.history()[-1]["agreement"] <= 0.01 + 1e-12
+
+
+def test_default_controller_backs_off_on_the_first_violation():
+    costs = CostModel.uniform(3, [1, 2], 0.01)
+    cfg = ControllerConfig(window_rows=200, adjust_ramps=False)
+    assert cfg.backoff_after == 1 and cfg.tune_headroom == 0.3
+    ctl = ThresholdController(costs, cfg)
+    for k in range(4):
+        ctl.report(_stream(200, k))
+    ctl.report(_stream(200, 4, ramp0_right=False))  # ramp 0 turns into a confident coin flip
+    last = ctl.history()[-1]
+    assert last["action"] == "backoff" and last["backed_off"] == [0]
+    assert ctl.get_state()["backoffs"] == 1
 
 
 def test_controller_windows_versions_and_json_state(tmp_path):
@@ -130,6 +144,10 @@ def test_controller_restores_its_checkpoint(tmp_path):
     assert after["version"] == before["version"] >= 1
     assert after["thresholds"] == before["thresholds"] and after["active"] == [True, False, True]
     assert after["restores"] == 1 and b._guard.consecutive == 1
+    # The guard's count is restored, its limits come from the config the controller restarts with.
+    d = ThresholdController(costs, ControllerConfig(window_rows=300, adjust_ramps=False, backoff_after=3),
+                            checkpoint_url=url)
+    assert d._guard.consecutive == 1 and d._guard.backoff_after == 3
     # A checkpoint for another ramp count is ignored, not trusted.
     c = ThresholdController(CostModel.uniform(3, [1, 2], 0.01), cfg, checkpoint_url=url)
     assert c.get_state()["version"] == 0
