@@ -136,6 +136,9 @@ class ControllerSettings(_Strict):
     """fsspec URL where the controller checkpoints its state; restored when it restarts."""
     refresh_every_batches: int = Field(4, ge=1)
     """Workers fetch the controller's state every this many batches."""
+    warm_start: bool = True
+    """A fresh controller (no checkpoint to restore) first tunes on the artifact's validation feedback
+    (`validation_feedback.safetensors`, written by `offramp bootstrap`), when the artifact has it."""
     tuning: dict[str, Any] = Field(default_factory=dict)
     """Algorithm settings: fields of pipeline.control.controller.ControllerConfig (constraint [the
     artifact's], window_rows 512, tune_headroom 0.3, backoff_after 1, max_active 3, ...), checked when the

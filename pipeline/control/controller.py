@@ -32,6 +32,13 @@ violations). A violation also backs off (``backoff_after=1``; Apparate waits for
 violating ramps' cut thresholds become floors for the tuner until ``backoff_hold_windows`` good
 windows pass.
 
+Warm start: a fresh controller (no checkpoint to restore) given ``warm_start`` rows — an artifact's
+``validation_feedback.safetensors``, every ramp's output on the bootstrap validation split — processes
+whole windows of them exactly like live feedback before any live row arrives, so its first live
+re-tunes see ~1k more rows than a single 512-row window (the first windows are where a cold controller
+overfits most). On the MiniLM replay: 2/60 violating windows instead of 9/60, at the same savings.
+Warm windows are counted in ``warm_windows``, not ``windows``, and marked ``warm`` in the history.
+
 Why ``max_active=3`` by default: every active ramp is another threshold fitted to the same rows. With
 12 synthetic ramps, all active, 32% of windows broke the constraint at 18.3% savings; capped at 3
 active, 16% at 17.2% (and 2 active: 14% at 16.6%).
@@ -167,6 +174,7 @@ class ControllerState:
     backoffs: int = 0  # back-offs applied
     ramp_changes: int = 0  # ramp adjustments that changed the active set
     restores: int = 0  # times this state was restored from a checkpoint
+    warm_windows: int = 0  # windows of warm-start rows processed before any live feedback
     updated_at: float = 0.0  # time.time() of the last version change
 
     @classmethod
@@ -203,6 +211,9 @@ class ThresholdController:
         initial_state: starting thresholds/active set (e.g. from bootstrap); default all closed, all
             active. Ignored when a checkpoint exists at ``checkpoint_url``.
         checkpoint_url: fsspec URL of a JSON checkpoint written after every window and read here.
+        warm_start: feedback rows to process before any live feedback when there is no checkpoint to
+            restore, e.g. the artifact's validation feedback (``FeedbackWindow`` or its dict form); whole
+            windows of it only (all of it, as one short window, when it holds less than one window).
     """
 
     def __init__(
@@ -211,6 +222,7 @@ class ThresholdController:
         config: ControllerConfig | dict[str, Any] | None = None,
         initial_state: ControllerState | dict[str, Any] | None = None,
         checkpoint_url: str | None = None,
+        warm_start: FeedbackWindow | dict[str, Any] | None = None,
     ) -> None:
         self.costs = costs if isinstance(costs, CostModel) else CostModel.from_dict(costs)
         self.config = config if isinstance(config, ControllerConfig) else ControllerConfig.from_dict(config)
@@ -240,6 +252,8 @@ class ThresholdController:
         if checkpoint_url and self._restore():
             self.state.restores += 1
             self._save()
+        elif warm_start is not None:
+            self._warm_start(warm_start)
 
     # ----- public API (also the actor's methods) -----
     def report(self, window: FeedbackWindow | dict[str, Any]) -> int:
@@ -306,7 +320,20 @@ class ThresholdController:
         self._pending_rows -= n
         return parts[0] if len(parts) == 1 else FeedbackWindow.concat(parts)
 
-    def _process(self, w: FeedbackWindow) -> None:
+    def _warm_start(self, window: FeedbackWindow | dict[str, Any]) -> None:
+        w = window if isinstance(window, FeedbackWindow) else FeedbackWindow.from_dict(window)
+        if w.num_ramps != self.costs.num_ramps:
+            raise ValueError(f"warm_start has {w.num_ramps} ramps, the cost model {self.costs.num_ramps}")
+        # Whole windows only: a short remainder would be judged against the constraint on a few rows (one
+        # disagreement in 33 rows is a "violation") and could back off before any live row is served.
+        n = self.config.window_rows
+        full = len(w) // n * n
+        for start in range(0, full, n):
+            self._process(w.slice(start, start + n), warm=True)
+        if full == 0 and len(w):
+            self._process(w, warm=True)
+
+    def _process(self, w: FeedbackWindow, warm: bool = False) -> None:
         t0 = time.perf_counter()
         cfg, st = self.config, self.state
         thr = np.asarray(st.thresholds, dtype=np.float64)
@@ -358,10 +385,14 @@ class ThresholdController:
             st.thresholds = [float(x) for x in tuned.thresholds]
             st.active = [bool(x) for x in new_act]
             st.updated_at = time.time()
-        st.windows += 1
+        if warm:
+            st.warm_windows += 1
+        else:
+            st.windows += 1
         self._history.append(
             {
                 "window": st.windows,
+                "warm": warm,
                 "rows": len(w),
                 "action": action.value,
                 "agreement": realized.agreement,
@@ -459,6 +490,7 @@ def get_or_create_controller(
     initial_state: ControllerState | dict[str, Any] | None = None,
     checkpoint_url: str | None = None,
     namespace: str = DEFAULT_NAMESPACE,
+    warm_start: FeedbackWindow | dict[str, Any] | None = None,
 ):
     """Start the named detached controller actor, or return the running one (its args then ignored).
 
@@ -466,7 +498,8 @@ def get_or_create_controller(
     forever (``max_restarts=-1``; its ``__init__`` restores the checkpoint), and does not retry calls
     that were in flight when it died (``max_task_retries=0``): reports are best-effort feedback and a
     restart loses the partial window anyway, while a state fetch is simply asked again later. Calls made
-    while it restarts are queued by Ray and delivered once it is back.
+    while it restarts are queued by Ray and delivered once it is back. ``warm_start`` rows travel with the
+    actor's arguments, so a restart with no checkpoint to restore warm-starts again.
     """
     cls = _actor_class()
     c = costs.to_dict() if isinstance(costs, CostModel) else dict(costs)
@@ -480,7 +513,7 @@ def get_or_create_controller(
         max_restarts=-1,
         max_task_retries=0,
         num_cpus=0,
-    ).remote(c, cfg, init, checkpoint_url)
+    ).remote(c, cfg, init, checkpoint_url, warm_start)
 
 
 class ControllerClient:

@@ -343,7 +343,7 @@ def replay(
     controller_config: ControllerConfig | dict[str, Any] | None = None,
     static_grid: Sequence[float] | None = None,
     drift_at: int | None = None,
-    warm_start: bool = False,
+    warm_start: bool | FeedbackWindow = False,
     name: str = "stream",
     meta: dict[str, Any] | None = None,
 ) -> ReplayResult:
@@ -362,9 +362,9 @@ def replay(
         controller_config: ``ControllerConfig`` fields overriding the defaults (a dict), or a whole config.
         static_grid: thresholds the static baseline may pick from (default: the tuner's 0.50..0.999 grid).
         drift_at: first drifted row of the stream (for the summary and the plot), if any.
-        warm_start: report the bootstrap split (whole windows of it) to the controller before the stream, so
-            its first re-tunes see those rows too instead of a single stream window. The offline job starts
-            cold (the manifest's thresholds, an empty buffer); this shows what seeding it would change.
+        warm_start: rows the controller processes (whole windows of them) before the stream, so its first
+            re-tunes see them too instead of a single stream window: what a deployed controller does with the
+            artifact's ``validation_feedback.safetensors`` (pass it here); True = ``bootstrap_window``.
     """
     if stream.num_ramps != costs.num_ramps or bootstrap_window.num_ramps != costs.num_ramps:
         raise ValueError(
@@ -386,18 +386,9 @@ def replay(
                                init_step=cfg.init_step, min_step=cfg.min_step)
         initial_state = ControllerState(version=0, thresholds=[float(x) for x in boot.thresholds],
                                         active=[True] * R)
-    ctl = ThresholdController(costs, cfg, initial_state)
-    warm_windows = 0
-    if warm_start:  # the bootstrap split's feedback fills the tuning buffer before the stream starts
-        # Whole windows only: a flushed short remainder would be judged against the constraint on a few rows
-        # (one disagreement in 33 rows is a "violation") and could trigger a back-off before the stream starts.
-        full = len(bootstrap_window) // cfg.window_rows * cfg.window_rows
-        if full:
-            ctl.report(bootstrap_window.slice(0, full))
-        else:
-            ctl.report(bootstrap_window)
-            ctl.flush()
-        warm_windows = ctl.state.windows
+    warm = bootstrap_window if warm_start is True else (warm_start or None)
+    ctl = ThresholdController(costs, cfg, initial_state, warm_start=warm)
+    warm_windows = ctl.state.warm_windows
 
     series = {m: MethodSeries(m) for m in METHODS}
     closed = np.full(R, CLOSED)

@@ -175,8 +175,10 @@ def _pct(x: float) -> str:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="ControllerConfig override, e.g. --set tune_windows=4.")
 @click.option("--orders", default=20, show_default=True, type=click.IntRange(1),
               help="Also replay the same rows in N-1 other shuffled orders and print totals (one order has few windows).")
-@click.option("--warm-start", is_flag=True,
-              help="Report the bootstrap split to the controller before the stream (the offline job starts cold).")
+@click.option("--warm-start/--no-warm-start", default=None,
+              help="Seed the controller with the artifact's validation feedback before the stream, as jobs and Serve "
+                   "do [default: on when the artifact has validation_feedback.safetensors; --warm-start without "
+                   "that file seeds it with the recorded bootstrap split].")
 @click.option("--device", default="auto", show_default=True, help="Device for the recording pass.")
 @click.option("--rerecord", is_flag=True, help="Record again even when a matching recording is cached in --out.")
 def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, drift, out, limit, seed, sets,
@@ -188,7 +190,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
 
     from pipeline.control.controller import ControllerState
     from pipeline.control.records import FeedbackWindow
-    from pipeline.control.shared import cost_model
+    from pipeline.control.shared import cost_model, warm_start_window
     from pipeline.control.replay import (
         aggregate,
         drift_stream,
@@ -246,8 +248,13 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
                       f"{', '.join(drift_texts)}" if drift == "hard" else f"all of {drift}")
 
     initial = ControllerState(version=0, thresholds=list(manifest.thresholds), active=list(manifest.active))
+    # Warm start as deployments do it (pipeline.control.shared): the artifact's own validation feedback.
+    artifact_warm = warm_start_window(model_dir, manifest) if warm_start is not False else None
+    warm = artifact_warm if artifact_warm is not None else bool(warm_start)
+    warm_desc = ("the artifact's validation feedback (warm start, as deployments do)" if artifact_warm is not None
+                 else "the recorded bootstrap rows (warm start)" if warm else "no feedback (cold start)")
     common = dict(constraint=constraint, window_rows=window_rows, ramp_budget=ramp_budget, initial_state=initial,
-                  controller_config=overrides, warm_start=warm_start)
+                  controller_config=overrides, warm_start=warm)
     # Order 0 is the seeded stream (tables, plot, series); orders 1.. reshuffle the same recorded rows, since
     # one order's few windows say little about a 1% budget (a window of 512 rows allows 5 disagreements).
     runs: dict[str, list] = {"in-domain": [], "drift": []}
@@ -272,8 +279,8 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
                f"{t_boot + t_stream + t_drift:.1f}s (0 = cached)")
     click.echo(f"controller: max_active={cfg['max_active']}, tune_windows={cfg['tune_windows']}, "
                f"tune_headroom={cfg['tune_headroom']}, backoff_after={cfg['backoff_after']}, backoff_hold_windows="
-               f"{cfg['backoff_hold_windows']}; starts from the manifest's thresholds"
-               f"{' and the bootstrap rows (warm start)' if warm_start else ' with no feedback (cold, as jobs do)'}; "
+               f"{cfg['backoff_hold_windows']}; starts from the manifest's thresholds and {warm_desc} "
+               f"({ind.meta['warm_start_windows']} windows); "
                f"static: one threshold {ind.static_threshold:.3f} for every ramp (grid search on {len(boot)} "
                f"bootstrap rows)")
     aggregates: dict[str, dict] = {}
@@ -351,7 +358,8 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
 
     extra = {"model": str(model_dir), "data": data, "drift": drift, "constraint": constraint, "hindsight": hind,
              "orders": orders, "aggregates": aggregates,
-             "window_rows": window_rows, "ramp_layers": layers, "seed": seed, "limit": limit, "warm_start": warm_start,
+             "window_rows": window_rows, "ramp_layers": layers, "seed": seed, "limit": limit,
+             "warm_start": "artifact" if artifact_warm is not None else "bootstrap rows" if warm else False,
              "recording_seconds": {"bootstrap": t_boot, "stream": t_stream, "drift": t_drift},
              "profile_device": manifest.profile.device if manifest.profile else None}
     jpath = write_json(results, out_dir / "replay.json", extra)

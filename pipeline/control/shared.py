@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from pipeline.control.records import CostModel
+from pipeline.control.records import CostModel, FeedbackWindow
 
 
 def cost_model(manifest) -> CostModel:
@@ -22,12 +22,22 @@ def controller_name(model: str, prefix: str = "offramp-controller") -> str:
     return f"{prefix}-{hashlib.sha1(os.path.abspath(model).encode()).hexdigest()[:10]}"
 
 
+def warm_start_window(model: str, manifest) -> FeedbackWindow | None:
+    """The artifact's validation feedback (``validation_feedback.safetensors``) as a window, or None when the
+    artifact has none (older artifacts: the controller then starts cold, as before)."""
+    from pipeline.model.artifact import load_validation_feedback
+
+    arrays = load_validation_feedback(model, num_ramps=len(manifest.ramps))
+    return None if arrays is None else FeedbackWindow(*arrays)
+
+
 def start_shared_controller(model: str, manifest, settings, thresholds: list[float] | None = None,
                             prefix: str = "offramp-controller") -> dict | None:
     """Create (or find) the named controller actor for `model`; None when `settings.enabled` is off.
 
-    `settings` is a pipeline.config.ControllerSettings. Returns what workers need to reach it
-    (name, namespace, refresh_every_batches) plus the driver's `handle`.
+    `settings` is a pipeline.config.ControllerSettings. With `settings.warm_start` a fresh controller first
+    tunes on the artifact's validation feedback, when the artifact has it. Returns what workers need to
+    reach it (name, namespace, refresh_every_batches) plus the driver's `handle`.
     """
     if not settings.enabled:
         return None
@@ -39,8 +49,9 @@ def start_shared_controller(model: str, manifest, settings, thresholds: list[flo
     initial = ControllerState(version=0, thresholds=list(thresholds or manifest.thresholds),
                               active=list(manifest.active))
     name = settings.name or controller_name(model, prefix)
+    warm = warm_start_window(model, manifest) if settings.warm_start else None
     handle = get_or_create_controller(name, cost_model(manifest), tuning, initial, settings.checkpoint_url,
-                                      namespace=settings.namespace)
+                                      namespace=settings.namespace, warm_start=warm)
     ray.get(handle.ping.remote(), timeout=60)
     return {"name": name, "namespace": settings.namespace,
             "refresh_every_batches": settings.refresh_every_batches, "handle": handle}

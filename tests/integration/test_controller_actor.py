@@ -154,3 +154,37 @@ def test_client_without_a_controller_never_raises(ray_session):
     assert c.stats()["reports_failed"] == 1 and not c.stats()["connected"]
     lonely = ControllerClient(_name("missing"), NS, timeout_s=0.2)
     assert lonely.version == -1 and lonely.thresholds is None
+
+
+def test_shared_controller_warm_starts_from_the_artifact_and_again_after_a_restart(ray_session, tiny_artifact):
+    from pipeline.config import ControllerSettings
+    from pipeline.control.shared import start_shared_controller
+    from pipeline.model.artifact import read_manifest
+
+    ray = ray_session
+    manifest = read_manifest(tiny_artifact)
+    settings = ControllerSettings(name=_name("warm"), namespace=NS, tuning={"window_rows": 16})
+    ctl = start_shared_controller(tiny_artifact, manifest, settings)
+    try:
+        state = ray.get(ctl["handle"].get_state.remote(), timeout=30)
+        rows = manifest.bootstrap["validation_rows"]
+        assert state["warm_windows"] == rows // 16 and state["windows"] == 0 and state["version"] >= 1
+        # No checkpoint: a restarted controller warm-starts again from the rows its arguments carry.
+        ray.kill(ctl["handle"], no_restart=False)
+        again = _wait_for(lambda: _state_or_none(ray, ctl["handle"]), timeout_s=60)
+        assert again["warm_windows"] == rows // 16 and again["thresholds"] == state["thresholds"]
+    finally:
+        ray.kill(ctl["handle"], no_restart=True)
+    cold = start_shared_controller(tiny_artifact, manifest, settings.model_copy(
+        update={"name": _name("cold"), "warm_start": False}))
+    try:
+        assert ray.get(cold["handle"].get_state.remote(), timeout=30)["warm_windows"] == 0
+    finally:
+        ray.kill(cold["handle"], no_restart=True)
+
+
+def _state_or_none(ray, handle):
+    try:
+        return ray.get(handle.get_state.remote(), timeout=5)
+    except Exception:
+        return None

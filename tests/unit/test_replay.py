@@ -117,6 +117,9 @@ def test_warm_start_tunes_on_the_bootstrap_rows_before_the_stream():
     w0 = warm.methods["controller"]
     assert w0.version[0] > 0 and w0.thresholds[0] != init.thresholds and len(w0.active[0]) <= 3
     assert len(warm.controller_history) == len(cold.controller_history) == 4  # stream windows only
+    # Rows of their own (an artifact's validation feedback) seed it the same way.
+    own = replay(stream, COSTS, boot, window_rows=256, initial_state=init, warm_start=boot.slice(0, 768))
+    assert own.meta["warm_start_windows"] == 3 and own.methods["controller"].thresholds == w0.thresholds
 
 
 def test_ramp_budget_caps_the_controllers_active_ramps():
