@@ -8,7 +8,8 @@ of ``window_rows``; for each full window it
    ramps (their thresholds become tuning floors until the guard has seen ``backoff_hold_windows`` good
    windows);
 3. every ``ramp_check_windows`` windows (or at once when the active set breaks the ramp budget) runs
-   ramp adjustment;
+   ramp adjustment (a ramp that was served closed is judged by what it saves at the re-tuned thresholds,
+   not by its cost alone: a controller starting all closed would otherwise drop every ramp at once);
 4. re-tunes the thresholds from scratch (all ramps closed) on the recent windows, bumps the version
    when thresholds or the active set change, checkpoints its state (fsspec URL) and logs a history row.
 
@@ -341,7 +342,6 @@ class ThresholdController:
 
         realized = evaluate(w, self.costs, thr, act)
         action = self._guard.observe(realized.agreement)
-        self._utils.append(ramp_utilities(w, self.costs, thr, act))
         backed_off: list[int] = []
         self._tune_buf.append(w)
         if action is GuardAction.OK:
@@ -362,6 +362,12 @@ class ThresholdController:
         target = cfg.constraint * cfg.tune_headroom
         tune_kw = dict(init_step=cfg.init_step, min_step=cfg.min_step, floor=self._floors)
 
+        t_tune = time.perf_counter()
+        tuned = tune_thresholds(data, self.costs, target, act, **tune_kw)
+        tune_ms = (time.perf_counter() - t_tune) * 1e3
+        # Ramps served closed are judged by what they would save at the thresholds just tuned.
+        self._utils.append(ramp_utilities(w, self.costs, thr, act, if_opened=tuned.thresholds))
+
         self._since_check += 1
         ramp_note: dict[str, Any] | None = None
         new_act = act
@@ -375,9 +381,9 @@ class ThresholdController:
                 new_act = decision.active
                 self._utils.clear()  # utilities depend on the whole set: gather fresh evidence
                 st.ramp_changes += 1
-        t_tune = time.perf_counter()
-        tuned = tune_thresholds(data, self.costs, target, new_act, **tune_kw)
-        tune_ms = (time.perf_counter() - t_tune) * 1e3
+                t_tune = time.perf_counter()
+                tuned = tune_thresholds(data, self.costs, target, new_act, **tune_kw)
+                tune_ms += (time.perf_counter() - t_tune) * 1e3
 
         changed = not (np.array_equal(tuned.thresholds, thr) and np.array_equal(new_act, act))
         if changed:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .records import CostModel, FeedbackWindow
+from .records import CLOSED, CostModel, FeedbackWindow
 from .tuner import evaluate, exit_costs, tune_thresholds
 
 __all__ = [
@@ -83,13 +83,25 @@ def ramp_utilities(
     costs: CostModel,
     thresholds: np.ndarray | Sequence[float],
     active: np.ndarray | Sequence[bool],
+    if_opened: np.ndarray | Sequence[float] | None = None,
 ) -> np.ndarray:
     """[R] utility of each active ramp on ``window`` at ``thresholds``; NaN for inactive ramps.
 
     "Cost saved by exiting at i" is the cost of a row that runs to the end minus the cost of exiting at
     i (remaining layers and later active ramps). This is Apparate's definition: it credits ramp i with
     the whole tail even when a later ramp would have caught the row, so it errs toward keeping ramps.
+
+    ``if_opened``: the thresholds the tuner would set now (e.g. tuned on the window). A ramp closed in
+    ``thresholds`` only costs, whatever it is worth, so it is judged at these instead: by what it would
+    save if opened. One the tuner keeps closed too still shows just its cost. Without it, a controller that
+    starts with every ramp closed would find every utility negative and drop them all at its first check.
     """
+    if if_opened is not None:
+        util = ramp_utilities(window, costs, thresholds, active)
+        closed = np.isfinite(util) & (np.asarray(thresholds, dtype=np.float64) >= CLOSED)
+        if closed.any():
+            util[closed] = ramp_utilities(window, costs, if_opened, active)[closed]
+        return util
     act = np.asarray(active, dtype=bool)
     R = act.shape[0]
     util = np.full(R, np.nan)

@@ -29,6 +29,11 @@ def test_utility_hand_computed():
     # A closed ramp never exits: its utility is just its cost for every row, negative.
     u_closed = ramp_utilities(w, costs, [CLOSED, 0.5], [True, True])
     assert u_closed[0] == pytest.approx(-0.2 / 4)
+    # ... unless judged by what it would save if opened; a ramp that was open keeps its realized utility.
+    u_would = ramp_utilities(w, costs, [CLOSED, 0.5], [True, True], if_opened=[0.5, 0.5])
+    assert u_would[0] == pytest.approx(u[0]) and u_would[1] == pytest.approx(u_closed[1])
+    still_shut = ramp_utilities(w, costs, [CLOSED, 0.5], [True, True], if_opened=[CLOSED, 0.9])
+    assert still_shut[0] == pytest.approx(-0.2 / 4) and still_shut[1] == pytest.approx(u_closed[1])
 
 
 def test_ramp_costing_more_than_it_saves_is_dropped():
@@ -102,3 +107,25 @@ def test_budget_checks():
     costs = CostModel.uniform(3, [1, 2], 0.0)
     with pytest.raises(ValueError):
         adjust_ramps([np.zeros(2)], [True, True, True], costs, RampBudget(2))
+
+
+def test_a_controller_starting_closed_keeps_useful_ramps_at_its_first_check():
+    # Every ramp starts closed (ControllerState.initial): served closed, each one costs without saving, so
+    # its realized utility is negative. Judged that way the first check (at once: 5 active break max_active=3)
+    # dropped every ramp; judged by what it saves once tuned, the three best stay and open.
+    from pipeline.control.controller import ControllerConfig, ThresholdController
+
+    costs = CostModel.uniform(6, [1, 2, 3, 4, 5], 0.004)
+    ctl = ThresholdController(costs, ControllerConfig(window_rows=512, max_active=3))
+    assert set(ctl.get_state()["thresholds"]) == {CLOSED}
+    ctl.report(synthetic_window(512, [0.45, 0.55, 0.65, 0.8, 0.9], seed=0))
+    st, check = ctl.get_state(), ctl.history()[-1]["ramp_check"]
+    assert check is not None and st["ramp_changes"] == 1
+    assert sum(st["active"]) == 3 and len(check["dropped"]) == 2
+    assert any(t < CLOSED for t in st["thresholds"])
+    assert ctl.history()[-1]["tuned_savings"] > 0
+    # A ramp the tuner keeps shut is still judged a cost: a coin-flip ramp is what gets dropped.
+    coin = CostModel.uniform(3, [1, 2], 0.05)
+    ctl = ThresholdController(coin, ControllerConfig(window_rows=512, max_active=1, ramp_check_windows=1))
+    ctl.report(synthetic_window(512, [-5.0, 0.9], seed=1))
+    assert ctl.get_state()["active"] == [False, True]
