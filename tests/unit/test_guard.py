@@ -65,8 +65,10 @@ def _stream(rows, seed, ramp0_right=True):
 
 def test_controller_retunes_on_violation_and_backs_off_the_bad_ramp():
     costs = CostModel.uniform(3, [1, 2], 0.01)
-    # Apparate's rule (re-tune on the first violation, back off on the second); the default backs off at once.
-    ctl = ThresholdController(costs, ControllerConfig(window_rows=200, adjust_ramps=False, backoff_after=2))
+    # Apparate's rule (re-tune on the first violation, back off on the second; the default backs off at once),
+    # tuned on the whole buffer only (the default also tunes on the newest windows, which alone recover here).
+    cfg = ControllerConfig(window_rows=200, adjust_ramps=False, backoff_after=2, recent_windows=0)
+    ctl = ThresholdController(costs, cfg)
     for k in range(4):
         ctl.report(_stream(200, k))
     opened = np.array(ctl.get_state()["thresholds"])
