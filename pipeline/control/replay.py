@@ -344,6 +344,7 @@ def replay(
     static_grid: Sequence[float] | None = None,
     drift_at: int | None = None,
     warm_start: bool | FeedbackWindow = False,
+    refresh_rows: int | None = None,
     name: str = "stream",
     meta: dict[str, Any] | None = None,
 ) -> ReplayResult:
@@ -365,6 +366,9 @@ def replay(
         warm_start: rows the controller processes (whole windows of them) before the stream, so its first
             re-tunes see them too instead of a single stream window: what a deployed controller does with the
             artifact's ``validation_feedback.safetensors`` (pass it here); True = ``bootstrap_window``.
+        refresh_rows: the controller's state is fetched (and the rows reported) every this many rows, as
+            workers refresh every few batches; default: once per window (window k is served with the state
+            after window k-1 throughout). Finer refreshes let an early back-off act within a window.
     """
     if stream.num_ramps != costs.num_ramps or bootstrap_window.num_ramps != costs.num_ramps:
         raise ValueError(
@@ -373,6 +377,8 @@ def replay(
         )
     if len(stream) == 0:
         raise ValueError("replay needs a non-empty stream")
+    if refresh_rows is not None and refresh_rows < 1:
+        raise ValueError(f"refresh_rows={refresh_rows} must be >= 1 (or None: once per window)")
     R = costs.num_ramps
     all_on = np.ones(R, bool)
     cfg = _controller_config(constraint, window_rows, ramp_budget, controller_config)
@@ -396,6 +402,9 @@ def replay(
     window_ms: list[float] = []
     history: list[dict[str, Any]] = []
     bounds = window_bounds(len(stream), window_rows)
+    refresh = refresh_rows or window_rows
+    seen = max((h["seq"] for h in ctl.history()), default=0)  # warm-start rows are not the stream's
+    early = 0
     for start, stop in bounds:
         w = stream.slice(start, stop)
         n = len(w)
@@ -404,18 +413,29 @@ def replay(
         out = evaluate(w, costs, static_thr, static_act)
         series["static"].add(n, out.agreement, out.savings, out.layer_savings, out.exit_rate, static_thr, static_act)
 
-        st = ctl.get_state()  # serve window k with the state after window k-1 ...
-        thr, act = np.asarray(st["thresholds"], np.float64), np.asarray(st["active"], bool)
-        out = evaluate(w, costs, thr, act)
-        series["controller"].add(n, out.agreement, out.savings, out.layer_savings, out.exit_rate, thr, act,
-                                 st["version"])
-        before = st["windows"]
-        ctl.report(w)  # ... then report it (it re-tunes on every full window)
-        processed = ctl.state.windows - before
-        for h in ctl.history(processed) if processed else []:
-            history.append(h)
-            tuner_ms.append(float(h["tune_ms"]))
-            window_ms.append(float(h["window_ms"]))
+        # Serve each block of `refresh` rows with the controller's state after the rows before it, then report
+        # the block (it re-tunes on every full window, and may back off within one).
+        outs, first = [], None
+        for a in range(0, n, refresh):
+            block = w.slice(a, min(a + refresh, n))
+            st = ctl.get_state()
+            first = first or st
+            out = evaluate(block, costs, np.asarray(st["thresholds"], np.float64), np.asarray(st["active"], bool))
+            outs.append((len(block), out))
+            ctl.report(block)
+            for h in ctl.history():
+                if h["seq"] > seen:
+                    seen = h["seq"]
+                    history.append(h)
+                    if h["action"] == "early_backoff":
+                        early += 1
+                    else:
+                        tuner_ms.append(float(h["tune_ms"]))
+                        window_ms.append(float(h["window_ms"]))
+        mix = {m: sum(k * getattr(o, m) for k, o in outs) / n
+               for m in ("agreement", "savings", "layer_savings", "exit_rate")}
+        series["controller"].add(n, mix["agreement"], mix["savings"], mix["layer_savings"], mix["exit_rate"],
+                                 np.asarray(first["thresholds"]), np.asarray(first["active"], bool), first["version"])
 
         sav, lsav, counts = oracle_outcome(w, costs)
         series["oracle"].add(n, 1.0, sav, lsav, float(counts.sum() / n), closed, all_on)
@@ -435,6 +455,8 @@ def replay(
         costs=costs.to_dict(),
         meta={"static_bootstrap_agreement": static.agreement, "static_bootstrap_savings": static.savings,
               "warm_start_windows": warm_windows,
+              "refresh_rows": refresh,
+              "early_backoffs": early,
               "initial_state": ControllerState.from_dict(
                   initial_state.to_dict() if isinstance(initial_state, ControllerState) else initial_state
               ).to_dict(),

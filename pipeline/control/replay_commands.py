@@ -164,6 +164,10 @@ def _pct(x: float) -> str:
 @click.option("--ramp-budget", default=None, type=int, help="Most active ramps for the controller [default: ControllerConfig's, 3].")
 @click.option("--window", "window_rows", default=512, show_default=True, type=int,
               help="Rows per window (the controller's window and the unit the constraint is judged on).")
+@click.option("--refresh-rows", default=128, show_default=True, type=click.IntRange(1),
+              help="Serve each window in blocks of this many rows, each with the controller's state after the rows "
+                   "before it (a Serve replica refreshes every 4 batches of up to 32 rows); --refresh-rows equal to "
+                   "--window serves a whole window with the state after the previous one.")
 @click.option("--drift", type=click.Choice(DRIFTS), default="hard", show_default=True,
               help="What follows the in-domain stream in the drift scenario: a domain (all its rows), `hard` (the "
                    f"{int(HARD_SHARE * 100)}% of rows of every other domain the original model is least sure of), "
@@ -181,8 +185,8 @@ def _pct(x: float) -> str:
                    "that file seeds it with the recorded bootstrap split].")
 @click.option("--device", default="auto", show_default=True, help="Device for the recording pass.")
 @click.option("--rerecord", is_flag=True, help="Record again even when a matching recording is cached in --out.")
-def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, drift, out, limit, seed, sets,
-           orders, warm_start, device, rerecord):
+def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, refresh_rows, drift, out, limit, seed,
+           sets, orders, warm_start, device, rerecord):
     """Replay recorded ramp outputs through vanilla, static, controller and oracle; in-domain and under drift."""
     from pathlib import Path
 
@@ -254,7 +258,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
     warm_desc = ("the artifact's validation feedback (warm start, as deployments do)" if artifact_warm is not None
                  else "the recorded bootstrap rows (warm start)" if warm else "no feedback (cold start)")
     common = dict(constraint=constraint, window_rows=window_rows, ramp_budget=ramp_budget, initial_state=initial,
-                  controller_config=overrides, warm_start=warm)
+                  controller_config=overrides, warm_start=warm, refresh_rows=min(refresh_rows, window_rows))
     # Order 0 is the seeded stream (tables, plot, series); orders 1.. reshuffle the same recorded rows, since
     # one order's few windows say little about a 1% budget (a window of 512 rows allows 5 disagreements).
     runs: dict[str, list] = {"in-domain": [], "drift": []}
@@ -280,7 +284,8 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
     click.echo(f"controller: max_active={cfg['max_active']}, tune_windows={cfg['tune_windows']}, "
                f"tune_headroom={cfg['tune_headroom']}, backoff_after={cfg['backoff_after']}, backoff_hold_windows="
                f"{cfg['backoff_hold_windows']}; starts from the manifest's thresholds and {warm_desc} "
-               f"({ind.meta['warm_start_windows']} windows); "
+               f"({ind.meta['warm_start_windows']} windows), state refreshed every {ind.meta['refresh_rows']} rows "
+               f"(early_guard={cfg['early_guard']}, recent_windows={cfg['recent_windows']}); "
                f"static: one threshold {ind.static_threshold:.3f} for every ramp (grid search on {len(boot)} "
                f"bootstrap rows)")
     aggregates: dict[str, dict] = {}
@@ -307,7 +312,9 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
         click.echo(f"tuner per window: median {t['tune_ms']['median']:.1f} ms, p95 {t['tune_ms']['p95']:.1f} ms, "
                    f"max {t['tune_ms']['max']:.1f} ms ({len(res.tuner_ms)} windows, each tuned on up to "
                    f"{cfg['tune_windows']} x {cfg['window_rows']} rows); whole controller step (guard, ramp "
-                   f"adjustment, tuning): median {t['window_ms']['median']:.1f} ms, max {t['window_ms']['max']:.1f} ms")
+                   f"adjustment, tuning): median {t['window_ms']['median']:.1f} ms, max {t['window_ms']['max']:.1f} ms; "
+                   f"early back-offs within a window: {sum(r.meta['early_backoffs'] for r in runs[key])} over "
+                   f"{len(runs[key])} orders")
         final = res.methods["controller"].thresholds[-1]
         click.echo("controller thresholds at the last window: " + (", ".join(
             f"L{layers[i]} " + ("closed" if final[i] >= 1.0 else f"{final[i]:.3f}")
@@ -358,7 +365,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, d
 
     extra = {"model": str(model_dir), "data": data, "drift": drift, "constraint": constraint, "hindsight": hind,
              "orders": orders, "aggregates": aggregates,
-             "window_rows": window_rows, "ramp_layers": layers, "seed": seed, "limit": limit,
+             "window_rows": window_rows, "refresh_rows": min(refresh_rows, window_rows), "ramp_layers": layers, "seed": seed, "limit": limit,
              "warm_start": "artifact" if artifact_warm is not None else "bootstrap rows" if warm else False,
              "recording_seconds": {"bootstrap": t_boot, "stream": t_stream, "drift": t_drift},
              "profile_device": manifest.profile.device if manifest.profile else None}

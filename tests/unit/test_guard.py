@@ -8,6 +8,7 @@ from pipeline.control.controller import ControllerConfig, ControllerState, Thres
 from pipeline.control.guard import AccuracyGuard, GuardAction, back_off, is_violation, violating_ramps
 from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
+from pipeline.control.tuner import evaluate
 
 
 # ----------------------------------------------------------------------------- state machine
@@ -104,6 +105,41 @@ def test_default_controller_backs_off_on_the_first_violation():
     last = ctl.history()[-1]
     assert last["action"] == "backoff" and last["backed_off"] == [0]
     assert ctl.get_state()["backoffs"] == 1
+
+
+def test_early_guard_backs_off_within_a_window_and_counts_the_rows_before_it_as_served():
+    costs = CostModel.uniform(3, [1, 2], 0.01)
+    ctl = ThresholdController(costs, ControllerConfig(window_rows=400, adjust_ramps=False, recent_windows=0))
+    for k in range(4):
+        ctl.report(_stream(400, k))
+    thr_before = list(ctl.get_state()["thresholds"])
+    assert thr_before[0] < 0.7 and ctl.get_state()["backoffs"] == 0
+    bad = _stream(400, 9, ramp0_right=False)  # ramp 0 turns into a confident coin flip
+    ctl.report(bad.slice(0, 50))  # under a quarter window: no early check yet
+    assert ctl.get_state()["thresholds"] == thr_before
+    ctl.report(bad.slice(50, 100))  # 100 rows, ~half of them wrong: far past the window's 4-row budget
+    st, h = ctl.get_state(), ctl.history()[-1]
+    assert h["action"] == "early_backoff" and h["backed_off"] == [0] and h["window"] == 4
+    assert st["backoffs"] == 1 and st["violations"] == 0 and st["thresholds"][0] > thr_before[0]
+    ctl.report(bad.slice(100, 200))  # at most one early back-off per window
+    assert ctl.history()[-1]["seq"] == h["seq"]
+    ctl.report(bad.slice(200))
+    end = ctl.history()[-1]
+    assert end["action"] != "early_backoff" and end["window"] == 5
+    # Served: rows 0-99 at the old thresholds, 100-399 at the backed-off ones.
+    first = evaluate(bad.slice(0, 100), costs, thr_before, [True, True]).agreement
+    rest = evaluate(bad.slice(100), costs, h["thresholds"], [True, True]).agreement
+    assert end["agreement"] == pytest.approx((100 * first + 300 * rest) / 400)
+    # Easy rows never trigger it; nor does a controller with early_guard off.
+    calm = ThresholdController(costs, ControllerConfig(window_rows=400, adjust_ramps=False))
+    off = ThresholdController(costs, ControllerConfig(window_rows=400, adjust_ramps=False, early_guard=False))
+    for k in range(4):
+        for c in (calm, off):
+            c.report(_stream(400, k))
+    for a in range(0, 400, 100):
+        calm.report(_stream(400, 20).slice(a, a + 100))
+        off.report(bad.slice(a, a + 100))
+    assert not any(x["action"] == "early_backoff" for c in (calm, off) for x in c.history())
 
 
 def test_controller_windows_versions_and_json_state(tmp_path):

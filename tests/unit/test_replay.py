@@ -158,6 +158,27 @@ def test_static_breaks_under_drift_and_the_controller_recovers():
     assert post["controller"]["agreement"] > post["static"]["agreement"] + 0.1
 
 
+def test_refreshing_within_windows_lets_the_controller_brake_inside_the_first_drifted_window():
+    boot = _regime(1000, 10, drifted=False)
+    stream, at = drift_stream(_regime(2560, 11, drifted=False), _regime(3072, 12, drifted=True))
+    kw = dict(constraint=0.01, window_rows=256, drift_at=at)
+    whole = replay(stream, TWO, boot, **kw)
+    fine = replay(stream, TWO, boot, refresh_rows=64, **kw)
+    assert whole.meta["refresh_rows"] == 256 and whole.meta["early_backoffs"] == 0
+    assert fine.meta["early_backoffs"] >= 1
+    d = fine.drift_window
+    w_ctl, f_ctl = whole.methods["controller"], fine.methods["controller"]
+    assert f_ctl.agreement[d] > w_ctl.agreement[d]  # the first drifted window: braked after 64-128 rows
+    assert fine.summary("after")["controller"]["violating_windows"] <= whole.summary("after")["controller"]["violating_windows"]
+    # The controller's own account of each window (rows before a brake at the thresholds then in force) is
+    # what replay measured block by block.
+    ends = [h for h in fine.controller_history if h["action"] != "early_backoff"]
+    assert [h["agreement"] for h in ends] == pytest.approx(f_ctl.agreement[: len(ends)])
+    assert any(h["action"] == "early_backoff" for h in fine.controller_history)
+    with pytest.raises(ValueError, match="refresh_rows"):
+        replay(stream, TWO, boot, refresh_rows=0, **kw)
+
+
 def test_hardest_keeps_the_rows_the_original_model_is_least_sure_of():
     w = synthetic_window(200, SKILLS, seed=8)
     conf = np.linspace(1.0, 0.5, 200)  # row i: confidence falls with i
