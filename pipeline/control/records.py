@@ -22,12 +22,17 @@ class FeedbackWindow:
     """Per-row ramp outputs of rows that ran to the end of the model.
 
     Shapes: ``conf`` [N, R] float32 (max softmax of ramp r), ``pred`` [N, R] int64 (argmax of ramp r),
-    ``final`` [N] int64 (the original model's prediction).
+    ``final`` [N] int64 (the deployed model's own final prediction).
+
+    ``reference`` [N] int64, optional: the answers the accuracy budget is measured against when they
+    are not the deployed model's own, e.g. the float original's labels for a quantized model. Then a
+    row that never exits is right only when ``final == reference``. Default: ``final``.
     """
 
     conf: np.ndarray
     pred: np.ndarray
     final: np.ndarray
+    reference: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.conf = np.asarray(self.conf, dtype=np.float32)
@@ -39,6 +44,20 @@ class FeedbackWindow:
             raise ValueError(f"pred shape {self.pred.shape} must equal conf shape {self.conf.shape}")
         if self.final.shape[0] != self.conf.shape[0]:
             raise ValueError(f"final has {self.final.shape[0]} rows, conf has {self.conf.shape[0]}")
+        if self.reference is not None:
+            self.reference = np.asarray(self.reference, dtype=np.int64).reshape(-1)
+            if self.reference.shape != self.final.shape:
+                raise ValueError(f"reference has {self.reference.shape[0]} rows, final has {self.final.shape[0]}")
+
+    @property
+    def labels(self) -> np.ndarray:
+        """[N] the answers agreement is measured against (``reference``, else ``final``)."""
+        return self.final if self.reference is None else self.reference
+
+    @property
+    def final_ok(self) -> np.ndarray:
+        """[N] bool: a row that runs to the end gives the right answer."""
+        return np.ones(len(self), bool) if self.reference is None else self.final == self.reference
 
     def __len__(self) -> int:
         return int(self.conf.shape[0])
@@ -64,19 +83,25 @@ class FeedbackWindow:
         ramps = {w.num_ramps for w in windows}
         if len(ramps) != 1:
             raise ValueError(f"windows disagree on the number of ramps: {sorted(ramps)}")
+        with_ref = any(w.reference is not None for w in windows)
         return cls(
             conf=np.concatenate([w.conf for w in windows], axis=0),
             pred=np.concatenate([w.pred for w in windows], axis=0),
             final=np.concatenate([w.final for w in windows], axis=0),
+            reference=np.concatenate([w.labels for w in windows]) if with_ref else None,
         )
 
     def slice(self, start: int, stop: int | None = None) -> "FeedbackWindow":
         """Rows ``start:stop`` as a new window (views, no copy)."""
-        return FeedbackWindow(self.conf[start:stop], self.pred[start:stop], self.final[start:stop])
+        ref = None if self.reference is None else self.reference[start:stop]
+        return FeedbackWindow(self.conf[start:stop], self.pred[start:stop], self.final[start:stop], ref)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists, for JSON and cheap Ray transport."""
-        return {"conf": self.conf.tolist(), "pred": self.pred.tolist(), "final": self.final.tolist()}
+        d = {"conf": self.conf.tolist(), "pred": self.pred.tolist(), "final": self.final.tolist()}
+        if self.reference is not None:
+            d["reference"] = self.reference.tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeedbackWindow":
@@ -85,7 +110,9 @@ class FeedbackWindow:
         if conf.size == 0:  # [] loses the ramp dimension; keep it from whichever side has it
             r = conf.shape[1] if conf.ndim == 2 else (pred.shape[1] if pred.ndim == 2 else 0)
             conf, pred = conf.reshape(0, r), pred.reshape(0, r)
-        return cls(conf=conf, pred=pred, final=np.asarray(d["final"], dtype=np.int64))
+        ref = d.get("reference")
+        return cls(conf=conf, pred=pred, final=np.asarray(d["final"], dtype=np.int64),
+                   reference=None if ref is None else np.asarray(ref, dtype=np.int64))
 
 
 @dataclass

@@ -6,7 +6,9 @@ Exit rule: a row exits at the first active ramp r (in layer order) with ``conf[n
 ``thr[r] < 1``. Cost of a row exiting at ramp j = layers up to ramp j's layer + the active ramps up to
 and including j; a row that never exits pays every layer and every active ramp. Savings are relative to
 the original model (all layers, no ramps), so they can be negative. Agreement counts a row as right when
-the exit ramp's prediction equals the final prediction; rows that never exit agree by definition.
+the exit ramp's prediction equals the window's labels (the final prediction, or a ``reference`` such as
+the float original's answers for a quantized model); a row that never exits is right when its final
+prediction equals them (always, without a reference).
 """
 from __future__ import annotations
 
@@ -149,7 +151,7 @@ def evaluate(
     j = np.where(exited, exit_ramp, 0)
     row_cost = np.where(exited, at_exit[j], no_exit)
     rows = np.arange(N)
-    agree = np.where(exited, window.pred[rows, j] == window.final, True)
+    agree = np.where(exited, window.pred[rows, j] == window.labels, window.final_ok)
     layers = np.where(exited, costs.ramp_layers[j], costs.num_layers)
     return Outcome(
         agreement=float(agree.mean()),
@@ -233,8 +235,8 @@ def tune_thresholds(
     if N == 0:  # nothing to learn from: keep what we were given
         return _result(window, costs, thr, act, 0, 0, False, t0)
 
-    conf, final = window.conf, window.final
-    agree = window.pred == final[:, None]  # [N, R] ramp r agrees with the original model
+    conf, final_ok = window.conf, window.final_ok
+    agree = window.pred == window.labels[:, None]  # [N, R] ramp r agrees with the reference answers
     at_exit, no_exit = exit_costs(costs, act)
     allowed = _allowed_wrong(constraint, N)
 
@@ -243,16 +245,19 @@ def tune_thresholds(
         exited = pos >= 0
         j = np.where(exited, pos, 0)
         cost = np.where(exited, at_exit[j], no_exit)
-        ok = np.where(exited, agree[np.arange(N), j], True)
+        ok = np.where(exited, agree[np.arange(N), j], final_ok)
         return np.where(exited, pos, R), cost, ok  # exit position R = ran to the end
 
     exit_pos, row_cost, row_ok = state(thr)
     wrong = N - int(row_ok.sum())
     restarted = False
-    if wrong > allowed:
+    if wrong > allowed and start is not None:
         thr = np.full(R, CLOSED)
         exit_pos, row_cost, row_ok = state(thr)
-        wrong, restarted = 0, True
+        wrong, restarted = N - int(row_ok.sum()), True
+    # Without a reference all-closed is always feasible. With one it may not be (the final head already
+    # disagrees too often); then only moves that keep `wrong` from growing are taken.
+    allowed = max(allowed, wrong)
 
     # Ascending confidences per ramp, as float64 so comparisons with thresholds are exact.
     order = np.argsort(conf, axis=0)  # [N, R]; tie order is irrelevant, bands are sets

@@ -314,3 +314,57 @@ def test_tuner_speed_is_printed(capsys):
             f" savings {res.savings:.3f} (static {static.savings:.3f}), agreement {res.agreement:.4f}"
         )
     assert 1 - res.agreement <= 0.01 + 1e-12
+
+
+# ----------------------------------------------------------------------------- a reference other than the final head
+def _with_reference(w: FeedbackWindow, flip: np.ndarray) -> FeedbackWindow:
+    """`w` whose final head disagrees with the reference answers on the rows in `flip` (a compressed model)."""
+    final = w.final.copy()
+    final[flip] = (final[flip] + 1) % 2
+    return FeedbackWindow(w.conf, w.pred, final, reference=w.final)
+
+
+def test_reference_counts_rows_that_run_to_the_end():
+    w = _window([[0.9], [0.9], [0.2], [0.2]], [[1], [0], [0], [1]], [1, 1, 0, 1])
+    ref = FeedbackWindow(w.conf, w.pred, np.array([1, 1, 1, 1]), reference=np.array([1, 0, 0, 0]))
+    costs = _costs(1)
+    closed = evaluate(ref, costs, [CLOSED])
+    assert closed.agreement == 0.25  # rows 1-3: the final head disagrees with the reference
+    opened = evaluate(ref, costs, [0.5])  # rows 0, 1 exit with the reference's answers
+    assert opened.agreement == 0.5
+    assert np.array_equal(ref.final_ok, [True, False, False, False])
+    back = FeedbackWindow.from_dict(ref.to_dict())
+    assert np.array_equal(back.reference, ref.reference) and np.array_equal(back.labels, ref.reference)
+    both = FeedbackWindow.concat([w, ref])  # a window without reference contributes its finals
+    assert np.array_equal(both.labels, [1, 1, 0, 1, 1, 0, 0, 0])
+    assert np.array_equal(ref.slice(1, 3).reference, [0, 0])
+    with pytest.raises(ValueError, match="reference"):
+        FeedbackWindow(w.conf, w.pred, w.final, reference=np.zeros(3))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reference_tuning_meets_the_constraint_and_never_worsens_an_infeasible_start(seed):
+    w = synthetic_window(1500, [0.5, 0.8, 1.0], num_classes=2, seed=seed)
+    costs = _costs(3)
+    rng = np.random.default_rng(seed)
+    few = _with_reference(w, rng.choice(len(w), 5, replace=False))  # 0.33% lost by the final head
+    res = tune_thresholds(few, costs, 0.01)
+    assert 1 - res.agreement <= 0.01 + 1e-12
+    assert res.agreement == evaluate(few, costs, res.thresholds).agreement
+    assert res.savings > 0
+    # A tighter budget than the final head already spends: only moves that do not lose agreement.
+    many = _with_reference(w, rng.choice(len(w), 30, replace=False))  # 2% lost
+    closed = evaluate(many, costs, [CLOSED] * 3).agreement
+    res = tune_thresholds(many, costs, 0.01)
+    assert res.agreement >= closed
+
+
+def test_ignoring_the_reference_overspends_the_budget():
+    """Tuning against the compressed final head alone spends the whole budget on top of its own loss."""
+    w = synthetic_window(2000, [0.6, 0.9], num_classes=2, seed=7)
+    costs = _costs(2)
+    ref = _with_reference(w, np.arange(0, 2000, 200))  # final head loses 0.5%
+    naive = tune_thresholds(FeedbackWindow(ref.conf, ref.pred, ref.final), costs, 0.01)
+    aware = tune_thresholds(ref, costs, 0.01)
+    assert 1 - evaluate(ref, costs, aware.thresholds).agreement <= 0.01 + 1e-12
+    assert evaluate(ref, costs, naive.thresholds).agreement < evaluate(ref, costs, aware.thresholds).agreement
