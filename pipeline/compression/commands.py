@@ -111,7 +111,9 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
               help="int8-dynamic implementation (default: the registry's, chosen by measurement).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
-def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, backend, text_column, label_column):
+@click.option("--retune/--no-retune", default=True, show_default=True,
+              help="Artifacts: re-tune the exit thresholds for the compressed model against the float source's answers.")
+def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, backend, text_column, label_column, retune):
     """Compress a model (int8-dynamic, fp16, bf16), check it against the uncompressed source on held-out
     data, and record the check. Exits non-zero when agreement loss > --budget (unless --allow-loss)."""
     _quiet()
@@ -128,7 +130,7 @@ def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, ba
     try:
         record = run(model_dir, out, method, data=data, budget=budget, allow_loss=allow_loss, limit=limit,
                      device=device, options={"backend": backend} if backend else None,
-                     text_column=text_column, label_column=label_column)
+                     text_column=text_column, label_column=label_column, retune=retune)
     except BudgetExceeded as e:
         click.echo(json.dumps(e.record["check"], indent=2))
         raise click.ClickException(str(e)) from e
@@ -141,6 +143,11 @@ def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, ba
     click.echo(f"{method}: agreement {_pct(c['agreement'])} with the uncompressed model on {c['rows']} rows of "
                f"{c['data']} (loss {_pct(c['agreement_loss'])}, {status} budget {_pct(c['budget'])}){acc}; "
                f"wrote {out}", err=True)
+    if rt := record.get("retune"):
+        click.echo(f"re-tuned thresholds on {rt['rows']} rows of {rt['data']}: early-exit agreement with the float "
+                   f"source on {rt['check_data']} {_pct(rt['check_exit_agreement_before'])} -> "
+                   f"{_pct(rt['check_exit_agreement'])}, layer savings {_pct(rt['check_layer_savings_before'])} -> "
+                   f"{_pct(rt['check_layer_savings'])}", err=True)
 
 
 @click.command("compression")

@@ -267,3 +267,25 @@ def test_cli_method_choices_match_registry():
     from pipeline.compression.commands import METHODS
 
     assert set(METHODS) == set(methods())
+
+
+def test_quantize_retunes_artifact_thresholds_against_the_float_source(tiny_artifact, tmp_path):
+    """The compressed artifact's thresholds are tuned on its own ramps, labelled with the float source's answers."""
+    from pipeline.model.artifact import load_validation_feedback, read_manifest
+
+    out = tmp_path / "retuned"
+    rec = quantize(tiny_artifact, str(out), "bf16", limit=40, allow_loss=True)
+    rt = rec["retune"]
+    src, m = read_manifest(tiny_artifact), read_manifest(out)
+    assert rt["previous_thresholds"] == src.thresholds
+    assert rt["rows"] == src.bootstrap["validation_rows"] and rt["data"].endswith(":validation")
+    # Every tuned move kept the agreement with the float source within the budget (or did not worsen it).
+    assert 1 - rt["validation_agreement"] <= max(rt["constraint"], 1 - rt["validation_final_agreement"]) + 1e-9
+    assert 0 <= rt["check_exit_agreement"] <= 1 and m.compression["retune"] == rt
+    conf, pred, final = load_validation_feedback(out, num_ramps=len(m.ramps))
+    src_conf, _, _ = load_validation_feedback(tiny_artifact, num_ramps=len(src.ramps))
+    assert conf.shape == src_conf.shape and not np.array_equal(conf, src_conf)  # the bf16 model's own outputs
+
+    kept = tmp_path / "kept"
+    rec = quantize(tiny_artifact, str(kept), "bf16", limit=40, allow_loss=True, retune=False)
+    assert "retune" not in rec and read_manifest(kept).thresholds == src.thresholds
