@@ -96,9 +96,11 @@ def execute(
                 alive, h, mask = alive[keep], h[keep], mask[keep]
                 if len(alive) == 0:
                     break
-                # Rows are right-padded: drop columns no remaining row uses.
+                # Rows are right-padded: drop columns no remaining row uses. Contiguous, so a compiled
+                # layer sees the same strides as on a fresh batch (else it recompiles).
                 width = int(mask.sum(1).max())
-                h, mask = h[:, :width], mask[:, :width]
+                if width < h.shape[1]:
+                    h, mask = h[:, :width].contiguous(), mask[:, :width].contiguous()
                 lmask = model.layer_mask(h, mask)
 
     final_pred = torch.empty(0, dtype=torch.long, device=device)

@@ -185,8 +185,10 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
     agree = int(sum(r["shadow_agree"] for r in rows))
     answered = int(exits[1:].sum())
     per_worker: dict[str, int] = {}
+    busy: dict[str, float] = {}  # seconds each actor spent classifying (the rest: start-up, waiting for input)
     for r in rows:
         per_worker[r["worker"]] = per_worker.get(r["worker"], 0) + r["rows"]
+        busy[r["worker"]] = busy.get(r["worker"], 0.0) + r["seconds"]
     summary = {
         "job": cfg.name,
         "model": cfg.model,
@@ -207,6 +209,7 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "shadow_agreement": round(agree / shadow, 4) if shadow else None,
         "threshold_versions_seen": sorted({int(r["policy_version"]) for r in rows}),
         "rows_per_worker": per_worker,
+        "model_seconds_per_worker": {w: round(t, 1) for w, t in busy.items()},
     }
     if controller is not None:
         import ray
