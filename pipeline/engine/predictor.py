@@ -251,6 +251,7 @@ class Predictor:
             "layer_rows": layer_rows.tolist(),
             "token_budget": self.budget.value,
             "policy_version": self.policy.version,
+            "mode": mode,
         }
         fb = FeedbackWindow.concat(feedback) if feedback else FeedbackWindow.empty(self.num_ramps)
         return PredictOutput(out, fb, stats, np.asarray(fb_rows, np.int64))  # type: ignore[arg-type]

@@ -39,6 +39,8 @@ class ServingMetrics:
                                lab, registry=r)
         self.policy_version = Gauge("offramp_threshold_version", "Version of the thresholds in use", lab, registry=r)
         self.queue_rows = Gauge("offramp_queue_texts", "Texts waiting for a batch", lab, registry=r)
+        self.batches = Counter("offramp_batches", "Batches run, by engine mode (release, or exit under a backlog)",
+                               lab + ["mode"], registry=r)
         self.batch_rows = Histogram("offramp_batch_texts", "Texts per batch", lab,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_seconds = Histogram("offramp_batch_seconds", "Model time per batch", lab,
@@ -71,6 +73,7 @@ class ServingMetrics:
             self.failed_batches.labels(rep).inc()
             return
         out = report.output
+        self.batches.labels(rep, str(out.stats.get("mode", "?"))).inc()
         for p in out.predictions:
             if p.error is None:
                 self.exits.labels(rep, str(p.exit_layer)).inc()

@@ -82,8 +82,15 @@ class ReplicaEngine:
         """Answers in order; raises QueueFull (-> 503) or BatchFailed (-> 500)."""
         return await self.queue.submit(encoded, keys)
 
+    def batch_mode(self) -> str:
+        """`exit` when a backlog waits behind this batch (batching.exit_mode_queue), else the engine's mode."""
+        over = self.config.batching.exit_mode_queue
+        if self.config.engine.mode == "release" and over is not None and self.queue.queued_rows >= over:
+            return "exit"
+        return self.config.engine.mode
+
     def _run(self, encoded: Encoded, keys: list, on_result) -> object:  # worker thread
-        return self.predictor.predict_encoded(encoded, keys, on_result=on_result)
+        return self.predictor.predict_encoded(encoded, keys, self.batch_mode(), on_result=on_result)
 
     # -- after each batch -------------------------------------------------------------------------
     def _on_batch(self, report: BatchReport) -> None:  # event loop

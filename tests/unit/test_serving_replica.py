@@ -149,3 +149,25 @@ def test_a_dead_controller_never_stops_serving(tiny_artifact):
     outs = _ask_many(eng, CANDIDATES[:3])
     assert all(o.error is None and o.exit_layer == 4 for o in outs)
     assert eng.predictor.policy.version == 0
+
+
+def test_a_backlog_switches_release_batches_to_exit_mode(tiny_artifact):
+    """batching.exit_mode_queue: a batch that starts with texts still queued behind it runs in exit mode."""
+    early, late, thresholds = ramp1_split(tiny_artifact)
+    texts = [early, late, early, late]
+    eng = ReplicaEngine(app_config(tiny_artifact, thresholds, max_batch_size=1, exit_mode_queue=2))
+    reference = Predictor(tiny_artifact, EngineConfig(mode="release", thresholds=thresholds)).predict(texts)
+
+    async def main():
+        outs = await asyncio.gather(*[eng.predict(eng.encode([t]), [f"{i}"]) for i, t in enumerate(texts)])
+        await eng.close()
+        return [o[0] for o in outs]
+
+    outs = asyncio.run(main())
+    # Queued behind each batch: 3, 2, 1, 0 texts -> exit, exit, release, release. Same answers either way.
+    assert [(p.label, p.exit_layer) for p in outs] == [(p.label, p.exit_layer) for p in reference.predictions]
+    lines = eng.metrics_text().decode().splitlines()
+    count = {m: next(float(x.split()[-1]) for x in lines if x.startswith("offramp_batches_total{") and f'mode="{m}"' in x)
+             for m in ("exit", "release")}
+    assert count == {"exit": 2.0, "release": 2.0}
+    assert ServeAppConfig(model="x").batching.exit_mode_queue is None  # off unless configured
