@@ -353,7 +353,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
         ):
             if label != "seed order" and orders == 1:
                 continue
-            later = (f"; after the first drifted window (served before any drifted feedback): static "
+            later = (f"; after the first drifted window (served with the pre-drift state, at least until its first drifted rows come back as feedback): static "
                      f"{held(settled['static'])}, controller {held(settled['controller'])}" if settled and settled.get("static") else "")
             click.echo(f"targets (drift, {label}): windows within the constraint after the drift: static "
                        f"{held(a['static'])}, controller {held(a['controller'])}{later} (whole stream: static "
