@@ -31,6 +31,14 @@ def warm_start_window(model: str, manifest) -> FeedbackWindow | None:
     return None if arrays is None else FeedbackWindow(*arrays)
 
 
+def controller_constraint(manifest) -> float:
+    """The disagreement the controller may spend: the artifact's constraint (against the original float
+    model) less what compression already lost on its held-out check. The controller only sees the deployed
+    model's own final head, so for a compressed artifact the rest of the budget is all it can hold."""
+    check = (manifest.compression or {}).get("check") or {}
+    return max(0.0, float(manifest.constraint) - float(check.get("agreement_loss", 0.0)))
+
+
 def start_shared_controller(model: str, manifest, settings, thresholds: list[float] | None = None,
                             prefix: str = "offramp-controller") -> dict | None:
     """Create (or find) the named controller actor for `model`; None when `settings.enabled` is off.
@@ -45,7 +53,7 @@ def start_shared_controller(model: str, manifest, settings, thresholds: list[flo
 
     from pipeline.control.controller import ControllerState, get_or_create_controller
 
-    tuning = {"constraint": manifest.constraint, **settings.tuning}
+    tuning = {"constraint": controller_constraint(manifest), **settings.tuning}
     initial = ControllerState(version=0, thresholds=list(thresholds or manifest.thresholds),
                               active=list(manifest.active))
     name = settings.name or controller_name(model, prefix)

@@ -289,3 +289,18 @@ def test_quantize_retunes_artifact_thresholds_against_the_float_source(tiny_arti
     kept = tmp_path / "kept"
     rec = quantize(tiny_artifact, str(kept), "bf16", limit=40, allow_loss=True, retune=False)
     assert "retune" not in rec and read_manifest(kept).thresholds == src.thresholds
+
+
+def test_controller_spends_only_the_budget_compression_left(tiny_artifact):
+    """The controller sees the compressed model's own final head: it gets the constraint less the check's loss."""
+    from pipeline.control.controller import ControllerConfig
+    from pipeline.control.shared import controller_constraint
+    from pipeline.model.artifact import read_manifest
+
+    m = read_manifest(tiny_artifact)
+    assert controller_constraint(m) == m.constraint
+    m.compression = {"method": "int8-dynamic", "check": {"agreement_loss": 0.0047}}
+    assert controller_constraint(m) == pytest.approx(m.constraint - 0.0047)
+    m.compression = {"method": "bf16", "check": {"agreement_loss": 0.03}}  # kept with --allow-loss
+    assert controller_constraint(m) == 0.0
+    ControllerConfig(constraint=controller_constraint(m))  # a valid (close-everything) controller
