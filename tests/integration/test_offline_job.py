@@ -67,13 +67,9 @@ def test_job_classifies_every_row_once_spreads_over_actors_and_matches_local(ray
     assert sum(summary["exits_per_layer"].values()) == 600
     assert summary["shadow_rows"] > 50 and 0 <= summary["shadow_agreement"] <= 1
     assert "controller" in summary and summary["controller"]["version"] >= 0
-    # the same answers as the local predictor (same thresholds: controller starts from the artifact's)
-    if summary["threshold_versions_seen"] == [0]:
-        local = Predictor(tiny_artifact).predict(texts, ids=[f"r{i}" for i in range(600)])
-        by_id = {r["id"]: r for r in rows}
-        for i, p in enumerate(local.predictions):
-            assert by_id[f"r{i}"]["label"] == p.label
     assert {r["gold"] for r in rows} == {0, 1}  # pass-through column kept
+    # (the answers-equal-local check runs without a controller, in the resume test: this controller
+    # warm-starts and re-tunes, so the thresholds move during the job)
 
 
 def test_bad_rows_are_reported_with_errors_not_dropped(ray_session, tiny_artifact, tmp_path):
@@ -107,9 +103,14 @@ def test_unreadable_input_and_missing_model_are_clear(ray_session, tiny_artifact
 
 
 def test_resume_finishes_only_missing_shards_without_duplicates(ray_session, tiny_artifact, tmp_path):
-    _write_parquet_dir(tmp_path / "in", 300)
+    texts = _write_parquet_dir(tmp_path / "in", 300)
     cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", controller={"enabled": False})
     first = run_job(cfg)
+    # No controller: the artifact's thresholds throughout, so the answers equal the local predictor's.
+    local = Predictor(tiny_artifact).predict(texts, ids=[f"r{i}" for i in range(300)])
+    by_id = {r["id"]: r for r in _read_output(tmp_path / "out")}
+    assert [by_id[f"r{i}"]["label"] for i in range(300)] == [p.label for p in local.predictions]
+    assert [by_id[f"r{i}"]["exit_layer"] for i in range(300)] == [p.exit_layer for p in local.predictions]
     parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))
     assert parts == [f"part-{i:06d}-000000.parquet" for i in range(first["shards"])]  # deterministic names
     for p in parts[1::2]:  # an interrupted job: half the parts missing, a stray temp file
