@@ -9,7 +9,7 @@
 All run in one local Ray at the same time, one replica each, the same torch threads; the load alternates
 between them rate by rate (same texts, same arrival times) so background noise hits all alike. An
 open-loop client in a separate process sends Poisson arrivals of movie-review test sentences (one text per
-request) to 127.0.0.1; every rate sends a fixed number of requests (or stops after --max-seconds) and waits
+request) to 127.0.0.1; every rate runs `rounds` rounds, apps interleaved, latencies pooled; each round sends a fixed number of requests (or stops after --max-seconds) and waits
 a bounded time for stragglers. First each app's capacity is measured closed-loop (64 requests in flight,
 apps alternating, best of rounds); the offered rates are fractions of (a)'s capacity. Reported per app and
 rate: p50/p90/p99 latency of successful requests, achieved throughput, errors, agreement of the labels
@@ -141,11 +141,17 @@ def _load(url, texts, order, rate=None, concurrency=None, max_seconds=60.0, seed
     return records, wall
 
 
-def _summary(records: list[dict], wall: float) -> dict:
+def _span(records: list[dict], wall: float) -> float:
+    """First send to last successful answer (the wall time when nothing succeeded)."""
+    ok = [r for r in records if r["status"] == 200]
+    return (max(r["sent"] + r["latency"] for r in ok) - min(r["sent"] for r in ok)) if ok else wall
+
+
+def _summary(records: list[dict], wall: float, span: float | None = None) -> dict:
+    """`span`: the time the records took (default: from their timestamps; give the sum for pooled rounds)."""
     ok = [r for r in records if r["status"] == 200]
     lat = np.array([r["latency"] for r in ok]) * 1000
-    ends = [r["sent"] + r["latency"] for r in ok]
-    span = (max(ends) - min(r["sent"] for r in ok)) if ok else wall
+    span = _span(records, wall) if span is None else span
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: None)
     layers = [r["exit_layer"] for r in ok if r.get("exit_layer")]
     return {
@@ -162,7 +168,8 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
                      serve_config: str | None = "configs/serve/movie_reviews.yaml",
                      fractions: tuple[float, ...] = (0.3, 0.5, 0.7), rps: tuple[float, ...] | None = None,
                      modes: tuple[str, ...] = ("release",),
-                     requests_per_rate: int = 400, capacity_requests: int = 400, capacity_rounds: int = 2,
+                     requests_per_rate: int = 400, rounds: int = 1, capacity_requests: int = 400,
+                     capacity_rounds: int = 2,
                      max_seconds: float = 40.0,
                      num_threads: int = 2, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01,
                      port: int = 8011, out_json: str | None = "bench_results/online.json", echo=print) -> dict:
@@ -186,7 +193,7 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
     if started:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     results: dict = {"model": model, "texts": len(texts), "num_threads": num_threads, "cpu_count": os.cpu_count(),
-                     "offramp_args": args, "plain": {"max_batch_size": max_batch_size,
+                     "offramp_args": args, "rounds": rounds, "plain": {"max_batch_size": max_batch_size,
                                                      "batch_wait_timeout_s": batch_wait_timeout_s}, "runs": []}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -219,10 +226,16 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
         rates = list(rps) if rps else [f * capacity["plain"] for f in fractions]
         plain_labels: dict[int, str] = {}
         for i, rate in enumerate(rates):
-            order = [int(x) for x in rng.integers(0, len(texts), requests_per_rate)]
-            for name in urls:  # same texts, same arrival times (seed) for every app
-                recs, wall = _load(urls[name], texts, order, rate=rate, max_seconds=max_seconds, seed=1000 + i)
-                s = _summary(recs, wall)
+            pooled: dict[str, tuple[list, float]] = {name: ([], 0.0) for name in urls}
+            for round_ in range(rounds):  # apps interleaved round by round: a noisy spell hits all alike
+                order = [int(x) for x in rng.integers(0, len(texts), requests_per_rate)]
+                for name in urls:  # same texts, same arrival times (seed) for every app
+                    recs, wall = _load(urls[name], texts, order, rate=rate, max_seconds=max_seconds,
+                                       seed=1000 + 100 * i + round_)
+                    pooled[name] = (pooled[name][0] + recs, pooled[name][1] + _span(recs, wall))
+            for name in urls:
+                recs, span = pooled[name]
+                s = _summary(recs, span, span)
                 if name == "plain":
                     plain_labels.update({r["text"]: r["label"] for r in recs if r["status"] == 200})
                 else:
@@ -282,20 +295,22 @@ def _table(results: dict) -> str:
 @click.option("--rps", default=None, help="Absolute offered rates (requests/s), instead of --rates.")
 @click.option("--modes", default="release,exit", show_default=True,
               help="offramp engine modes to run, one app each (release = Apparate; exit = compute saved).")
-@click.option("--requests", "requests_per_rate", default=400, show_default=True, help="Requests per rate.")
+@click.option("--requests", "requests_per_rate", default=400, show_default=True, help="Requests per rate and round.")
+@click.option("--rounds", default=2, show_default=True,
+              help="Rounds per rate, apps interleaved; latencies are pooled over the rounds.")
 @click.option("--max-seconds", default=40.0, show_default=True, help="Each rate stops after this long.")
 @click.option("--num-threads", default=2, show_default=True, help="torch threads per replica (both apps).")
 @click.option("--port", default=8011, show_default=True)
 @click.option("--out", "out_json", default="bench_results/online.json", show_default=True)
-def bench_online(model_dir, serve_config, rates, rps, modes, requests_per_rate, max_seconds, num_threads, port,
-                 out_json):
+def bench_online(model_dir, serve_config, rates, rps, modes, requests_per_rate, rounds, max_seconds, num_threads,
+                 port, out_json):
     """Open-loop Poisson load on 127.0.0.1: plain @serve.batch deployment vs offramp, p50/p90/p99, throughput,
     agreement."""
     if not Path(model_dir, "manifest.json").exists():
         raise click.ClickException(f"{model_dir} is not an early-exit artifact; run `offramp demo` first")
     run_online_bench(model_dir, serve_config, tuple(float(x) for x in rates.split(",")),
                      tuple(float(x) for x in rps.split(",")) if rps else None, tuple(modes.split(",")),
-                     requests_per_rate,
+                     requests_per_rate, rounds,
                      max_seconds=max_seconds, num_threads=num_threads, port=port, out_json=out_json, echo=click.echo)
 
 
