@@ -43,6 +43,9 @@ class EngineConfig(_Strict):
     """Compute dtype. `auto`: float16 on CUDA, float32 on CPU. bfloat16 is fast on CPUs with AVX-512 BF16."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads for CPU inference (default: torch's choice)."""
+    release_tail_threads: int | None = Field(None, ge=1)
+    """`release` mode on CPU: once every row of a micro-batch is answered, its remaining layers (feedback
+    for the controller only) run on this many torch threads, leaving the other cores to deliver the answers."""
     thresholds: list[float] | None = None
     """Override the artifact's per-ramp thresholds (>= 1.0 closes a ramp). Default: the manifest's."""
     quantize: str | None = None

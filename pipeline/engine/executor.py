@@ -45,11 +45,17 @@ def execute(
     shadow: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None,
     on_exit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None,
+    stop_tail: Callable[[], bool] | None = None,
+    tail_threads: int | None = None,
 ) -> BatchOutput:
-    """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (exit mode only).
+    """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (exit mode's feedback rows).
 
     on_exit(rows, labels, scores, layer) is called as soon as rows exit at a ramp, before later
     layers run: the online path answers those requests early (Apparate's early release).
+
+    Release mode, once every row is answered the rest is feedback only: with `tail_threads` it runs on
+    that many torch threads (CPU), and when `stop_tail()` says work is waiting it goes on for the
+    `shadow` rows only, as exit mode would have.
     """
     if mode not in ("exit", "release"):
         raise ValueError(f"mode {mode!r} must be 'exit' or 'release'")
@@ -68,11 +74,25 @@ def execute(
     ramp_conf = torch.full((B, R), float("nan"), dtype=torch.float32, device=device)
     ramp_pred = torch.full((B, R), -1, dtype=torch.long, device=device)
 
-    alive = torch.arange(B, device=device)  # batch positions still in the batch
     mask = attention_mask
     h = model.embed(input_ids, token_type_ids)
+    tail_threads = tail_threads if (mode == "release" and device.type == "cpu") else None
+    threads = torch.get_num_threads()
+    try:
+        return _run_layers(model, h, mask, policy, mode, feedback, shadow, label, score, exit_layer, decided,
+                           ramp_conf, ramp_pred, on_exit, stop_tail, tail_threads)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _run_layers(model, h, mask, policy, mode, feedback, shadow, label, score, exit_layer, decided, ramp_conf,
+                ramp_pred, on_exit, stop_tail, tail_threads) -> BatchOutput:
+    B, device, L = label.shape[0], label.device, model.num_layers
+    alive = torch.arange(B, device=device)  # batch positions still in the batch
     lmask = model.layer_mask(h, mask)
     layer_rows: list[int] = []
+    tail = False  # release mode: every row answered, only feedback left
     for i in range(L):
         layer_rows.append(len(alive))
         h = model.layer(i, h, lmask)
@@ -90,7 +110,15 @@ def execute(
             decided[rows] = True
             if on_exit is not None:
                 on_exit(rows, pred[new], conf[new], i + 1)
-        if mode == "exit":
+        if mode == "release" and not tail and bool(decided.all()):
+            tail = True
+            if tail_threads:
+                torch.set_num_threads(min(tail_threads, torch.get_num_threads()))
+        cut = tail and shadow is not None and stop_tail is not None and stop_tail()
+        if cut:  # work is waiting: the feedback-only tail goes on for the shadow rows alone
+            feedback = shadow.to(device).bool()
+            tail = stop_tail = None
+        if mode == "exit" or cut:
             keep = ~decided[alive] | feedback[alive]
             if not keep.all():
                 alive, h, mask = alive[keep], h[keep], mask[keep]

@@ -198,8 +198,11 @@ class Predictor:
         return self.predict_encoded(self.encoder.encode(texts), keys, mode, on_result)
 
     def predict_encoded(self, encoded: Encoded, keys: list, mode: str | None = None,
-                        on_result: Callable[[int, Prediction], None] | None = None) -> PredictOutput:
-        """Like predict, on rows already tokenized by a TextEncoder (keys pick the shadow rows)."""
+                        on_result: Callable[[int, Prediction], None] | None = None,
+                        stop_tail: Callable[[], bool] | None = None) -> PredictOutput:
+        """Like predict, on rows already tokenized by a TextEncoder (keys pick the shadow rows).
+        `stop_tail()` (release mode): True when other work waits; then a micro-batch whose rows are all
+        answered finishes only its shadow rows (see `execute`)."""
         mode = mode or self.config.mode
         n = len(encoded)
         out: list[Prediction | None] = [None] * n
@@ -216,7 +219,8 @@ class Predictor:
         if valid:
             enc = [encoded.input_ids[i] for i in valid]
             truncated = encoded.truncated[valid]
-            shadow = shadow_mask([keys[i] for i in valid], self.config.shadow_fraction if mode == "exit" else 1.0)
+            # Exit mode's feedback rows; release mode feeds back every row unless its tail is cut.
+            shadow = shadow_mask([keys[i] for i in valid], self.config.shadow_fraction)
             lengths = np.array([len(e) for e in enc])
             pending = deque(plan_microbatches(lengths, self.budget.value, self.config.max_batch_rows))
             while pending:
@@ -224,7 +228,7 @@ class Predictor:
                 try:
                     start = time.perf_counter()
                     early = self._early_callback(idx, valid, truncated, on_result) if on_result else None
-                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early)
+                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, stop_tail)
                     self.budget.observe(len(idx) * int(lengths[idx].max()), time.perf_counter() - start)
                 except Exception as e:  # noqa: BLE001 - every row must get an answer or an error
                     if _is_oom(e) and len(idx) > 1 and self.budget.on_oom():
@@ -256,10 +260,11 @@ class Predictor:
         fb = FeedbackWindow.concat(feedback) if feedback else FeedbackWindow.empty(self.num_ramps)
         return PredictOutput(out, fb, stats, np.asarray(fb_rows, np.int64))  # type: ignore[arg-type]
 
-    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None):
+    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None, stop_tail=None):
         input_ids, mask = self._pad(seqs)
         shadow_t = torch.from_numpy(shadow).to(self.device)
-        return execute(self.model, input_ids, mask, self.policy, mode, shadow_t, on_exit=on_exit)
+        return execute(self.model, input_ids, mask, self.policy, mode, shadow_t, on_exit=on_exit,
+                       stop_tail=stop_tail, tail_threads=self.config.release_tail_threads)
 
     def _early_callback(self, idx, valid, truncated, on_result):
         """Executor rows exiting at a ramp -> on_result(caller index, Prediction) right away."""

@@ -10,6 +10,7 @@ the controller is down the replica keeps its last thresholds and keeps serving.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -60,6 +61,8 @@ class ReplicaEngine:
         self.predictor = p = import_class(config.predictor_class)(config.model, config.engine)
         p.budget = _OnlineBudget(p.config.token_budget, p.config.max_token_budget, p.config.latency_target_s)
         self.num_layers = self.predictor.model.num_layers
+        # a predictor_class written before stop_tail existed keeps working (its tails are never cut)
+        self._cuts_tail = "stop_tail" in inspect.signature(p.predict_encoded).parameters
         self.metrics = ServingMetrics(replica)
         self.queue = BatchQueue(self._run, config.batching, on_batch=self._on_batch)
         self.client = client
@@ -90,7 +93,9 @@ class ReplicaEngine:
         return self.config.engine.mode
 
     def _run(self, encoded: Encoded, keys: list, on_result) -> object:  # worker thread
-        return self.predictor.predict_encoded(encoded, keys, self.batch_mode(), on_result=on_result)
+        # A release batch whose rows are all answered cuts its feedback-only tail when texts are waiting.
+        tail = {"stop_tail": lambda: self.queue.queued_rows > 0} if self._cuts_tail else {}
+        return self.predictor.predict_encoded(encoded, keys, self.batch_mode(), on_result=on_result, **tail)
 
     # -- after each batch -------------------------------------------------------------------------
     def _on_batch(self, report: BatchReport) -> None:  # event loop

@@ -42,11 +42,11 @@ class HookedPredictor(Predictor):
 
         self.model.layer = hooked
 
-    def predict_encoded(self, encoded, keys, mode=None, on_result=None):
+    def predict_encoded(self, encoded, keys, mode=None, on_result=None, **kwargs):
         if any(str(k).startswith("fail:") for k in keys):
             raise RuntimeError("injected batch failure")
         self._slow = any(str(k).startswith("slow:") for k in keys)
-        return super().predict_encoded(encoded, keys, mode, on_result)
+        return super().predict_encoded(encoded, keys, mode, on_result, **kwargs)
 
 
 TEXTS = ["a fine film", "dull", "one of the best movies of the year, truly moving", "meh", "not good at all",
@@ -87,7 +87,9 @@ def serve_env(ray_session, tiny_artifact, tmp_path_factory):
         "applications": [
             {"name": "main", "route_prefix": "/main", "import_path": "pipeline.serving.app:app_builder",
              "args": {"model": tiny_artifact,
-                      "controller": {"name": controller, "namespace": NAMESPACE, "refresh_every_batches": 2},
+                      # no warm start: the answers stay those of the manifest's thresholds until a window fills
+                      "controller": {"name": controller, "namespace": NAMESPACE, "refresh_every_batches": 2,
+                                     "warm_start": False},
                       "batching": {"max_items_per_request": 8, "max_body_bytes": 4096, "max_queue": 64}},
              "deployments": [{**deployment, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}]},
             {"name": "hooks", "route_prefix": "/hooks", "import_path": "pipeline.serving.app:app_builder",

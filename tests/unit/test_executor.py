@@ -135,3 +135,30 @@ def test_bfloat16_runs_on_cpu_and_mostly_agrees():
     out = execute(m.to(torch.bfloat16), ids, mask, ExitPolicy.closed(3), "exit")
     assert out.score.dtype == torch.float32
     assert (out.label == ref.label).float().mean() >= 0.8
+
+
+def test_release_tail_is_cut_to_shadow_rows_when_work_waits_and_threads_come_back():
+    """Release mode: once every row is answered, a waiting queue (stop_tail) leaves only the shadow rows
+    running; the feedback-only tail runs on tail_threads and the thread count is restored afterwards."""
+    m = _model("bert")
+    ids, mask = _batch(B=10, seed=7)
+    thr = np.array([0.0, 1.0, 1.0])  # every row answered at ramp 1: the rest is tail
+    shadow = torch.zeros(10, dtype=torch.bool)
+    shadow[[3, 8]] = True
+    full = execute(m, ids, mask, ExitPolicy(thr), "release", shadow=shadow)
+    assert full.feedback_rows.tolist() == list(range(10)) and full.layer_rows == [10, 10, 10, 10]
+    threads = torch.get_num_threads()
+    seen = []
+
+    def waiting():
+        seen.append(torch.get_num_threads())
+        return len(seen) >= 2  # a request arrives after layer 2
+
+    cut = execute(m, ids, mask, ExitPolicy(thr), "release", shadow=shadow, stop_tail=waiting, tail_threads=1)
+    assert torch.equal(cut.label, full.label) and torch.equal(cut.exit_layer, full.exit_layer)
+    assert cut.feedback_rows.tolist() == [3, 8] and cut.layer_rows == [10, 10, 2, 2]
+    assert torch.equal(cut.final_pred, full.final_pred[[3, 8]])
+    assert seen[0] == 1 and torch.get_num_threads() == threads
+    # Nobody waiting: the whole batch runs to the end, as Apparate's release mode does.
+    idle = execute(m, ids, mask, ExitPolicy(thr), "release", shadow=shadow, stop_tail=lambda: False)
+    assert idle.feedback_rows.tolist() == list(range(10)) and torch.equal(idle.final_pred, full.final_pred)
