@@ -212,61 +212,59 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
         manifest.compression = record
         (out_dir / "manifest.json").write_text(manifest.model_dump_json(indent=2))
         if retune:
-            record = retune_thresholds(out_dir, src_dir, name, texts, gold, device, progress)
+            record = retune_thresholds(out_dir, src_dir, name, texts, ref.numpy(), result, device, progress)
     else:
         (out_dir / COMPRESSION_JSON).write_text(json.dumps(record, indent=2))
     return record
 
 
-def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts: list[str], gold,
-                      device: str = "cpu", progress=None) -> dict:
+def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts: list[str],
+                      check_reference: np.ndarray, check: dict, device: str = "cpu", progress=None) -> dict:
     """Re-tune a compressed artifact's exit thresholds against its float source's answers.
 
     The accuracy budget is against the original float model, and compression already spends part of
     it, so thresholds tuned for the float ramps overshoot (measured, int8: 98.9% agreement with the
     float model at the float thresholds). This records every ramp of the compressed model on the
-    bootstrap's validation split, labels the rows with the float source's answers, and runs the tuner
-    with those as the reference (rows that never exit count as right only where the compressed final
-    head agrees). Then the held-out check runs again at the new thresholds. Returns the updated record.
+    bootstrap's validation split, labels the rows with the float source's answers (its
+    validation_feedback file when it has one), and runs the tuner with those as the reference (rows that
+    never exit count as right only where the compressed final head agrees). Then the held-out rows of
+    `check` (whose float answers are `check_reference`) are scored at the new thresholds. Returns the
+    updated record.
     """
-    from pipeline.config import BootstrapConfig, EngineConfig
+    from pipeline.config import EngineConfig
     from pipeline.control.records import FeedbackWindow
     from pipeline.control.replay import record as record_ramps
     from pipeline.control.shared import cost_model
     from pipeline.control.tuner import evaluate, tune_thresholds
     from pipeline.engine.predictor import Predictor
-    from pipeline.model.artifact import read_manifest, save_validation_feedback
-    from pipeline.training.bootstrap import split_data
+    from pipeline.model.artifact import load_validation_feedback, read_manifest, save_validation_feedback
+    from pipeline.training.bootstrap import validation_split
 
     manifest = read_manifest(out_dir)
-    boot = manifest.bootstrap or {}
-    if not boot.get("data"):
-        raise ValueError(f"{src_dir}: the manifest names no bootstrap data to re-tune on; quantize with --no-retune")
-    split_keys = ("text_column", "seed", "limit", "validation_fraction")  # how bootstrap split its data
-    cfg = BootstrapConfig(data=boot["data"], **{k: boot[k] for k in split_keys if boot.get(k) is not None})
-    _, val = split_data(cfg.data, cfg)
-    if boot.get("validation_rows") not in (None, len(val)):
-        raise ValueError(f"{src_dir}: the bootstrap validation split had {boot['validation_rows']} rows, rebuilding it "
-                         f"from {cfg.data!r} gives {len(val)}; quantize with --no-retune or re-run `offramp bootstrap`")
-    engine = {"device": device}
+    R = len(manifest.ramps)
+    try:
+        cfg, val = validation_split(manifest, where=str(src_dir))
+    except ValueError as e:
+        raise ValueError(f"{e}; or quantize with --no-retune") from e
 
     def ramps_of(artifact: Path, texts: list[str]) -> FeedbackWindow:
-        R = len(manifest.ramps)
-        pred = Predictor(str(artifact), EngineConfig(**engine, mode="release", thresholds=[1.0] * R))
+        pred = Predictor(str(artifact), EngineConfig(device=device, mode="release", thresholds=[1.0] * R))
         return record_ramps(pred, texts, progress=progress)
 
-    src_val, cmp_val = ramps_of(src_dir, val.texts), ramps_of(out_dir, val.texts)
-    window = FeedbackWindow(cmp_val.conf, cmp_val.pred, cmp_val.final, reference=src_val.final)
+    saved = load_validation_feedback(src_dir, num_ramps=R)
+    src_val_final = saved[2] if saved is not None and len(saved[2]) == len(val) else ramps_of(src_dir, val.texts).final
+    cmp_val = ramps_of(out_dir, val.texts)
+    window = FeedbackWindow(cmp_val.conf, cmp_val.pred, cmp_val.final, reference=src_val_final)
     costs = cost_model(manifest)
-    tuned = tune_thresholds(window, costs, constraint=manifest.constraint * cfg.tune_headroom)
-    src_test, cmp_test = ramps_of(src_dir, check_texts), ramps_of(out_dir, check_texts)
-    test = FeedbackWindow(cmp_test.conf, cmp_test.pred, cmp_test.final, reference=src_test.final)
-    held = evaluate(test, costs, tuned.thresholds, manifest.active)
-    before = evaluate(test, costs, manifest.thresholds, manifest.active)
+    constraint = manifest.constraint * cfg.tune_headroom
+    tuned = tune_thresholds(window, costs, constraint=constraint)
+    cmp_test = ramps_of(out_dir, check_texts)
+    held = evaluate(FeedbackWindow(cmp_test.conf, cmp_test.pred, cmp_test.final, reference=check_reference),
+                    costs, tuned.thresholds, manifest.active)
     retune = {
         "data": f"{cfg.data}:validation",
         "rows": len(window),
-        "constraint": manifest.constraint * cfg.tune_headroom,
+        "constraint": constraint,
         "previous_thresholds": list(manifest.thresholds),
         "validation_final_agreement": float(window.final_ok.mean()),
         "validation_agreement": tuned.agreement,
@@ -274,8 +272,8 @@ def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts
         "check_data": check_name,
         "check_exit_agreement": held.agreement,
         "check_layer_savings": held.layer_savings,
-        "check_exit_agreement_before": before.agreement,
-        "check_layer_savings_before": before.layer_savings,
+        "check_exit_agreement_before": check["exit_agreement"],
+        "check_layer_savings_before": 1.0 - check["mean_exit_layer"] / manifest.num_layers,
     }
     manifest.thresholds = [float(t) for t in tuned.thresholds]
     manifest.compression = {**manifest.compression, "retune": retune}

@@ -199,6 +199,28 @@ def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, prog
     return manifest
 
 
+def validation_split(manifest, data: str | None = None,
+                     where: str = "the artifact") -> tuple[BootstrapConfig, TextDataset]:
+    """(config, validation split) of the bootstrap that made ``manifest``, rebuilt with bootstrap's rule from
+    ``data`` (default: the manifest's) and the split settings the manifest records (older manifests: the
+    defaults). Raises ValueError when there is no data to rebuild from or the row count differs."""
+    data = data or manifest.bootstrap.get("data")
+    if not data:
+        raise ValueError(f"{where}: the manifest names no bootstrap data; pass data=")
+    poolings = sorted({r.pooling for r in manifest.ramps})
+    if len(poolings) != 1:
+        raise ValueError(f"{where}: ramps pool differently ({poolings}); only one pooling is supported here")
+    split_keys = ("text_column", "seed", "limit", "validation_fraction")
+    recorded = {k: manifest.bootstrap[k] for k in split_keys if manifest.bootstrap.get(k) is not None}
+    cfg = BootstrapConfig(data=data, pooling=poolings[0], max_length=manifest.max_length, **recorded)
+    _, val = split_data(data, cfg)
+    expected = manifest.bootstrap.get("validation_rows")
+    if expected is not None and expected != len(val):
+        raise ValueError(f"{data!r} gives {len(val)} validation rows, {where} was bootstrapped on {expected} "
+                         "(another seed, limit or file?): re-run `offramp bootstrap`")
+    return cfg, val
+
+
 def write_validation_feedback(artifact_dir: str, data: str | None = None, batch_size: int = 64,
                               progress=None) -> dict:
     """Recompute only ``validation_feedback.safetensors`` of a saved artifact (no ramp training).
@@ -210,20 +232,7 @@ def write_validation_feedback(artifact_dir: str, data: str | None = None, batch_
     """
     t0 = time.perf_counter()
     manifest = read_manifest(artifact_dir)
-    data = data or manifest.bootstrap.get("data")
-    if not data:
-        raise ValueError(f"{artifact_dir}: the manifest names no bootstrap data; pass data=")
-    poolings = sorted({r.pooling for r in manifest.ramps})
-    if len(poolings) != 1:
-        raise ValueError(f"{artifact_dir}: ramps pool differently ({poolings}); only one pooling is supported here")
-    split_keys = ("text_column", "seed", "limit", "validation_fraction")
-    recorded = {k: manifest.bootstrap[k] for k in split_keys if manifest.bootstrap.get(k) is not None}
-    cfg = BootstrapConfig(data=data, pooling=poolings[0], max_length=manifest.max_length, **recorded)
-    _, val = split_data(data, cfg)
-    expected = manifest.bootstrap.get("validation_rows")
-    if expected is not None and expected != len(val):
-        raise ValueError(f"{data!r} gives {len(val)} validation rows, the artifact was bootstrapped on {expected} "
-                         "(another seed, limit or file?): re-run `offramp bootstrap`")
+    cfg, val = validation_split(manifest, data, str(artifact_dir))
     model, tok, _ = load_artifact(artifact_dir)
     pooled, logits = collect_features(model, tok, val.texts, batch_size, manifest.max_length, cfg.pooling, progress)
     conf, pred = ramp_outputs(model.ramps, pooled)
