@@ -2,13 +2,16 @@
 
 Modes (DESIGN.md, Algorithms 3):
 - release: every row runs every layer; a row's answer is the first ramp that is confident
-  (its exit layer is recorded) and every row's final prediction is feedback.
+  (its exit layer is recorded) and every row's final prediction is feedback. Once every row is
+  answered the rest is feedback only: it may run on fewer threads, and is cut to the shadow rows
+  when the caller says work is waiting (`stop_tail`).
 - exit: confident rows leave the batch, later layers run on fewer rows (and a shorter
   padded length); `shadow` rows always run to the end and are the feedback.
 A row's answer is the same in both modes and never depends on its batch-mates.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +38,20 @@ def _conf_pred(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(logits.float(), dim=-1).max(dim=-1)
 
 
+def _restores_threads(fn):
+    """Whatever `fn` does to torch's intra-op thread count is undone when it returns or raises."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+    return wrapper
+
+
+@_restores_threads
 @torch.inference_mode()
 def execute(
     model: EarlyExitModel,
@@ -74,25 +91,13 @@ def execute(
     ramp_conf = torch.full((B, R), float("nan"), dtype=torch.float32, device=device)
     ramp_pred = torch.full((B, R), -1, dtype=torch.long, device=device)
 
+    alive = torch.arange(B, device=device)  # batch positions still in the batch
     mask = attention_mask
     h = model.embed(input_ids, token_type_ids)
-    tail_threads = tail_threads if (mode == "release" and device.type == "cpu") else None
-    threads = torch.get_num_threads()
-    try:
-        return _run_layers(model, h, mask, policy, mode, feedback, shadow, label, score, exit_layer, decided,
-                           ramp_conf, ramp_pred, on_exit, stop_tail, tail_threads)
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
-def _run_layers(model, h, mask, policy, mode, feedback, shadow, label, score, exit_layer, decided, ramp_conf,
-                ramp_pred, on_exit, stop_tail, tail_threads) -> BatchOutput:
-    B, device, L = label.shape[0], label.device, model.num_layers
-    alive = torch.arange(B, device=device)  # batch positions still in the batch
     lmask = model.layer_mask(h, mask)
     layer_rows: list[int] = []
-    tail = False  # release mode: every row answered, only feedback left
+    tail_threads = tail_threads if device.type == "cpu" else None
+    watch_tail = mode == "release" and bool(tail_threads or (stop_tail and shadow is not None))
     for i in range(L):
         layer_rows.append(len(alive))
         h = model.layer(i, h, lmask)
@@ -110,14 +115,12 @@ def _run_layers(model, h, mask, policy, mode, feedback, shadow, label, score, ex
             decided[rows] = True
             if on_exit is not None:
                 on_exit(rows, pred[new], conf[new], i + 1)
-        if mode == "release" and not tail and bool(decided.all()):
-            tail = True
-            if tail_threads:
-                torch.set_num_threads(min(tail_threads, torch.get_num_threads()))
-        cut = tail and shadow is not None and stop_tail is not None and stop_tail()
-        if cut:  # work is waiting: the feedback-only tail goes on for the shadow rows alone
-            feedback = shadow.to(device).bool()
-            tail = stop_tail = None
+        cut = False
+        if watch_tail and bool(decided.all()):  # every row answered: the rest only feeds the controller
+            if tail_threads and torch.get_num_threads() > tail_threads:
+                torch.set_num_threads(tail_threads)  # restored by @_restores_threads
+            if stop_tail is not None and shadow is not None and stop_tail():
+                feedback, cut, watch_tail = shadow.to(device).bool(), True, False  # work waits: shadow rows only
         if mode == "exit" or cut:
             keep = ~decided[alive] | feedback[alive]
             if not keep.all():
