@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.bench import write_result
 import torch
 
 log = logging.getLogger(__name__)
@@ -143,10 +145,7 @@ def run_compression_bench(teacher: str, artifact: str | None = None, workdir: st
     }
     echo(format_table(rows))
     _targets(rows, echo)
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2))
-        echo(f"wrote {out_json}")
+    write_result(result, out_json, echo)
     return result
 
 
@@ -156,7 +155,7 @@ def _targets(rows: list[dict], echo) -> None:
     int8 = [r for r in rows if r["method"].startswith("original+int8")]
     good8 = [r for r in int8 if r["agreement"] >= 0.99]
     best8 = max(good8, key=lambda r: r["rows_per_s"]) if good8 else None
-    echo(f"target int8 >= 2x at >= 99% agreement: "
+    echo("target int8 >= 2x at >= 99% agreement: "
          + (f"{best8['vs_original']:.2f}x at {best8['agreement']:.2%} ({best8['method']})" if best8 else
             f"no int8 row reaches 99% agreement (best {max(r['agreement'] for r in int8):.2%})")
          + (" MET" if best8 and best8["vs_original"] >= 2 else " NOT MET"))

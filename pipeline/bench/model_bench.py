@@ -10,11 +10,11 @@ Each timing is the best of `reps` passes (shared machines: the minimum is the le
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
+
+from pipeline.bench import write_result
 import torch
 
 from pipeline.config import EngineConfig
@@ -112,10 +112,7 @@ def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "t
               "torch_threads": torch.get_num_threads(), "rows_table": rows,
               "plain_rows_per_s": plain_rps, "sorted_no_exit_rows_per_s": closed["rows_per_s"] if closed else None}
     echo(format_table(rows))
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2))
-        echo(f"wrote {out_json}")
+    write_result(result, out_json, echo)
     return result
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench import write_result
+
 
 def make_corpus(path: Path, rows: int) -> Path:
     """The movie-review corpus repeated (shuffled per copy) to `rows` rows, with unique ids."""
@@ -133,7 +135,5 @@ def run_offline_bench(model: str, config: str = "configs/jobs/movie_reviews.yaml
              f"{f(r['agreement_with_original'], '%7.4f'):>7} {r['gold_accuracy']:>7.4f}")
     result = {"rows": len(ids), "cpus": os.cpu_count(), "config": config, "engine": engine.model_dump(),
               "results": table_rows}
-    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_json).write_text(json.dumps(result, indent=2))
-    echo(f"wrote {out_json}")
+    write_result(result, out_json, echo)
     return result

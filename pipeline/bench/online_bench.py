@@ -25,6 +25,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from pipeline.bench import write_result
+
 __all__ = ["bench_online", "run_online_bench"]
 
 
@@ -256,10 +258,7 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
         if started:
             ray.shutdown()
     echo(_table(results))
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(results, indent=2))
-        echo(f"wrote {out_json}")
+    write_result(results, out_json, echo)
     return results
 
 
