@@ -84,7 +84,7 @@ def bootstrap(model_dir, data, out, text_column, pooling, constraint, epochs, li
     try:
         cfg = BootstrapConfig(data=data, text_column=text_column, pooling=pooling, constraint=constraint,
                               epochs=epochs, limit=limit)
-        manifest = run(model_dir, out, cfg, progress=_progress("caching features"))
+        run(model_dir, out, cfg, progress=_progress("caching features"))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     _print_inspect(out)

@@ -5,8 +5,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def prepare_demo_model(workdir: Path, echo=print, progress=None) -> tuple[Path, Path]:
     """Fine-tune (once) and bootstrap (once); both are cached under workdir."""

@@ -55,8 +55,8 @@ def _read_output(out):
     return pq.read_table(str(out)).to_pylist()
 
 
-def test_job_classifies_every_row_once_spreads_over_actors_and_matches_local(ray_session, tiny_artifact, tmp_path):
-    texts = _write_parquet_dir(tmp_path / "in", 600)
+def test_job_classifies_every_row_once_and_spreads_over_actors(ray_session, tiny_artifact, tmp_path):
+    _write_parquet_dir(tmp_path / "in", 600)
     summary = run_job(_cfg(tiny_artifact, tmp_path / "in", tmp_path / "out"))
     rows = _read_output(tmp_path / "out")
     assert sorted(r["rid"] if "rid" in r else r["id"] for r in rows) == sorted(f"r{i}" for i in range(600))
