@@ -44,12 +44,17 @@ first drifted one: 9/100 -> 4/100).
 
 Why an early guard within a window: the first window after a change of inputs is served with
 thresholds tuned before it, and the window-end guard only learns of it when the window is over. On every
-report once a quarter window is in, the controller checks the rows so far; when they already use up
-the window's budget (the rest forecast at the tuner's target rate), it backs off their violating ramps
-and re-tunes at once, at most once per window. The window-end guard then judges the rows before that
-at the thresholds then in force. MiniLM replay with the state refreshed every 128 rows: violating windows
-after the drift 16/120 -> 11/120 (the first drifted window 12/20 -> 8/20), in-domain 2/60 -> 1/60 at
-35.6% instead of 35.8% savings.
+report once a quarter window is in, the controller checks the rows so far: their disagreement as served,
+plus the rest of the window forecast at the current thresholds' rate on those rows, shrunk toward the
+tuner's target as if ``early_guard_prior_rows`` rows at that target had come first (two disagreements in
+the first 128 rows are a signal, one is noise; three in 256). When the forecast breaks the window's budget it backs off
+every open ramp (a few rows cannot say which ramps will err next) and re-tunes at once; again later in
+the window if newer rows break it again. Its floors lift after ``early_hold_windows`` good window, so a
+false alarm costs little. The window-end guard judges each stretch of rows at the thresholds then in
+force. MiniLM replay, state refreshed every 128 rows, 100 stream orders, 3 active ramps at most:
+violating windows after the drift 62/600 -> 17/600, in-domain 5/300 -> 0/300, at 43% of the oracle's
+savings instead of 45% (the old rule, the rest forecast at the target rate once per window and only the
+violating ramps backed off, fired when the budget was already spent).
 
 Warm start: a fresh controller (no checkpoint to restore) given ``warm_start`` rows — an artifact's
 ``validation_feedback.safetensors``, every ramp's output on the bootstrap validation split — processes
@@ -58,9 +63,13 @@ re-tunes see ~1k more rows than a single 512-row window (the first windows are w
 overfits most). On the MiniLM replay: 2/60 violating windows instead of 9/60, at the same savings.
 Warm windows are counted in ``warm_windows``, not ``windows``, and marked ``warm`` in the history.
 
-Why ``max_active=3`` by default: every active ramp is another threshold fitted to the same rows. With
-12 synthetic ramps, all active, 32% of windows broke the constraint at 18.3% savings; capped at 3
-active, 16% at 17.2% (and 2 active: 14% at 16.6%).
+Why no cap on active ramps by default (``max_active=None``; the tail budget still holds): the cap was
+there because every active ramp is another threshold fitted to the same rows, and before the early
+guard above the cap bought safety (12 synthetic ramps: 32% of windows broke the constraint all active,
+16% capped at 3). With it, more ramps save more for a little more risk under drift. MiniLM replay
+(5 ramps, 100 orders): capped at 3, 0/300 violating in-domain at 43% of the oracle's savings and 17/600
+after the drift; uncapped, 0/300 at 46% and 30/600. Synthetic 11 ramps: 0/110 either way, 8.8% savings
+capped at 3 vs 11.5% uncapped.
 
 ``get_or_create_controller`` starts (or finds) the detached actor; ``ControllerClient`` is what
 workers and replicas hold: fire-and-forget reports, periodic state fetches with a short timeout, and
@@ -124,7 +133,7 @@ class ControllerConfig:
     """Per-window ramp utilities kept for ramp adjustment (Apparate: last 20 batches)."""
     negative_share: float = 0.6
     """Drop a ramp when more than this share of its recent utilities are negative (Apparate NLP)."""
-    max_active: int | None = 3
+    max_active: int | None = None
     """Most active ramps (Apparate: 2 NLP, 3 CV); None = no count limit, only the tail budget."""
     max_tail_overhead: float = 0.05
     """Most extra cost the active ramps add to a row that never exits, as a share of the model."""
@@ -137,8 +146,16 @@ class ControllerConfig:
     backoff_hold_windows: int = 4
     """Good windows in a row after which back-off floors are lifted."""
     early_guard: bool = True
-    """Also check within a window, on every report once a quarter window is in: when the rows so far
-    already use up the window's budget (the rest forecast at the tuner's target rate), back off at once."""
+    """Also check within a window, on every report once a quarter window is in: when the rows so far and
+    the rest (forecast, see ``early_guard_prior_rows``) would break the window's budget, back off at once.
+    Again on later reports in the same window if the rows since still break it."""
+    early_guard_prior_rows: int = 96
+    """The early guard forecasts the rest of a window at the disagreement rate of the rows so far, shrunk
+    toward the tuner's target rate as if this many rows at that rate had been seen first (0 = forecast at
+    the target rate alone: it then reacts only once the budget is nearly spent)."""
+    early_hold_windows: int = 1
+    """Good windows after which an early back-off's floors are lifted (a window-end back-off holds for
+    ``backoff_hold_windows``): an early back-off acts on fewer rows, so it is more often noise."""
     history_limit: int = 1000
     """Per-window history rows kept in memory."""
     max_pending_rows: int = 65536
@@ -166,6 +183,8 @@ class ControllerConfig:
         need(self.backoff_after >= 1, f"backoff_after={self.backoff_after} must be >= 1")
         need(0.0 <= self.backoff_factor < 1.0, f"backoff_factor={self.backoff_factor} must be in [0, 1)")
         need(self.backoff_hold_windows >= 1, f"backoff_hold_windows={self.backoff_hold_windows} must be >= 1")
+        need(self.early_guard_prior_rows >= 0, f"early_guard_prior_rows={self.early_guard_prior_rows} must be >= 0")
+        need(self.early_hold_windows >= 0, f"early_hold_windows={self.early_hold_windows} must be >= 0")
         need(self.history_limit >= 1, f"history_limit={self.history_limit} must be >= 1")
         need(
             self.max_pending_rows >= self.window_rows,
@@ -260,13 +279,15 @@ class ThresholdController:
         self._guard = AccuracyGuard(cfg.constraint, cfg.backoff_after)
         self._floors = np.zeros(R)
         self._ok_streak = 0
+        self._hold = cfg.backoff_hold_windows  # good windows in a row that lift the floors
         self._since_check = 0
         self._pending: deque[FeedbackWindow] = deque()
         self._pending_rows = 0
         self._tune_buf: deque[FeedbackWindow] = deque(maxlen=cfg.tune_windows)
         self._utils: deque[np.ndarray] = deque(maxlen=cfg.utility_windows)
         self._history: deque[dict[str, Any]] = deque(maxlen=cfg.history_limit)
-        self._brake: tuple[int, np.ndarray, np.ndarray] | None = None  # early back-off in this window
+        # Early back-offs in this window: (rows before it, thresholds, active set served until then).
+        self._brakes: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._logged = 0  # history rows written so far (their "seq")
         self.checkpoint_errors = 0
 
@@ -304,7 +325,8 @@ class ThresholdController:
         cfg = self.config
         while self._pending_rows >= cfg.window_rows:
             self._process(self._take(cfg.window_rows))
-        if cfg.early_guard and self._brake is None and self._pending_rows >= max(1, cfg.window_rows // 4):
+        last = self._brakes[-1][0] if self._brakes else 0
+        if cfg.early_guard and self._pending_rows > last and self._pending_rows >= max(1, cfg.window_rows // 4):
             self._early_check()
         return self.state.version
 
@@ -336,7 +358,7 @@ class ThresholdController:
             old = self._pending.popleft()
             self._pending_rows -= len(old)
             self.state.dropped_rows += len(old)
-            self._brake = None  # the rows it was counted on are gone
+            self._brakes = []  # the rows they were counted on are gone
 
     def _take(self, n: int) -> FeedbackWindow:
         parts: list[FeedbackWindow] = []
@@ -373,19 +395,20 @@ class ThresholdController:
         act = np.asarray(st.active, dtype=bool)
 
         realized = self._served(w, thr, act)
-        self._brake = None
+        self._brakes = []
         action = self._guard.observe(realized["agreement"])
         backed_off: list[int] = []
         self._tune_buf.append(w)
         if action is GuardAction.OK:
             self._ok_streak += 1
-            if self._ok_streak >= cfg.backoff_hold_windows:
+            if self._ok_streak >= self._hold:
                 self._floors[:] = 0.0
         else:
             st.violations += 1
             self._ok_streak = 0
             if action is GuardAction.BACKOFF:
-                backed_off = self._back_off(w, thr, act)
+                backed_off = self._back_off(violating_ramps(w, self.costs, thr, act, cfg.constraint), thr)
+                self._hold = cfg.backoff_hold_windows
 
         windows = list(self._tune_buf)
         data = FeedbackWindow.concat(windows)
@@ -421,47 +444,54 @@ class ThresholdController:
         self._log(t0, tune_ms, w, action.value, realized, tuned, len(data), backed_off, ramp_note, warm)
 
     def _early_check(self) -> None:
-        """Within a window: when the rows so far already use up its budget (forecasting the rest at the
-        tuner's target rate), back off their violating ramps and re-tune at once, instead of serving the
-        rest of the window with thresholds known to be too low. At most once per window."""
+        """Within a window: when the rows so far plus the rest, forecast at the current thresholds' rate on
+        the rows so far (shrunk toward the tuner's target by ``early_guard_prior_rows``), would break the
+        window's budget, back off every open ramp and re-tune at once (again later in the window when the
+        newer rows break the forecast again), instead of serving the rest of the window with thresholds
+        known to be too low."""
         cfg, st = self.config, self.state
         t0 = time.perf_counter()
         part = FeedbackWindow.concat(list(self._pending))
+        n = len(part)
         thr = np.asarray(st.thresholds, dtype=np.float64)
         act = np.asarray(st.active, dtype=bool)
-        out = evaluate(part, self.costs, thr, act)
-        wrong = (1.0 - out.agreement) * len(part)
-        rest = (cfg.window_rows - len(part)) * cfg.constraint * cfg.tune_headroom
-        if wrong + rest <= cfg.constraint * cfg.window_rows + 1e-9:
+        served = self._served(part, thr, act)
+        now = evaluate(part, self.costs, thr, act)  # the current thresholds on every row so far
+        target, prior = cfg.constraint * cfg.tune_headroom, cfg.early_guard_prior_rows
+        rate = ((1.0 - now.agreement) * n + prior * target) / (n + prior) if prior else target
+        if (1.0 - served["agreement"]) * n + (cfg.window_rows - n) * rate <= cfg.constraint * cfg.window_rows + 1e-9:
             return
-        self._brake = (len(part), thr, act)
+        self._brakes.append((n, thr, act))
         self._ok_streak = 0
-        backed_off = self._back_off(part, thr, act)
+        held = bool(self._floors.any())
+        # Every open ramp: the rows that broke the forecast are too few to say which ramps will err next.
+        backed_off = self._back_off(act & (thr < CLOSED), thr)
+        self._hold = max(self._hold, cfg.early_hold_windows) if held else cfg.early_hold_windows
         windows = list(self._tune_buf) + [part]
         data = FeedbackWindow.concat(windows)
         t_tune = time.perf_counter()
         tuned = self._tune(windows, data, act)
         tune_ms = (time.perf_counter() - t_tune) * 1e3
         self._set(tuned.thresholds, act)
-        realized = {"agreement": out.agreement, "savings": out.savings, "layer_savings": out.layer_savings}
-        self._log(t0, tune_ms, part, "early_backoff", realized, tuned, len(data), backed_off, None, False)
+        self._log(t0, tune_ms, part, "early_backoff", served, tuned, len(data), backed_off, None, False)
 
     def _served(self, w: FeedbackWindow, thr: np.ndarray, act: np.ndarray) -> dict[str, float]:
-        """Agreement and savings of ``w`` as served: the rows before an early back-off in this window under
-        the thresholds in force then, the rest under ``thr`` / ``act``."""
+        """Agreement and savings of ``w`` as served: the rows before each early back-off in this window
+        under the thresholds in force then, the rest under ``thr`` / ``act``."""
         keys = ("agreement", "savings", "layer_savings")
-        cut = 0 if self._brake is None else min(self._brake[0], len(w))
-        after = evaluate(w.slice(cut), self.costs, thr, act)
-        if not cut:
-            return {m: getattr(after, m) for m in keys}
-        before = evaluate(w.slice(0, cut), self.costs, self._brake[1], self._brake[2])
-        n = len(w)
-        return {m: (cut * getattr(before, m) + (n - cut) * getattr(after, m)) / n for m in keys}
+        n, lo, total = len(w), 0, dict.fromkeys(keys, 0.0)
+        for hi, t, a in [*self._brakes, (n, thr, act)]:
+            hi = min(hi, n)
+            if hi > lo:
+                out = evaluate(w.slice(lo, hi), self.costs, t, a)
+                for m in keys:
+                    total[m] += (hi - lo) * getattr(out, m)
+                lo = hi
+        return {m: v / max(n, 1) for m, v in total.items()}
 
-    def _back_off(self, w: FeedbackWindow, thr: np.ndarray, act: np.ndarray) -> list[int]:
-        """Cut the ramps violating on ``w`` (their cut thresholds become tuning floors); their indices."""
+    def _back_off(self, bad: np.ndarray, thr: np.ndarray) -> list[int]:
+        """Cut the ramps ``bad`` [R] bool (their cut thresholds become tuning floors); their indices."""
         cfg = self.config
-        bad = violating_ramps(w, self.costs, thr, act, cfg.constraint)
         cut = back_off(thr, bad, cfg.backoff_factor)
         self._floors = np.where(bad, np.maximum(self._floors, cut), self._floors)
         self.state.backoffs += 1
@@ -535,6 +565,7 @@ class ThresholdController:
             "guard": self._guard.to_dict(),
             "floors": self._floors.tolist(),
             "ok_streak": self._ok_streak,
+            "hold": self._hold,
             "since_check": self._since_check,
         }
 
@@ -577,6 +608,7 @@ class ThresholdController:
             self._guard.consecutive = int(AccuracyGuard.from_dict(payload["guard"]).consecutive)
             self._floors = np.asarray(payload["floors"], dtype=np.float64)
             self._ok_streak = int(payload["ok_streak"])
+            self._hold = int(payload.get("hold", self.config.backoff_hold_windows))
             self._since_check = int(payload["since_check"])
             return True
         except Exception as exc:

@@ -161,7 +161,7 @@ def _pct(x: float) -> str:
               help="Built-in dataset (its test split streams, its validation split bootstraps) or a parquet/jsonl/csv path/URL.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--constraint", default=None, type=float, help="Accuracy budget per window [default: the artifact's, 0.01].")
-@click.option("--ramp-budget", default=None, type=int, help="Most active ramps for the controller [default: ControllerConfig's, 3].")
+@click.option("--ramp-budget", default=None, type=int, help="Most active ramps for the controller [default: ControllerConfig's: no cap, only the tail budget].")
 @click.option("--window", "window_rows", default=512, show_default=True, type=int,
               help="Rows per window (the controller's window and the unit the constraint is judged on).")
 @click.option("--refresh-rows", default=128, show_default=True, type=click.IntRange(1),

@@ -16,7 +16,7 @@ INIT = ControllerState(version=0, thresholds=[0.99, 0.98, 0.97, 0.96, 0.95], act
 
 # ----------------------------------------------------------------------------- controller
 def test_fresh_controller_tunes_on_whole_windows_of_the_warm_rows():
-    cfg = ControllerConfig(window_rows=256)
+    cfg = ControllerConfig(window_rows=256, max_active=3)  # the ramp budget is enforced on warm windows too
     warm = synthetic_window(1000, SKILLS, seed=1)
     ctl = ThresholdController(COSTS, cfg, INIT, warm_start=warm.to_dict())  # dict form, as over Ray
     st = ctl.get_state()

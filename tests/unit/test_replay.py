@@ -110,15 +110,16 @@ def test_warm_start_tunes_on_the_bootstrap_rows_before_the_stream():
     boot = synthetic_window(1000, SKILLS, seed=1)
     stream = synthetic_window(1024, SKILLS, seed=3)
     init = ControllerState(version=0, thresholds=[0.99, 0.98, 0.97, 0.96, 0.95], active=[True] * 5)
-    cold = replay(stream, COSTS, boot, window_rows=256, initial_state=init)
-    warm = replay(stream, COSTS, boot, window_rows=256, initial_state=init, warm_start=True)
+    cold = replay(stream, COSTS, boot, window_rows=256, ramp_budget=3, initial_state=init)
+    warm = replay(stream, COSTS, boot, window_rows=256, ramp_budget=3, initial_state=init, warm_start=True)
     assert cold.methods["controller"].thresholds[0] == init.thresholds and cold.meta["warm_start_windows"] == 0
     assert warm.meta["warm_start_windows"] == 3  # whole windows of 256 only: the 232-row remainder is left out
     w0 = warm.methods["controller"]
     assert w0.version[0] > 0 and w0.thresholds[0] != init.thresholds and len(w0.active[0]) <= 3
     assert len(warm.controller_history) == len(cold.controller_history) == 4  # stream windows only
     # Rows of their own (an artifact's validation feedback) seed it the same way.
-    own = replay(stream, COSTS, boot, window_rows=256, initial_state=init, warm_start=boot.slice(0, 768))
+    own = replay(stream, COSTS, boot, window_rows=256, ramp_budget=3, initial_state=init,
+                 warm_start=boot.slice(0, 768))
     assert own.meta["warm_start_windows"] == 3 and own.methods["controller"].thresholds == w0.thresholds
 
 
