@@ -24,9 +24,12 @@ class EngineConfig(_Strict):
 
     mode: Mode = "exit"
     """`exit`: exited rows leave the batch so later layers run on fewer rows (saves compute).
-    `release`: every row runs to the end; exited rows' answers are released early (saves latency)."""
+    `release`: answers as exit mode, released at their ramp (saves latency), and every row still runs to
+    the end to feed the controller: rows answered at a ramp finish after the rest of the batch (online: when
+    the replica is idle, so no waiting text pays for it)."""
     shadow_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    """In `exit` mode, the share of rows that always run to the end to feed the controller."""
+    """The share of rows that always run to the end with their batch to feed the controller (`exit` mode's
+    only feedback; in `release` mode the other rows follow after the batch)."""
     token_budget: int = Field(8192, ge=16)
     """Initial micro-batch size in padded tokens (rows x longest row)."""
     max_batch_rows: int = Field(256, ge=1)
@@ -43,9 +46,6 @@ class EngineConfig(_Strict):
     """Compute dtype. `auto`: float16 on CUDA, float32 on CPU. bfloat16 is fast on CPUs with AVX-512 BF16."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads for CPU inference (default: torch's choice)."""
-    release_tail_threads: int | None = Field(None, ge=1)
-    """`release` mode on CPU: once every row of a micro-batch is answered, its remaining layers (feedback
-    for the controller only) run on this many torch threads, leaving the other cores to deliver the answers."""
     thresholds: list[float] | None = None
     """Override the artifact's per-ramp thresholds (>= 1.0 closes a ramp). Default: the manifest's."""
     quantize: str | None = None

@@ -3,7 +3,9 @@
     (a) plain:        the original model (the artifact's model/ dir) through transformers, `@serve.batch`,
                       texts padded in arrival order: how Ray Serve's docs serve a classifier;
     (b) offramp:      the early-exit app (pipeline.serving.app) in `release` mode (Apparate): its own queue,
-                      answers released at the ramp, every text runs to the end (same compute as (a));
+                      answers released at the ramp, every text runs to the end (the answered ones while
+                      the replica is idle; after each of its turns the bench waits for those to finish,
+                      so they never run in another app's turn);
     (c) offramp-exit: the same app in `exit` mode (exited texts leave the batch; 5% shadow rows).
 
 All run in one local Ray at the same time, one replica each, the same torch threads; the load alternates
@@ -143,6 +145,19 @@ def _load(url, texts, order, rate=None, concurrency=None, max_seconds=60.0, seed
     return records, wall
 
 
+def _settle(url: str, timeout_s: float = 60.0) -> None:
+    """Wait until an offramp app has no release tails left (they run while it is idle): apps share the
+    CPU, so one app's leftover feedback work must not land in the next app's measurement."""
+    import requests
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        h = requests.get(f"{url}/health", timeout=10).json()
+        if not h.get("waiting_tails") and not h.get("queue_texts"):
+            return
+        time.sleep(0.1)
+
+
 def _span(records: list[dict], wall: float) -> float:
     """First send to last successful answer (the wall time when nothing succeeded)."""
     ok = [r for r in records if r["status"] == 200]
@@ -216,11 +231,15 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
         warm = [int(i) for i in rng.permutation(len(texts))[:64]]
         for name, url in urls.items():
             _load(url, texts, warm, concurrency=8, max_seconds=60)
+            if name != "plain":
+                _settle(url)
         capacity = {name: 0.0 for name in urls}
         for round_ in range(capacity_rounds):  # alternate apps; best round counts (background load varies)
             order = [int(i) for i in rng.integers(0, len(texts), capacity_requests)]
             for name, url in urls.items():
                 recs, wall = _load(url, texts, order, concurrency=64, max_seconds=max_seconds)
+                if name != "plain":
+                    _settle(url)
                 got = _summary(recs, wall)["throughput_rps"] or 0.0
                 capacity[name] = max(capacity[name], got)
                 echo(f"capacity {name} (round {round_ + 1}): {got:.1f} requests/s (closed loop, 64 in flight)")
@@ -234,6 +253,8 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
                 for name in urls:  # same texts, same arrival times (seed) for every app
                     recs, wall = _load(urls[name], texts, order, rate=rate, max_seconds=max_seconds,
                                        seed=1000 + 100 * i + round_)
+                    if name != "plain":
+                        _settle(urls[name])
                     pooled[name] = (pooled[name][0] + recs, pooled[name][1] + _span(recs, wall))
             for name in urls:
                 recs, span = pooled[name]

@@ -1,17 +1,18 @@
 """One micro-batch through the early-exit model: per-row exits inside a batch of any size.
 
 Modes (DESIGN.md, Algorithms 3):
-- release: every row runs every layer; a row's answer is the first ramp that is confident
-  (its exit layer is recorded) and every row's final prediction is feedback. Once every row is
-  answered the rest is feedback only: it may run on fewer threads, and is cut to the shadow rows
-  when the caller says work is waiting (`stop_tail`).
-- exit: confident rows leave the batch, later layers run on fewer rows (and a shorter
-  padded length); `shadow` rows always run to the end and are the feedback.
+- exit: confident rows leave the batch, later layers run on fewer rows (and a shorter padded
+  length); `shadow` rows always run to the end and are the feedback.
+- release: answers exactly as in exit mode (a row's answer is the first confident ramp), and every
+  row runs to the end as feedback. Answered rows leave the hot path at their ramp and wait in a `Tail`
+  (their hidden states); `finish_tail` runs their remaining layers afterwards, all rows of the tail
+  together, and can stop between layers when other work arrives (its rows then give no feedback).
+  By default `execute` finishes the tail at once; `defer_tail=True` hands it to the caller (Serve runs
+  it when the replica is idle, so the rows still waiting for an answer never wait for it).
 A row's answer is the same in both modes and never depends on its batch-mates.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,36 +23,47 @@ from pipeline.model.early_exit import EarlyExitModel
 
 
 @dataclass
+class Tail:
+    """Release mode: rows answered at a ramp whose later layers have not run yet."""
+
+    groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+    """(next layer index, batch positions [n], hidden [n,S,H], mask [n,S]) per ramp the rows left at."""
+    label: torch.Tensor  # [B] long, the answers given (the feedback's agreement is measured against them)
+    ramp_conf: torch.Tensor  # [B,R] every ramp's output so far (a row's ramps up to its exit are filled)
+    ramp_pred: torch.Tensor  # [B,R]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(g[1]) for g in self.groups)
+
+
+@dataclass
 class BatchOutput:
     label: torch.Tensor  # [B] long
     score: torch.Tensor  # [B] float32, softmax probability of `label`
     exit_layer: torch.Tensor  # [B] long, 1..L (L = answered by the original head)
-    feedback_rows: torch.Tensor  # [F] long, rows (batch positions) that ran to the end
+    feedback_rows: torch.Tensor  # [F] long, rows (batch positions) that ran to the end, ascending
     ramp_conf: torch.Tensor  # [F,R] float32 max softmax of every ramp
     ramp_pred: torch.Tensor  # [F,R] long
     final_pred: torch.Tensor  # [F] long, the original head's prediction
     final_conf: torch.Tensor  # [F] float32
     layer_rows: list[int]  # rows that entered each layer (compute actually spent)
+    tail: Tail | None = None
+    """Release mode with defer_tail: the answered rows still to run to the end (`finish_tail`)."""
 
 
 def _conf_pred(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(logits.float(), dim=-1).max(dim=-1)
 
 
-def _restores_threads(fn):
-    """Whatever `fn` does to torch's intra-op thread count is undone when it returns or raises."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-    return wrapper
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad dim 1 ([n,S] or [n,S,H]) with zeros to `width`."""
+    extra = width - x.shape[1]
+    if extra <= 0:
+        return x
+    return torch.nn.functional.pad(x, (0, 0, 0, extra) if x.dim() == 3 else (0, extra))
 
 
-@_restores_threads
 @torch.inference_mode()
 def execute(
     model: EarlyExitModel,
@@ -62,17 +74,13 @@ def execute(
     shadow: torch.Tensor | None = None,
     token_type_ids: torch.Tensor | None = None,
     on_exit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None,
-    stop_tail: Callable[[], bool] | None = None,
-    tail_threads: int | None = None,
+    defer_tail: bool = False,
 ) -> BatchOutput:
-    """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (exit mode's feedback rows).
+    """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (rows that run to the end in the
+    hot path: exit mode's feedback; in release mode every other row follows in the tail).
 
     on_exit(rows, labels, scores, layer) is called as soon as rows exit at a ramp, before later
     layers run: the online path answers those requests early (Apparate's early release).
-
-    Release mode, once every row is answered the rest is feedback only: with `tail_threads` it runs on
-    that many torch threads (CPU), and when `stop_tail()` says work is waiting it goes on for the
-    `shadow` rows only, as exit mode would have.
     """
     if mode not in ("exit", "release"):
         raise ValueError(f"mode {mode!r} must be 'exit' or 'release'")
@@ -80,9 +88,8 @@ def execute(
         raise ValueError(f"policy has {len(policy.thresholds)} thresholds for {len(model.ramps)} ramps")
     B, device = input_ids.shape[0], input_ids.device
     R, L = len(model.ramps), model.num_layers
-    feedback = torch.ones(B, dtype=torch.bool, device=device)
-    if mode == "exit":
-        feedback = torch.zeros(B, dtype=torch.bool, device=device) if shadow is None else shadow.to(device).bool()
+    release = mode == "release"
+    feedback = torch.zeros(B, dtype=torch.bool, device=device) if shadow is None else shadow.to(device).bool()
 
     label = torch.full((B,), -1, dtype=torch.long, device=device)
     score = torch.zeros(B, dtype=torch.float32, device=device)
@@ -90,21 +97,20 @@ def execute(
     decided = torch.zeros(B, dtype=torch.bool, device=device)
     ramp_conf = torch.full((B, R), float("nan"), dtype=torch.float32, device=device)
     ramp_pred = torch.full((B, R), -1, dtype=torch.long, device=device)
+    tail = Tail([], label, ramp_conf, ramp_pred) if release else None
 
-    alive = torch.arange(B, device=device)  # batch positions still in the batch
+    alive = torch.arange(B, device=device)  # batch positions still in the hot path
     mask = attention_mask
     h = model.embed(input_ids, token_type_ids)
     lmask = model.layer_mask(h, mask)
     layer_rows: list[int] = []
-    tail_threads = tail_threads if device.type == "cpu" else None
-    watch_tail = mode == "release" and bool(tail_threads or (stop_tail and shadow is not None))
     for i in range(L):
         layer_rows.append(len(alive))
         h = model.layer(i, h, lmask)
         r = model.ramp_at_layer.get(i + 1)
         if r is None or i + 1 == L:
             continue
-        if not (policy.is_open(r) or feedback[alive].any()):
+        if not (release or policy.is_open(r) or feedback[alive].any()):
             continue  # a closed ramp costs nothing unless feedback needs its output
         conf, pred = _conf_pred(model.ramp(r, h, mask))
         ramp_conf[alive, r], ramp_pred[alive, r] = conf, pred
@@ -115,24 +121,21 @@ def execute(
             decided[rows] = True
             if on_exit is not None:
                 on_exit(rows, pred[new], conf[new], i + 1)
-        cut = False
-        if watch_tail and bool(decided.all()):  # every row answered: the rest only feeds the controller
-            if tail_threads and torch.get_num_threads() > tail_threads:
-                torch.set_num_threads(tail_threads)  # restored by @_restores_threads
-            if stop_tail is not None and shadow is not None and stop_tail():
-                feedback, cut, watch_tail = shadow.to(device).bool(), True, False  # work waits: shadow rows only
-        if mode == "exit" or cut:
-            keep = ~decided[alive] | feedback[alive]
-            if not keep.all():
-                alive, h, mask = alive[keep], h[keep], mask[keep]
-                if len(alive) == 0:
-                    break
-                # Rows are right-padded: drop columns no remaining row uses. Contiguous, so a compiled
-                # layer sees the same strides as on a fresh batch (else it recompiles).
-                width = int(mask.sum(1).max())
-                if width < h.shape[1]:
-                    h, mask = h[:, :width].contiguous(), mask[:, :width].contiguous()
-                lmask = model.layer_mask(h, mask)
+        keep = ~decided[alive] | feedback[alive]
+        if not keep.all():
+            if release:  # answered rows wait in the tail, trimmed to their own longest row
+                gone = ~keep
+                width = int(mask[gone].sum(1).max())
+                tail.groups.append((i + 1, alive[gone], h[gone][:, :width], mask[gone][:, :width]))
+            alive, h, mask = alive[keep], h[keep], mask[keep]
+            if len(alive) == 0:
+                break
+            # Rows are right-padded: drop columns no remaining row uses. Contiguous, so a compiled
+            # layer sees the same strides as on a fresh batch (else it recompiles).
+            width = int(mask.sum(1).max())
+            if width < h.shape[1]:
+                h, mask = h[:, :width].contiguous(), mask[:, :width].contiguous()
+            lmask = model.layer_mask(h, mask)
 
     final_pred = torch.empty(0, dtype=torch.long, device=device)
     final_conf = torch.empty(0, dtype=torch.float32, device=device)
@@ -141,11 +144,65 @@ def execute(
         rest = ~decided[alive]
         rows = alive[rest]
         label[rows], score[rows] = final_pred[rest], final_conf[rest]
-        fb = feedback[alive]
+        fb = feedback[alive] | rest if release else feedback[alive]  # release: every row is feedback
         fb_rows = alive[fb]
         final_pred, final_conf = final_pred[fb], final_conf[fb]
     else:
         fb_rows = alive
+    out = BatchOutput(label, score, exit_layer, fb_rows, ramp_conf[fb_rows], ramp_pred[fb_rows], final_pred,
+                      final_conf, layer_rows)
+    if tail is not None and tail.groups:
+        if defer_tail:
+            out.tail = tail
+        else:
+            out = merge_tail(out, finish_tail(model, tail))
+    return out
+
+
+@torch.inference_mode()
+def finish_tail(model: EarlyExitModel, tail: Tail, stop: Callable[[], bool] | None = None) -> BatchOutput | None:
+    """Run a release tail's rows to the end, all together, every ramp recorded: feedback only.
+
+    Returns a BatchOutput holding only feedback fields (label/score/exit_layer are the tail's answers),
+    or None when `stop()` said other work waits before the last layer (checked between layers)."""
+    L = model.num_layers
+    groups = sorted(tail.groups, key=lambda g: g[0])
+    layer_rows = [0] * L
+    rows = h = mask = None
+    k = 0
+    for i in range(groups[0][0], L):
+        while k < len(groups) and groups[k][0] == i:  # rows that left at the ramp after layer i-1 join here
+            _, r2, h2, m2 = groups[k]
+            if rows is None:
+                rows, h, mask = r2, h2, m2
+            else:
+                width = max(h.shape[1], h2.shape[1])
+                rows = torch.cat([rows, r2])
+                h = torch.cat([_pad_to(h, width), _pad_to(h2, width)])
+                mask = torch.cat([_pad_to(mask, width), _pad_to(m2, width)])
+            k += 1
+        if stop is not None and stop():
+            return None
+        layer_rows[i] = len(rows)
+        h = model.layer(i, h, model.layer_mask(h, mask))
+        r = model.ramp_at_layer.get(i + 1)
+        if r is not None and i + 1 != L:
+            tail.ramp_conf[rows, r], tail.ramp_pred[rows, r] = _conf_pred(model.ramp(r, h, mask))
+    final_conf, final_pred = _conf_pred(model.head(h))
+    order = torch.argsort(rows)
+    rows = rows[order]
+    return BatchOutput(tail.label, torch.empty(0), torch.empty(0), rows, tail.ramp_conf[rows], tail.ramp_pred[rows],
+                       final_pred[order], final_conf[order], layer_rows)
+
+
+def merge_tail(out: BatchOutput, done: BatchOutput) -> BatchOutput:
+    """`out` with a finished tail's feedback rows and compute added (feedback rows stay ascending)."""
+    rows = torch.cat([out.feedback_rows, done.feedback_rows])
+    spent = out.layer_rows + [0] * (len(done.layer_rows) - len(out.layer_rows))  # the hot path may stop early
+    order = torch.argsort(rows)
+    cat = lambda a, b: torch.cat([a, b])[order]  # noqa: E731
     return BatchOutput(
-        label, score, exit_layer, fb_rows, ramp_conf[fb_rows], ramp_pred[fb_rows], final_pred, final_conf, layer_rows
+        out.label, out.score, out.exit_layer, rows[order], cat(out.ramp_conf, done.ramp_conf),
+        cat(out.ramp_pred, done.ramp_pred), cat(out.final_pred, done.final_pred),
+        cat(out.final_conf, done.final_conf), [a + b for a, b in zip(spent, done.layer_rows)],
     )

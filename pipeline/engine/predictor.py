@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import EngineConfig
 from pipeline.control.records import FeedbackWindow
-from pipeline.engine.executor import execute
+from pipeline.engine.executor import Tail, execute, finish_tail
 from pipeline.engine.microbatch import TokenBudget, plan_microbatches
 from pipeline.engine.policy import ExitPolicy
 
@@ -48,6 +48,8 @@ class PredictOutput:
     stats: dict = field(default_factory=dict)
     feedback_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """[F] caller index of each feedback row, in the feedback window's order."""
+    tails: list[Tail] = field(default_factory=list)
+    """Release mode with defer_tail: answered rows still to run to the end (Predictor.finish_tail)."""
 
     def shadow_agreement(self) -> tuple[int, int]:
         """(agreeing, total) over feedback rows: released answer vs the original model's prediction."""
@@ -199,10 +201,10 @@ class Predictor:
 
     def predict_encoded(self, encoded: Encoded, keys: list, mode: str | None = None,
                         on_result: Callable[[int, Prediction], None] | None = None,
-                        stop_tail: Callable[[], bool] | None = None) -> PredictOutput:
+                        defer_tail: bool = False) -> PredictOutput:
         """Like predict, on rows already tokenized by a TextEncoder (keys pick the shadow rows).
-        `stop_tail()` (release mode): True when other work waits; then a micro-batch whose rows are all
-        answered finishes only its shadow rows (see `execute`)."""
+        `defer_tail` (release mode): rows answered at a ramp are not run to the end here; the output's
+        `tails` hold them for `finish_tail` (Serve runs them when the replica is idle)."""
         mode = mode or self.config.mode
         n = len(encoded)
         out: list[Prediction | None] = [None] * n
@@ -214,12 +216,13 @@ class Predictor:
         valid = [i for i in range(n) if out[i] is None]
         feedback: list = []
         fb_rows: list = []
+        tails: list[Tail] = []
         layer_rows = np.zeros(self.model.num_layers, np.int64)
         t0 = time.perf_counter()
         if valid:
             enc = [encoded.input_ids[i] for i in valid]
             truncated = encoded.truncated[valid]
-            # Exit mode's feedback rows; release mode feeds back every row unless its tail is cut.
+            # Rows that run to the end in the hot path (release mode: the others follow in the tail).
             shadow = shadow_mask([keys[i] for i in valid], self.config.shadow_fraction)
             lengths = np.array([len(e) for e in enc])
             pending = deque(plan_microbatches(lengths, self.budget.value, self.config.max_batch_rows))
@@ -228,7 +231,7 @@ class Predictor:
                 try:
                     start = time.perf_counter()
                     early = self._early_callback(idx, valid, truncated, on_result) if on_result else None
-                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, stop_tail)
+                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, defer_tail)
                     self.budget.observe(len(idx) * int(lengths[idx].max()), time.perf_counter() - start)
                 except Exception as e:  # noqa: BLE001 - every row must get an answer or an error
                     if _is_oom(e) and len(idx) > 1 and self.budget.on_oom():
@@ -247,6 +250,8 @@ class Predictor:
                     continue
                 self._update(res, idx, valid, truncated, out, feedback, layer_rows, on_result)
                 fb_rows += [valid[idx[k]] for k in res.feedback_rows.tolist()]
+                if res.tail is not None:
+                    tails.append(res.tail)
         elapsed = time.perf_counter() - t0
         stats = {
             "rows": n,
@@ -258,13 +263,24 @@ class Predictor:
             "mode": mode,
         }
         fb = FeedbackWindow.concat(feedback) if feedback else FeedbackWindow.empty(self.num_ramps)
-        return PredictOutput(out, fb, stats, np.asarray(fb_rows, np.int64))  # type: ignore[arg-type]
+        return PredictOutput(out, fb, stats, np.asarray(fb_rows, np.int64), tails)  # type: ignore[arg-type]
 
-    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None, stop_tail=None):
+    def finish_tail(self, tail: Tail, stop: Callable[[], bool] | None = None) -> tuple[FeedbackWindow, int] | None:
+        """Run a deferred release tail to the end: (its feedback, how many of its answers agree with the
+        original model), or None when `stop()` said other work waits first (its rows give no feedback)."""
+        done = finish_tail(self.model, tail, stop)
+        if done is None:
+            return None
+        released = tail.label[done.feedback_rows]
+        window = FeedbackWindow(done.ramp_conf.cpu().numpy(), done.ramp_pred.cpu().numpy(),
+                                done.final_pred.cpu().numpy())
+        return window, int((released == done.final_pred).sum())
+
+    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None, defer_tail=False):
         input_ids, mask = self._pad(seqs)
         shadow_t = torch.from_numpy(shadow).to(self.device)
         return execute(self.model, input_ids, mask, self.policy, mode, shadow_t, on_exit=on_exit,
-                       stop_tail=stop_tail, tail_threads=self.config.release_tail_threads)
+                       defer_tail=defer_tail)
 
     def _early_callback(self, idx, valid, truncated, on_result):
         """Executor rows exiting at a ramp -> on_result(caller index, Prediction) right away."""

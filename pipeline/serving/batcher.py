@@ -15,6 +15,10 @@ waits for batch-mates only if the measured arrival rate fills the target batch w
 batch_wait_timeout_s; the target is the number of rows that arrive during one batch (Little's law), so
 light load gets no wait at all and heavy load gets full batches.
 
+Idle work: when the queue is empty, the loop runs `idle(busy)` in the worker thread (the replica finishes
+release tails there); `busy()` turns true as soon as a text arrives, and idle work stops between layers.
+So a request never waits behind idle work for more than one layer.
+
 Every batch returns exactly one result per row, checked: rows the engine did not answer are filled from
 its output, and if the batch fails every request still waiting in it gets `BatchFailed` (none hangs).
 No Ray here: the replica wraps this; unit tests drive it directly.
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[[Encoded, list, Callable[[int, Prediction], None]], PredictOutput]
 """(rows, keys, on_result) -> PredictOutput; runs in the worker thread (Predictor.predict_encoded)."""
+IdleWork = Callable[[Callable[[], bool]], bool]
+"""(busy) -> whether idle work remains; runs in the worker thread while the queue is empty."""
 
 
 class QueueFull(Exception):
@@ -147,10 +153,13 @@ class BatchQueue:
     """Bounded FIFO of requests + the batch loop. Lives on one asyncio loop (started on first submit)."""
 
     def __init__(self, runner: Runner, settings: BatchingSettings,
-                 on_batch: Callable[[BatchReport], None] | None = None, clock: Callable[[], float] = time.monotonic):
+                 on_batch: Callable[[BatchReport], None] | None = None, clock: Callable[[], float] = time.monotonic,
+                 idle: IdleWork | None = None):
         self.runner = runner
         self.settings = settings
         self.on_batch = on_batch
+        self.idle = idle
+        self._idle_pending = False  # a batch ran since idle work last said it was done
         self.clock = clock
         self.policy = AdaptiveBatchPolicy(settings.max_batch_size, settings.batch_wait_timeout_s)
         self._queue: deque[_Request] = deque()
@@ -235,6 +244,10 @@ class BatchQueue:
         while not self._closed:
             try:
                 if not self._queue:
+                    if self._idle_pending and self.idle is not None:
+                        self._idle_pending = False  # stays off if the idle work raises
+                        self._idle_pending = await self._loop.run_in_executor(self._executor, self.idle, self._busy)
+                        continue
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
@@ -255,6 +268,9 @@ class BatchQueue:
             except Exception:  # noqa: BLE001 - the loop must outlive any bug in one batch
                 log.exception("batch loop error; continuing")
                 await asyncio.sleep(0.01)
+
+    def _busy(self) -> bool:  # worker thread: a text is waiting (or the replica is closing)
+        return self._queued_rows > 0 or self._closed
 
     def _take(self) -> list[_Request]:
         """Whole requests, FIFO, under max_batch_size / max_batch_tokens (the first one always fits)."""
@@ -312,6 +328,7 @@ class BatchQueue:
             self._finish(batch, owners, out, error, end)
             self.batches += 1
             self.failed_batches += error is not None
+            self._idle_pending = True
             self.policy.on_batch(len(owners), end - start)
         if self.on_batch is not None:
             report = BatchReport(

@@ -33,11 +33,9 @@ class BatchingSettings(_Strict):
     wait at all, and while a batch runs the queue fills by itself (bigger batches under load)."""
     max_queue: int = Field(256, ge=1)
     """Most texts waiting for a batch. A request that would go past it gets 503 with Retry-After at once."""
-    exit_mode_queue: int | None = Field(None, ge=0)
-    """`release` mode under load: when at least this many texts are still queued as a batch starts, that
-    batch runs in `exit` mode (exited texts leave it, the shadow fraction still feeds the controller), so
-    capacity grows to exit mode's when a backlog forms while light load keeps release mode. The answers
-    are the same; only the feedback and the compute differ. None: always the engine's mode."""
+    max_waiting_tails: int = Field(32, ge=1)
+    """`release` mode: batches whose answered texts wait to run to the end (controller feedback) while the
+    replica is busy; past it the oldest is dropped. They run only when no text is queued."""
     max_items_per_request: int = Field(64, ge=1)
     """Most texts in one request (422 past it)."""
     max_body_bytes: int = Field(1_000_000, ge=64)

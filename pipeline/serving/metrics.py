@@ -5,6 +5,8 @@ different replicas (through Serve's proxy) stay separate series.
 """
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -39,7 +41,7 @@ class ServingMetrics:
                                lab, registry=r)
         self.policy_version = Gauge("offramp_threshold_version", "Version of the thresholds in use", lab, registry=r)
         self.queue_rows = Gauge("offramp_queue_texts", "Texts waiting for a batch", lab, registry=r)
-        self.batches = Counter("offramp_batches", "Batches run, by engine mode (release, or exit under a backlog)",
+        self.batches = Counter("offramp_batches", "Batches run, by engine mode",
                                lab + ["mode"], registry=r)
         self.batch_rows = Histogram("offramp_batch_texts", "Texts per batch", lab,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
@@ -52,8 +54,13 @@ class ServingMetrics:
                                       lab, registry=r)
         self.controller_failures = Gauge("offramp_controller_failures",
                                          "Reports and state fetches to the controller that failed", lab, registry=r)
+        self.tail_rows = Counter("offramp_release_tail_rows",
+                                 "Release mode: texts answered at a ramp, then run to the end while the replica was idle "
+                                 "(finished) or not, because texts arrived first (dropped)", lab + ["outcome"],
+                                 registry=r)
         self._agree = 0
         self._fb = 0
+        self._lock = threading.Lock()  # feedback arrives from the event loop and the worker thread
 
     def request(self, route: str, code: int, seconds: float | None = None) -> None:
         self.requests.labels(self.replica, route, str(code)).inc()
@@ -77,13 +84,22 @@ class ServingMetrics:
         for p in out.predictions:
             if p.error is None:
                 self.exits.labels(rep, str(p.exit_layer)).inc()
-        agree, total = out.shadow_agreement()
-        if total:
+        self.feedback(*out.shadow_agreement())
+
+    def feedback(self, agree: int, total: int) -> None:
+        """`total` texts ran to the end; `agree` of them were answered as the original model answers."""
+        if not total:
+            return
+        rep = self.replica
+        with self._lock:
             self._agree += agree
             self._fb += total
             self.feedback_rows.labels(rep).inc(total)
             self.feedback_agree.labels(rep).inc(agree)
             self.agreement.labels(rep).set(self._agree / self._fb)
+
+    def tail(self, rows: int, finished: bool) -> None:
+        self.tail_rows.labels(self.replica, "finished" if finished else "dropped").inc(rows)
 
     def render(self, queue_rows: int, policy_version: int, controller_failures: int = 0) -> bytes:
         self.queue_rows.labels(self.replica).set(queue_rows)

@@ -3,6 +3,8 @@
     texts --encode (validate + tokenize, on the event loop)--> BatchQueue --worker thread--> Predictor
     after each batch: metrics; feedback -> ControllerClient.report (controller thread, fire-and-forget);
     every few batches the thresholds are refreshed and swapped into the Predictor.
+    release mode: the rows a batch answered at a ramp wait in a bounded list of tails; when the queue is
+    empty the worker thread runs them to the end (feedback), stopping as soon as a text arrives.
 
 Controller calls run on their own thread so a slow or restarting controller never delays a batch; when
 the controller is down the replica keeps its last thresholds and keeps serving.
@@ -12,7 +14,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from pipeline.control.records import FeedbackWindow
 from pipeline.engine.microbatch import TokenBudget
@@ -61,10 +65,12 @@ class ReplicaEngine:
         self.predictor = p = import_class(config.predictor_class)(config.model, config.engine)
         p.budget = _OnlineBudget(p.config.token_budget, p.config.max_token_budget, p.config.latency_target_s)
         self.num_layers = self.predictor.model.num_layers
-        # a predictor_class written before stop_tail existed keeps working (its tails are never cut)
-        self._cuts_tail = "stop_tail" in inspect.signature(p.predict_encoded).parameters
+        # Release tails run when the replica is idle; a predictor_class without defer_tail runs them inline.
+        self._defer = config.engine.mode == "release" and "defer_tail" in inspect.signature(p.predict_encoded).parameters
+        self._tails: deque = deque()  # appended on the event loop, taken in the worker thread
         self.metrics = ServingMetrics(replica)
-        self.queue = BatchQueue(self._run, config.batching, on_batch=self._on_batch)
+        self.queue = BatchQueue(self._run, config.batching, on_batch=self._on_batch,
+                                idle=self._finish_tails if self._defer else None)
         self.client = client
         if self.client is None and controller:
             from pipeline.control.controller import ControllerClient, ControllerState
@@ -75,7 +81,7 @@ class ReplicaEngine:
                                            refresh_every=controller["refresh_every_batches"])
         self._ctl_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offramp-controller")
         self._ctl_busy = False
-        self._feedback: list[FeedbackWindow] = []
+        self._feedback: deque[FeedbackWindow] = deque()  # from both threads; drained by the controller sync
 
     # -- requests ---------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> Encoded:
@@ -85,27 +91,40 @@ class ReplicaEngine:
         """Answers in order; raises QueueFull (-> 503) or BatchFailed (-> 500)."""
         return await self.queue.submit(encoded, keys)
 
-    def batch_mode(self) -> str:
-        """`exit` when a backlog waits behind this batch (batching.exit_mode_queue), else the engine's mode."""
-        over = self.config.batching.exit_mode_queue
-        if self.config.engine.mode == "release" and over is not None and self.queue.queued_rows >= over:
-            return "exit"
-        return self.config.engine.mode
-
     def _run(self, encoded: Encoded, keys: list, on_result) -> object:  # worker thread
-        # A release batch whose rows are all answered cuts its feedback-only tail when texts are waiting.
-        tail = {"stop_tail": lambda: self.queue.queued_rows > 0} if self._cuts_tail else {}
-        return self.predictor.predict_encoded(encoded, keys, self.batch_mode(), on_result=on_result, **tail)
+        defer = {"defer_tail": True} if self._defer else {}
+        return self.predictor.predict_encoded(encoded, keys, self.config.engine.mode, on_result=on_result, **defer)
+
+    def _finish_tails(self, busy: Callable[[], bool]) -> bool:  # worker thread, queue empty
+        """Run the oldest waiting release tail to the end; its feedback goes to the controller with the next
+        batch's. Dropped (no feedback) if a text arrives first. Returns whether tails remain."""
+        try:
+            tail = self._tails.popleft()
+        except IndexError:
+            return False
+        got = self.predictor.finish_tail(tail, stop=busy)
+        self.metrics.tail(tail.rows, finished=got is not None)
+        if got is not None:
+            window, agree = got
+            self.metrics.feedback(agree, len(window))
+            if self.client is not None:
+                self._feedback.append(window)
+        return bool(self._tails)
 
     # -- after each batch -------------------------------------------------------------------------
     def _on_batch(self, report: BatchReport) -> None:  # event loop
         self.metrics.batch(report, self.num_layers)
+        if report.output is not None:
+            for tail in report.output.tails:
+                if len(self._tails) >= self.config.batching.max_waiting_tails:
+                    self.metrics.tail(self._tails.popleft().rows, finished=False)  # the oldest goes
+                self._tails.append(tail)
         if self.client is None:
             return
         if report.output is not None and len(report.output.feedback):
             self._feedback.append(report.output.feedback)
         if not self._ctl_busy:
-            windows, self._feedback = self._feedback, []
+            windows = [self._feedback.popleft() for _ in range(len(self._feedback))]
             self._ctl_busy = True
             fut = self._ctl_executor.submit(self._sync_controller, windows)
             fut.add_done_callback(self._ctl_done)
@@ -135,6 +154,7 @@ class ReplicaEngine:
             "replica": self.replica,
             "mode": self.config.engine.mode,
             "queue_texts": self.queue.queued_rows,
+            "waiting_tails": len(self._tails),
             "batches": self.queue.batches,
             "failed_batches": self.queue.failed_batches,
             "threshold_version": int(self.predictor.policy.version),

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine.executor import execute
+from pipeline.engine.executor import execute, finish_tail, merge_tail
 from pipeline.engine.policy import ExitPolicy
 from pipeline.model.early_exit import EarlyExitModel
 from pipeline.model.ramps import RampSet
@@ -137,28 +137,31 @@ def test_bfloat16_runs_on_cpu_and_mostly_agrees():
     assert (out.label == ref.label).float().mean() >= 0.8
 
 
-def test_release_tail_is_cut_to_shadow_rows_when_work_waits_and_threads_come_back():
-    """Release mode: once every row is answered, a waiting queue (stop_tail) leaves only the shadow rows
-    running; the feedback-only tail runs on tail_threads and the thread count is restored afterwards."""
+def test_release_tail_deferred_then_finished_matches_running_it_at_once_and_can_stop():
+    """Release mode: answered rows leave the hot path into a tail; finishing it later gives the same
+    feedback as finishing it at once, and a stop between layers drops it (no half feedback)."""
     m = _model("bert")
     ids, mask = _batch(B=10, seed=7)
-    thr = np.array([0.0, 1.0, 1.0])  # every row answered at ramp 1: the rest is tail
+    policy = _policy_that_splits(m, ids, mask)
     shadow = torch.zeros(10, dtype=torch.bool)
     shadow[[3, 8]] = True
-    full = execute(m, ids, mask, ExitPolicy(thr), "release", shadow=shadow)
-    assert full.feedback_rows.tolist() == list(range(10)) and full.layer_rows == [10, 10, 10, 10]
-    threads = torch.get_num_threads()
-    seen = []
-
-    def waiting():
-        seen.append(torch.get_num_threads())
-        return len(seen) >= 2  # a request arrives after layer 2
-
-    cut = execute(m, ids, mask, ExitPolicy(thr), "release", shadow=shadow, stop_tail=waiting, tail_threads=1)
-    assert torch.equal(cut.label, full.label) and torch.equal(cut.exit_layer, full.exit_layer)
-    assert cut.feedback_rows.tolist() == [3, 8] and cut.layer_rows == [10, 10, 2, 2]
-    assert torch.equal(cut.final_pred, full.final_pred[[3, 8]])
-    assert seen[0] == 1 and torch.get_num_threads() == threads
-    # Nobody waiting: the whole batch runs to the end, as Apparate's release mode does.
-    idle = execute(m, ids, mask, ExitPolicy(thr), "release", shadow=shadow, stop_tail=lambda: False)
-    assert idle.feedback_rows.tolist() == list(range(10)) and torch.equal(idle.final_pred, full.final_pred)
+    now = execute(m, ids, mask, policy, "release", shadow=shadow)
+    assert now.tail is None and now.feedback_rows.tolist() == list(range(10))
+    hot = execute(m, ids, mask, policy, "release", shadow=shadow, defer_tail=True)
+    ex = execute(m, ids, mask, policy, "exit", shadow=shadow)
+    # The hot path is exit mode's: same answers, same rows per layer. Its feedback: the rows that ran it
+    # to the end (shadow rows and rows no ramp answered); the rows answered at a ramp are in the tail.
+    assert torch.equal(hot.label, ex.label) and torch.equal(hot.exit_layer, ex.exit_layer)
+    assert hot.layer_rows == ex.layer_rows
+    ran = sorted(set(ex.feedback_rows.tolist()) | set((ex.exit_layer == m.num_layers).nonzero()[:, 0].tolist()))
+    assert hot.feedback_rows.tolist() == ran
+    answered = sorted(set(range(10)) - set(ran))
+    assert answered and sorted(r for g in hot.tail.groups for r in g[1].tolist()) == answered
+    assert finish_tail(m, hot.tail, stop=lambda: True) is None  # work waits: the tail is dropped
+    done = finish_tail(m, hot.tail)
+    assert done.feedback_rows.tolist() == answered
+    later = merge_tail(hot, done)
+    assert later.feedback_rows.tolist() == list(range(10)) and later.layer_rows == now.layer_rows
+    assert torch.equal(later.final_pred, now.final_pred)
+    torch.testing.assert_close(later.ramp_conf, now.ramp_conf, atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(later.ramp_conf).any()  # every ramp recorded for every row

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import EngineConfig
 from pipeline.control.records import FeedbackWindow
-from pipeline.engine.predictor import Predictor
+from pipeline.engine.predictor import Predictor, shadow_mask
 from pipeline.serving.config import ServeAppConfig
 from pipeline.serving.replica import ReplicaEngine
 
@@ -151,23 +151,46 @@ def test_a_dead_controller_never_stops_serving(tiny_artifact):
     assert eng.predictor.policy.version == 0
 
 
-def test_a_backlog_switches_release_batches_to_exit_mode(tiny_artifact):
-    """batching.exit_mode_queue: a batch that starts with texts still queued behind it runs in exit mode."""
+def _metric(eng, name, **labels):
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    lines = [x for x in eng.metrics_text().decode().splitlines() if x.startswith(name + "{")]
+    return sum(float(x.split()[-1]) for x in lines if all(w in x for w in want))
+
+
+async def _until(cond, timeout_s=10.0):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout_s, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_release_tails_run_to_the_end_when_idle_and_stop_when_a_text_arrives(tiny_artifact):
+    """Release mode: texts answered at a ramp leave the batch's hot path; once no text waits, the replica
+    runs them to the end, so every text becomes feedback. A text that arrives meanwhile drops the tail."""
     early, late, thresholds = ramp1_split(tiny_artifact)
-    texts = [early, late, early, late]
-    eng = ReplicaEngine(app_config(tiny_artifact, thresholds, max_batch_size=1, exit_mode_queue=2))
-    reference = Predictor(tiny_artifact, EngineConfig(mode="release", thresholds=thresholds)).predict(texts)
+    client = FakeClient(thresholds)  # version 1 = the same thresholds
+    eng = ReplicaEngine(app_config(tiny_artifact, thresholds, predictor_class=f"{__name__}:SlowTail"), client=client)
+    keys = ["k0", "k1", "k2"]
+    shadow = shadow_mask(keys, eng.predictor.config.shadow_fraction)
 
     async def main():
-        outs = await asyncio.gather(*[eng.predict(eng.encode([t]), [f"{i}"]) for i, t in enumerate(texts)])
+        first = await asyncio.gather(*[eng.predict(eng.encode([t]), [k]) for t, k in zip([early, late, early], keys)])
+        tail = [k for k, o, s in zip(keys, first, shadow) if o[0].exit_layer == 1 and not s]
+        assert tail  # the early texts, unless the shadow picked them
+        await _until(lambda: _metric(eng, "offramp_release_tail_rows_total", outcome="finished") == len(tail))
+        assert _metric(eng, "offramp_feedback_rows_total") == 3  # every text: hot path + tail
+        await eng.predict(eng.encode([late]), ["k3"])  # its batch reports the tail's feedback too
+        await _until(lambda: sum(len(w) for w in client.reports) == 4)
+        # A tail still running when a text arrives stops at the next layer and gives no feedback.
+        await asyncio.gather(eng.predict(eng.encode([early]), ["k4"]), eng.predict(eng.encode([late]), ["k5"]))
+        await asyncio.sleep(SlowTail.delay_s / 2)  # the tail of "k4" is on its first slow layer
+        t0 = time.monotonic()
+        await eng.predict(eng.encode([early]), ["k6"])
+        waited = time.monotonic() - t0
+        await _until(lambda: _metric(eng, "offramp_release_tail_rows_total", outcome="dropped") >= 1)
         await eng.close()
-        return [o[0] for o in outs]
+        return first, waited
 
-    outs = asyncio.run(main())
-    # Queued behind each batch: 3, 2, 1, 0 texts -> exit, exit, release, release. Same answers either way.
-    assert [(p.label, p.exit_layer) for p in outs] == [(p.label, p.exit_layer) for p in reference.predictions]
-    lines = eng.metrics_text().decode().splitlines()
-    count = {m: next(float(x.split()[-1]) for x in lines if x.startswith("offramp_batches_total{") and f'mode="{m}"' in x)
-             for m in ("exit", "release")}
-    assert count == {"exit": 2.0, "release": 2.0}
-    assert ServeAppConfig(model="x").batching.exit_mode_queue is None  # off unless configured
+    first, waited = asyncio.run(main())
+    assert [o[0].exit_layer for o in first] == [1, 4, 1]
+    assert waited < 2 * SlowTail.delay_s  # k6 waited for one tail layer at most, not the whole tail (3 layers)
