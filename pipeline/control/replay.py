@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -230,17 +230,7 @@ class MethodSeries:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "rows": self.rows,
-            "agreement": self.agreement,
-            "savings": self.savings,
-            "layer_savings": self.layer_savings,
-            "exit_rate": self.exit_rate,
-            "active": self.active,
-            "thresholds": self.thresholds,
-            "version": self.version,
-        }
+        return asdict(self)
 
 
 @dataclass
