@@ -286,8 +286,9 @@ class ThresholdController:
         self._tune_buf: deque[FeedbackWindow] = deque(maxlen=cfg.tune_windows)
         self._utils: deque[np.ndarray] = deque(maxlen=cfg.utility_windows)
         self._history: deque[dict[str, Any]] = deque(maxlen=cfg.history_limit)
-        # Early back-offs in this window: (rows before it, thresholds, active set served until then).
-        self._brakes: list[tuple[int, np.ndarray, np.ndarray]] = []
+        # Early back-offs in this window: (rows before it, thresholds served until then). They keep the
+        # active set; only a window end changes it (and clears this list).
+        self._brakes: list[tuple[int, np.ndarray]] = []
         self._logged = 0  # history rows written so far (their "seq")
         self.checkpoint_errors = 0
 
@@ -309,9 +310,7 @@ class ThresholdController:
     def report(self, window: FeedbackWindow | dict[str, Any]) -> int:
         """Add feedback rows; process every full window. Returns the current version. Never raises."""
         try:
-            w = window if isinstance(window, FeedbackWindow) else FeedbackWindow.from_dict(window)
-            if w.num_ramps != self.costs.num_ramps:
-                raise ValueError(f"window has {w.num_ramps} ramps, the cost model {self.costs.num_ramps}")
+            w = self._as_window(window, "window")
         except Exception as exc:  # a bad payload must not take the controller down
             self.state.rejected += 1
             logger.warning("controller rejected a report: %s", exc)
@@ -375,10 +374,14 @@ class ThresholdController:
         self._pending_rows -= n
         return parts[0] if len(parts) == 1 else FeedbackWindow.concat(parts)
 
-    def _warm_start(self, window: FeedbackWindow | dict[str, Any]) -> None:
+    def _as_window(self, window: FeedbackWindow | dict[str, Any], what: str) -> FeedbackWindow:
         w = window if isinstance(window, FeedbackWindow) else FeedbackWindow.from_dict(window)
         if w.num_ramps != self.costs.num_ramps:
-            raise ValueError(f"warm_start has {w.num_ramps} ramps, the cost model {self.costs.num_ramps}")
+            raise ValueError(f"{what} has {w.num_ramps} ramps, the cost model {self.costs.num_ramps}")
+        return w
+
+    def _warm_start(self, window: FeedbackWindow | dict[str, Any]) -> None:
+        w = self._as_window(window, "warm_start")
         # Whole windows only: a short remainder would be judged against the constraint on a few rows (one
         # disagreement in 33 rows is a "violation") and could back off before any live row is served.
         n = self.config.window_rows
@@ -456,12 +459,13 @@ class ThresholdController:
         thr = np.asarray(st.thresholds, dtype=np.float64)
         act = np.asarray(st.active, dtype=bool)
         served = self._served(part, thr, act)
-        now = evaluate(part, self.costs, thr, act)  # the current thresholds on every row so far
+        # The current thresholds on every row so far: the rows as served, unless a brake came first.
+        now = evaluate(part, self.costs, thr, act).agreement if self._brakes else served["agreement"]
         target, prior = cfg.constraint * cfg.tune_headroom, cfg.early_guard_prior_rows
-        rate = ((1.0 - now.agreement) * n + prior * target) / (n + prior) if prior else target
+        rate = ((1.0 - now) * n + prior * target) / (n + prior) if prior else target
         if (1.0 - served["agreement"]) * n + (cfg.window_rows - n) * rate <= cfg.constraint * cfg.window_rows + 1e-9:
             return
-        self._brakes.append((n, thr, act))
+        self._brakes.append((n, thr))
         self._ok_streak = 0
         held = bool(self._floors.any())
         # Every open ramp: the rows that broke the forecast are too few to say which ramps will err next.
@@ -477,13 +481,13 @@ class ThresholdController:
 
     def _served(self, w: FeedbackWindow, thr: np.ndarray, act: np.ndarray) -> dict[str, float]:
         """Agreement and savings of ``w`` as served: the rows before each early back-off in this window
-        under the thresholds in force then, the rest under ``thr`` / ``act``."""
+        under the thresholds in force then, the rest under ``thr``; all under ``act``."""
         keys = ("agreement", "savings", "layer_savings")
         n, lo, total = len(w), 0, dict.fromkeys(keys, 0.0)
-        for hi, t, a in [*self._brakes, (n, thr, act)]:
+        for hi, t in [*self._brakes, (n, thr)]:
             hi = min(hi, n)
             if hi > lo:
-                out = evaluate(w.slice(lo, hi), self.costs, t, a)
+                out = evaluate(w.slice(lo, hi), self.costs, t, act)
                 for m in keys:
                     total[m] += (hi - lo) * getattr(out, m)
                 lo = hi
@@ -605,7 +609,7 @@ class ThresholdController:
                 return False
             self.state = ControllerState.from_dict(payload["state"])
             # The violation count travels; the limits come from this run's config (it may have changed).
-            self._guard.consecutive = int(AccuracyGuard.from_dict(payload["guard"]).consecutive)
+            self._guard.consecutive = int(payload["guard"]["consecutive"])
             self._floors = np.asarray(payload["floors"], dtype=np.float64)
             self._ok_streak = int(payload["ok_streak"])
             self._hold = int(payload.get("hold", self.config.backoff_hold_windows))

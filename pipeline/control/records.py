@@ -96,6 +96,11 @@ class FeedbackWindow:
         ref = None if self.reference is None else self.reference[start:stop]
         return FeedbackWindow(self.conf[start:stop], self.pred[start:stop], self.final[start:stop], ref)
 
+    def take(self, rows: np.ndarray) -> "FeedbackWindow":
+        """The rows at ``rows`` (indices or a bool mask), in that order, as a new window."""
+        ref = None if self.reference is None else self.reference[rows]
+        return FeedbackWindow(self.conf[rows], self.pred[rows], self.final[rows], ref)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain lists, for JSON and cheap Ray transport."""
         d = {"conf": self.conf.tolist(), "pred": self.pred.tolist(), "final": self.final.tolist()}

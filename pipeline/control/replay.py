@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .controller import ControllerConfig, ControllerState, ThresholdController
+from .controller import ControllerConfig, ControllerState, ThresholdController, _as_state
 from .guard import is_violation
 from .records import CLOSED, CostModel, FeedbackWindow
 from .tuner import evaluate, exit_costs, static_threshold_search, tune_thresholds
@@ -79,10 +79,8 @@ def record(
         pred = artifact
     else:
         from pipeline.config import EngineConfig
-        from pipeline.model.artifact import read_manifest
 
-        R = len(read_manifest(artifact).ramps)
-        pred = Predictor(str(artifact), EngineConfig(**{**(engine or {}), "mode": "release", "thresholds": [CLOSED] * R}))
+        pred = Predictor(str(artifact), EngineConfig(**{**(engine or {}), "mode": "release"}))
     R = pred.num_ramps
     saved = pred.policy
     pred.set_policy(ExitPolicy(np.full(R, CLOSED), np.ones(R, bool)))
@@ -101,7 +99,7 @@ def record(
                     " run to the end in release mode"
                 )
             order = np.argsort(rows, kind="stable")  # feedback order -> caller order
-            parts.append(FeedbackWindow(fb.conf[order], fb.pred[order], fb.final[order]))
+            parts.append(fb.take(order))
             # Every ramp closed: each answer comes from the original head, so its score is the model's confidence.
             scores.append(np.array([p.score for p in out.predictions], np.float32))
             if progress:
@@ -117,8 +115,7 @@ def record(
 # ----------------------------------------------------------------------------- streams
 def shuffled(window: FeedbackWindow, seed: int = 0) -> FeedbackWindow:
     """Rows in a deterministic random order (built-in files are sorted, e.g. by label)."""
-    order = np.random.default_rng(seed).permutation(len(window))
-    return FeedbackWindow(window.conf[order], window.pred[order], window.final[order])
+    return window.take(np.random.default_rng(seed).permutation(len(window)))
 
 
 def hardest(window: FeedbackWindow, confidence: np.ndarray, share: float = 0.25) -> FeedbackWindow:
@@ -130,8 +127,7 @@ def hardest(window: FeedbackWindow, confidence: np.ndarray, share: float = 0.25)
         raise ValueError(f"share={share} must be in (0, 1]")
     if len(window) == 0:
         return window
-    keep = confidence <= np.quantile(confidence, share)
-    return FeedbackWindow(window.conf[keep], window.pred[keep], window.final[keep])
+    return window.take(confidence <= np.quantile(confidence, share))
 
 
 def drift_stream(before: FeedbackWindow, after: FeedbackWindow) -> tuple[FeedbackWindow, int]:
@@ -388,13 +384,10 @@ def replay(
 
     series = {m: MethodSeries(m) for m in METHODS}
     closed = np.full(R, CLOSED)
-    tuner_ms: list[float] = []
-    window_ms: list[float] = []
     history: list[dict[str, Any]] = []
     bounds = window_bounds(len(stream), window_rows)
     refresh = refresh_rows or window_rows
     seen = max((h["seq"] for h in ctl.history()), default=0)  # warm-start rows are not the stream's
-    early = 0
     for start, stop in bounds:
         w = stream.slice(start, stop)
         n = len(w)
@@ -413,15 +406,9 @@ def replay(
             out = evaluate(block, costs, np.asarray(st["thresholds"], np.float64), np.asarray(st["active"], bool))
             outs.append((len(block), out))
             ctl.report(block)
-            for h in ctl.history():
-                if h["seq"] > seen:
-                    seen = h["seq"]
-                    history.append(h)
-                    if h["action"] == "early_backoff":
-                        early += 1
-                    else:
-                        tuner_ms.append(float(h["tune_ms"]))
-                        window_ms.append(float(h["window_ms"]))
+            new = [h for h in ctl.history() if h["seq"] > seen]
+            history += new
+            seen = max((h["seq"] for h in new), default=seen)
         mix = {m: sum(k * getattr(o, m) for k, o in outs) / n
                for m in ("agreement", "savings", "layer_savings", "exit_rate")}
         series["controller"].add(n, mix["agreement"], mix["savings"], mix["layer_savings"], mix["exit_rate"],
@@ -430,6 +417,9 @@ def replay(
         sav, lsav, counts = oracle_outcome(w, costs)
         series["oracle"].add(n, 1.0, sav, lsav, float(counts.sum() / n), closed, all_on)
 
+    ends = [h for h in history if h["action"] != "early_backoff"]  # one per window
+    tuner_ms, window_ms = [float(h["tune_ms"]) for h in ends], [float(h["window_ms"]) for h in ends]
+    early = len(history) - len(ends)
     return ReplayResult(
         name=name,
         constraint=constraint,
@@ -447,9 +437,7 @@ def replay(
               "warm_start_windows": warm_windows,
               "refresh_rows": refresh,
               "early_backoffs": early,
-              "initial_state": ControllerState.from_dict(
-                  initial_state.to_dict() if isinstance(initial_state, ControllerState) else initial_state
-              ).to_dict(),
+              "initial_state": _as_state(initial_state).to_dict(),
               **(meta or {})},
     )
 

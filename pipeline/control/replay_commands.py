@@ -160,7 +160,7 @@ def _pct(x: float) -> str:
 @click.option("--data", default="movie-reviews", show_default=True,
               help="Built-in dataset (its test split streams, its validation split bootstraps) or a parquet/jsonl/csv path/URL.")
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--constraint", default=None, type=float, help="Accuracy budget per window [default: the artifact's, 0.01].")
+@click.option("--constraint", default=None, type=float, help="Accuracy budget per window [default: the artifact's (0.01), less what a compressed artifact's check lost, as deployed].")
 @click.option("--ramp-budget", default=None, type=int, help="Most active ramps for the controller [default: ControllerConfig's: no cap, only the tail budget].")
 @click.option("--window", "window_rows", default=512, show_default=True, type=int,
               help="Rows per window (the controller's window and the unit the constraint is judged on).")
@@ -192,9 +192,8 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
 
     import numpy as np
 
-    from pipeline.control.controller import ControllerState
     from pipeline.control.records import FeedbackWindow
-    from pipeline.control.shared import cost_model, warm_start_window
+    from pipeline.control.shared import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.replay import (
         aggregate,
         drift_stream,
@@ -213,7 +212,8 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
     try:
         manifest = read_manifest(model_dir)
         overrides = _parse_sets(sets)
-        constraint = manifest.constraint if constraint is None else constraint
+        # As deployed: a compressed artifact's controller holds what compression left of the budget.
+        constraint = controller_constraint(manifest) if constraint is None else constraint
         costs = cost_model(manifest)
         boot_texts, stream_texts, desc = _splits(data, text_column, seed, limit)
         domains = [d for d in DOMAINS if d != data] if drift == "hard" else [] if drift == "none" else [drift]
@@ -232,8 +232,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
             from pipeline.config import EngineConfig
             from pipeline.engine.predictor import Predictor
 
-            predictor = Predictor(model_dir, EngineConfig(mode="release", device=device,
-                                                          thresholds=[1.0] * len(manifest.ramps)))
+            predictor = Predictor(model_dir, EngineConfig(mode="release", device=device))  # record() closes every ramp
         return predictor
 
     fp = _fingerprint(model_dir)
@@ -251,7 +250,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
         drift_desc = (f"the {int(HARD_SHARE * 100)}% hardest rows (original model's confidence) of "
                       f"{', '.join(drift_texts)}" if drift == "hard" else f"all of {drift}")
 
-    initial = ControllerState(version=0, thresholds=list(manifest.thresholds), active=list(manifest.active))
+    initial = initial_state(manifest)
     # Warm start as deployments do it (pipeline.control.shared): the artifact's own validation feedback.
     artifact_warm = warm_start_window(model_dir, manifest) if warm_start is not False else None
     warm = artifact_warm if artifact_warm is not None else bool(warm_start)

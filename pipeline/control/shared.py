@@ -39,8 +39,14 @@ def controller_constraint(manifest) -> float:
     return max(0.0, float(manifest.constraint) - float(check.get("agreement_loss", 0.0)))
 
 
-def start_shared_controller(model: str, manifest, settings, thresholds: list[float] | None = None,
-                            prefix: str = "offramp-controller") -> dict | None:
+def initial_state(manifest, thresholds: list[float] | None = None):
+    """A fresh controller's state: the artifact's thresholds (or `thresholds`) and active ramps, version 0."""
+    from pipeline.control.controller import ControllerState
+
+    return ControllerState(version=0, thresholds=list(thresholds or manifest.thresholds), active=list(manifest.active))
+
+
+def start_shared_controller(model: str, manifest, settings, thresholds: list[float] | None = None) -> dict | None:
     """Create (or find) the named controller actor for `model`; None when `settings.enabled` is off.
 
     `settings` is a pipeline.config.ControllerSettings. With `settings.warm_start` a fresh controller first
@@ -51,12 +57,11 @@ def start_shared_controller(model: str, manifest, settings, thresholds: list[flo
         return None
     import ray
 
-    from pipeline.control.controller import ControllerState, get_or_create_controller
+    from pipeline.control.controller import get_or_create_controller
 
     tuning = {"constraint": controller_constraint(manifest), **settings.tuning}
-    initial = ControllerState(version=0, thresholds=list(thresholds or manifest.thresholds),
-                              active=list(manifest.active))
-    name = settings.name or controller_name(model, prefix)
+    initial = initial_state(manifest, thresholds)
+    name = settings.name or controller_name(model)
     warm = warm_start_window(model, manifest) if settings.warm_start else None
     handle = get_or_create_controller(name, cost_model(manifest), tuning, initial, settings.checkpoint_url,
                                       namespace=settings.namespace, warm_start=warm)
