@@ -3,12 +3,12 @@
 Modes (DESIGN.md, Algorithms 3):
 - exit: confident rows leave the batch, later layers run on fewer rows (and a shorter padded
   length); `shadow` rows always run to the end and are the feedback.
-- release: answers exactly as in exit mode (a row's answer is the first confident ramp), and every
-  row runs to the end as feedback. Answered rows leave the hot path at their ramp and wait in a `Tail`
-  (their hidden states); `finish_tail` runs their remaining layers afterwards, all rows of the tail
-  together, and can stop between layers when other work arrives (its rows then give no feedback).
-  By default `execute` finishes the tail at once; `defer_tail=True` hands it to the caller (Serve runs
-  it when the replica is idle, so the rows still waiting for an answer never wait for it).
+- release: a row is answered at its first confident ramp, and every row runs to the end as
+  feedback (Apparate). With `defer_tail`, the hot path is exit mode's: rows answered at a ramp leave
+  it and wait in a `Tail` (their hidden states) that `finish_tail` runs to the end afterwards, all
+  together, stopping between layers when other work arrives (Serve runs it when the replica is idle).
+  The hot path then reports only its shadow rows; every other row is reported with the tail, so a
+  dropped tail drops whole rows of the batch at random, never a biased part of it.
 A row's answer is the same in both modes and never depends on its batch-mates.
 """
 from __future__ import annotations
@@ -24,17 +24,30 @@ from pipeline.model.early_exit import EarlyExitModel
 
 @dataclass
 class Tail:
-    """Release mode: rows answered at a ramp whose later layers have not run yet."""
+    """Release mode with defer_tail: the batch's non-shadow rows, to report as feedback once the rows
+    answered at a ramp have run to the end."""
 
     groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
-    """(next layer index, batch positions [n], hidden [n,S,H], mask [n,S]) per ramp the rows left at."""
+    """(next layer index, batch positions [n], hidden [n,S,H], mask [n,S]) per ramp rows left at, in order."""
     label: torch.Tensor  # [B] long, the answers given (the feedback's agreement is measured against them)
     ramp_conf: torch.Tensor  # [B,R] every ramp's output so far (a row's ramps up to its exit are filled)
     ramp_pred: torch.Tensor  # [B,R]
+    ended: torch.Tensor | None = None  # [m] rows no ramp answered: they already ran to the end
+    ended_final: torch.Tensor | None = None  # [m] their final prediction
 
     @property
     def rows(self) -> int:
-        return sum(len(g[1]) for g in self.groups)
+        return sum(len(g[1]) for g in self.groups) + (0 if self.ended is None else len(self.ended))
+
+
+@dataclass
+class TailFeedback:
+    """A finished tail: rows [F] (batch positions) with every ramp's output and the final prediction."""
+
+    rows: torch.Tensor
+    ramp_conf: torch.Tensor  # [F,R]
+    ramp_pred: torch.Tensor  # [F,R]
+    final_pred: torch.Tensor  # [F]
 
 
 @dataclass
@@ -49,7 +62,7 @@ class BatchOutput:
     final_conf: torch.Tensor  # [F] float32
     layer_rows: list[int]  # rows that entered each layer (compute actually spent)
     tail: Tail | None = None
-    """Release mode with defer_tail: the answered rows still to run to the end (`finish_tail`)."""
+    """Release mode with defer_tail: the rest of the batch's feedback (`finish_tail`)."""
 
 
 def _conf_pred(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +89,8 @@ def execute(
     on_exit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], None] | None = None,
     defer_tail: bool = False,
 ) -> BatchOutput:
-    """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (rows that run to the end in the
-    hot path: exit mode's feedback; in release mode every other row follows in the tail).
+    """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (exit mode's feedback rows, and the
+    rows a deferred release tail reports in the hot path).
 
     on_exit(rows, labels, scores, layer) is called as soon as rows exit at a ramp, before later
     layers run: the online path answers those requests early (Apparate's early release).
@@ -90,6 +103,8 @@ def execute(
     R, L = len(model.ramps), model.num_layers
     release = mode == "release"
     feedback = torch.zeros(B, dtype=torch.bool, device=device) if shadow is None else shadow.to(device).bool()
+    if release and not defer_tail:
+        feedback = torch.ones(B, dtype=torch.bool, device=device)  # every row runs to the end in the batch
 
     label = torch.full((B,), -1, dtype=torch.long, device=device)
     score = torch.zeros(B, dtype=torch.float32, device=device)
@@ -97,7 +112,7 @@ def execute(
     decided = torch.zeros(B, dtype=torch.bool, device=device)
     ramp_conf = torch.full((B, R), float("nan"), dtype=torch.float32, device=device)
     ramp_pred = torch.full((B, R), -1, dtype=torch.long, device=device)
-    tail = Tail([], label, ramp_conf, ramp_pred) if release else None
+    tail = Tail([], label, ramp_conf, ramp_pred) if release and defer_tail else None
 
     alive = torch.arange(B, device=device)  # batch positions still in the hot path
     mask = attention_mask
@@ -123,18 +138,17 @@ def execute(
                 on_exit(rows, pred[new], conf[new], i + 1)
         keep = ~decided[alive] | feedback[alive]
         if not keep.all():
-            if release:  # answered rows wait in the tail, trimmed to their own longest row
+            if tail is not None:  # answered rows wait in the tail, trimmed to their own longest row
                 gone = ~keep
                 width = int(mask[gone].sum(1).max())
-                tail.groups.append((i + 1, alive[gone], h[gone][:, :width], mask[gone][:, :width]))
-            alive, h, mask = alive[keep], h[keep], mask[keep]
-            if len(alive) == 0:
+                tail.groups.append((i + 1, alive[gone], h[gone, :width], mask[gone, :width]))
+            if not keep.any():
+                alive = alive[keep]
                 break
-            # Rows are right-padded: drop columns no remaining row uses. Contiguous, so a compiled
-            # layer sees the same strides as on a fresh batch (else it recompiles).
-            width = int(mask.sum(1).max())
-            if width < h.shape[1]:
-                h, mask = h[:, :width].contiguous(), mask[:, :width].contiguous()
+            # Rows are right-padded: drop columns no remaining row uses. One gather, contiguous, so a
+            # compiled layer sees the same strides as on a fresh batch (else it recompiles).
+            width = int(mask[keep].sum(1).max())
+            alive, h, mask = alive[keep], h[keep, :width], mask[keep, :width]
             lmask = model.layer_mask(h, mask)
 
     final_pred = torch.empty(0, dtype=torch.long, device=device)
@@ -144,35 +158,33 @@ def execute(
         rest = ~decided[alive]
         rows = alive[rest]
         label[rows], score[rows] = final_pred[rest], final_conf[rest]
-        fb = feedback[alive] | rest if release else feedback[alive]  # release: every row is feedback
+        fb = feedback[alive]
+        if tail is not None:  # unanswered non-shadow rows are reported with the tail
+            tail.ended, tail.ended_final = alive[~fb], final_pred[~fb]
         fb_rows = alive[fb]
         final_pred, final_conf = final_pred[fb], final_conf[fb]
     else:
         fb_rows = alive
     out = BatchOutput(label, score, exit_layer, fb_rows, ramp_conf[fb_rows], ramp_pred[fb_rows], final_pred,
                       final_conf, layer_rows)
-    if tail is not None and tail.groups:
-        if defer_tail:
-            out.tail = tail
-        else:
-            out = merge_tail(out, finish_tail(model, tail))
+    if tail is not None and tail.rows:
+        out.tail = tail
     return out
 
 
 @torch.inference_mode()
-def finish_tail(model: EarlyExitModel, tail: Tail, stop: Callable[[], bool] | None = None) -> BatchOutput | None:
+def finish_tail(model: EarlyExitModel, tail: Tail, stop: Callable[[], bool] | None = None) -> TailFeedback | None:
     """Run a release tail's rows to the end, all together, every ramp recorded: feedback only.
 
-    Returns a BatchOutput holding only feedback fields (label/score/exit_layer are the tail's answers),
-    or None when `stop()` said other work waits before the last layer (checked between layers)."""
+    Returns its rows' feedback (with the rows that had already ended), or None when `stop()` said other
+    work waits before the last layer (checked between layers): then none of them is feedback."""
     L = model.num_layers
-    groups = sorted(tail.groups, key=lambda g: g[0])
-    layer_rows = [0] * L
+    done = [] if tail.ended is None else [(tail.ended, tail.ended_final)]
     rows = h = mask = None
     k = 0
-    for i in range(groups[0][0], L):
-        while k < len(groups) and groups[k][0] == i:  # rows that left at the ramp after layer i-1 join here
-            _, r2, h2, m2 = groups[k]
+    for i in range(tail.groups[0][0] if tail.groups else L, L):
+        while k < len(tail.groups) and tail.groups[k][0] == i:  # rows that left at the ramp after layer i-1
+            _, r2, h2, m2 = tail.groups[k]
             if rows is None:
                 rows, h, mask = r2, h2, m2
             else:
@@ -183,26 +195,11 @@ def finish_tail(model: EarlyExitModel, tail: Tail, stop: Callable[[], bool] | No
             k += 1
         if stop is not None and stop():
             return None
-        layer_rows[i] = len(rows)
         h = model.layer(i, h, model.layer_mask(h, mask))
         r = model.ramp_at_layer.get(i + 1)
         if r is not None and i + 1 != L:
             tail.ramp_conf[rows, r], tail.ramp_pred[rows, r] = _conf_pred(model.ramp(r, h, mask))
-    final_conf, final_pred = _conf_pred(model.head(h))
-    order = torch.argsort(rows)
-    rows = rows[order]
-    return BatchOutput(tail.label, torch.empty(0), torch.empty(0), rows, tail.ramp_conf[rows], tail.ramp_pred[rows],
-                       final_pred[order], final_conf[order], layer_rows)
-
-
-def merge_tail(out: BatchOutput, done: BatchOutput) -> BatchOutput:
-    """`out` with a finished tail's feedback rows and compute added (feedback rows stay ascending)."""
-    rows = torch.cat([out.feedback_rows, done.feedback_rows])
-    spent = out.layer_rows + [0] * (len(done.layer_rows) - len(out.layer_rows))  # the hot path may stop early
-    order = torch.argsort(rows)
-    cat = lambda a, b: torch.cat([a, b])[order]  # noqa: E731
-    return BatchOutput(
-        out.label, out.score, out.exit_layer, rows[order], cat(out.ramp_conf, done.ramp_conf),
-        cat(out.ramp_pred, done.ramp_pred), cat(out.final_pred, done.final_pred),
-        cat(out.final_conf, done.final_conf), [a + b for a, b in zip(spent, done.layer_rows)],
-    )
+    if rows is not None:
+        done.append((rows, _conf_pred(model.head(h))[1]))
+    rows = torch.cat([d[0] for d in done])
+    return TailFeedback(rows, tail.ramp_conf[rows], tail.ramp_pred[rows], torch.cat([d[1] for d in done]))

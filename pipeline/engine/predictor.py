@@ -49,7 +49,7 @@ class PredictOutput:
     feedback_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     """[F] caller index of each feedback row, in the feedback window's order."""
     tails: list[Tail] = field(default_factory=list)
-    """Release mode with defer_tail: answered rows still to run to the end (Predictor.finish_tail)."""
+    """Release mode with defer_tail: the rest of each micro-batch's feedback (Predictor.finish_tail)."""
 
     def shadow_agreement(self) -> tuple[int, int]:
         """(agreeing, total) over feedback rows: released answer vs the original model's prediction."""
@@ -57,6 +57,10 @@ class PredictOutput:
             return 0, 0
         released = np.array([self.predictions[i].label_id for i in self.feedback_rows])
         return int((released == self.feedback.final).sum()), len(self.feedback)
+
+
+def _window(ramp_conf: torch.Tensor, ramp_pred: torch.Tensor, final_pred: torch.Tensor) -> FeedbackWindow:
+    return FeedbackWindow(ramp_conf.cpu().numpy(), ramp_pred.cpu().numpy(), final_pred.cpu().numpy())
 
 
 def validate_text(text) -> str | None:
@@ -204,7 +208,8 @@ class Predictor:
                         defer_tail: bool = False) -> PredictOutput:
         """Like predict, on rows already tokenized by a TextEncoder (keys pick the shadow rows).
         `defer_tail` (release mode): rows answered at a ramp are not run to the end here; the output's
-        `tails` hold them for `finish_tail` (Serve runs them when the replica is idle)."""
+        `tails` hold them, with the other non-shadow rows' feedback, for `finish_tail` (Serve runs them when
+        the replica is idle)."""
         mode = mode or self.config.mode
         n = len(encoded)
         out: list[Prediction | None] = [None] * n
@@ -222,7 +227,7 @@ class Predictor:
         if valid:
             enc = [encoded.input_ids[i] for i in valid]
             truncated = encoded.truncated[valid]
-            # Rows that run to the end in the hot path (release mode: the others follow in the tail).
+            # Exit mode's feedback rows (and a deferred release tail's; plain release feeds back every row).
             shadow = shadow_mask([keys[i] for i in valid], self.config.shadow_fraction)
             lengths = np.array([len(e) for e in enc])
             pending = deque(plan_microbatches(lengths, self.budget.value, self.config.max_batch_rows))
@@ -271,10 +276,8 @@ class Predictor:
         done = finish_tail(self.model, tail, stop)
         if done is None:
             return None
-        released = tail.label[done.feedback_rows]
-        window = FeedbackWindow(done.ramp_conf.cpu().numpy(), done.ramp_pred.cpu().numpy(),
-                                done.final_pred.cpu().numpy())
-        return window, int((released == done.final_pred).sum())
+        agree = int((tail.label[done.rows] == done.final_pred).sum())
+        return _window(done.ramp_conf, done.ramp_pred, done.final_pred), agree
 
     def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None, defer_tail=False):
         input_ids, mask = self._pad(seqs)
@@ -303,5 +306,5 @@ class Predictor:
             if on_result and exit_layer[k] == L:  # ramp exits were already announced
                 on_result(valid[j], out[valid[j]])
         if len(res.feedback_rows):
-            feedback.append(FeedbackWindow(res.ramp_conf.cpu().numpy(), res.ramp_pred.cpu().numpy(), res.final_pred.cpu().numpy()))
+            feedback.append(_window(res.ramp_conf, res.ramp_pred, res.final_pred))
         layer_rows[: len(res.layer_rows)] += res.layer_rows

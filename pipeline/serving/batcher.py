@@ -269,6 +269,10 @@ class BatchQueue:
                 log.exception("batch loop error; continuing")
                 await asyncio.sleep(0.01)
 
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the queue's event loop (callable from any thread, e.g. from idle work)."""
+        self._loop.call_soon_threadsafe(fn)
+
     def _busy(self) -> bool:  # worker thread: a text is waiting (or the replica is closing)
         return self._queued_rows > 0 or self._closed
 

@@ -65,7 +65,7 @@ class ServeAppConfig(_Strict):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     predictor_class: str = DEFAULT_PREDICTOR
     """`module:Class` of the Predictor to host: a subclass can add instrumentation or pre-processing.
-    It must keep Predictor's constructor and `predict_encoded` contract."""
+    It must keep Predictor's constructor, `predict_encoded` (with `defer_tail`) and `finish_tail`."""
 
     @field_validator("engine", mode="before")
     @classmethod

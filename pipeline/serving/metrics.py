@@ -5,8 +5,6 @@ different replicas (through Serve's proxy) stay separate series.
 """
 from __future__ import annotations
 
-import threading
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -55,12 +53,12 @@ class ServingMetrics:
         self.controller_failures = Gauge("offramp_controller_failures",
                                          "Reports and state fetches to the controller that failed", lab, registry=r)
         self.tail_rows = Counter("offramp_release_tail_rows",
-                                 "Release mode: texts answered at a ramp, then run to the end while the replica was idle "
-                                 "(finished) or not, because texts arrived first (dropped)", lab + ["outcome"],
+                                 "Release mode: texts whose feedback waited for the replica to be idle: given when it ran "
+                                 "(finished), or not, because texts arrived first or too much waited (dropped)",
+                                 lab + ["outcome"],
                                  registry=r)
         self._agree = 0
         self._fb = 0
-        self._lock = threading.Lock()  # feedback arrives from the event loop and the worker thread
 
     def request(self, route: str, code: int, seconds: float | None = None) -> None:
         self.requests.labels(self.replica, route, str(code)).inc()
@@ -91,12 +89,11 @@ class ServingMetrics:
         if not total:
             return
         rep = self.replica
-        with self._lock:
-            self._agree += agree
-            self._fb += total
-            self.feedback_rows.labels(rep).inc(total)
-            self.feedback_agree.labels(rep).inc(agree)
-            self.agreement.labels(rep).set(self._agree / self._fb)
+        self._agree += agree
+        self._fb += total
+        self.feedback_rows.labels(rep).inc(total)
+        self.feedback_agree.labels(rep).inc(agree)
+        self.agreement.labels(rep).set(self._agree / self._fb)
 
     def tail(self, rows: int, finished: bool) -> None:
         self.tail_rows.labels(self.replica, "finished" if finished else "dropped").inc(rows)

@@ -12,7 +12,6 @@ the controller is down the replica keeps its last thresholds and keeps serving.
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -65,8 +64,7 @@ class ReplicaEngine:
         self.predictor = p = import_class(config.predictor_class)(config.model, config.engine)
         p.budget = _OnlineBudget(p.config.token_budget, p.config.max_token_budget, p.config.latency_target_s)
         self.num_layers = self.predictor.model.num_layers
-        # Release tails run when the replica is idle; a predictor_class without defer_tail runs them inline.
-        self._defer = config.engine.mode == "release" and "defer_tail" in inspect.signature(p.predict_encoded).parameters
+        self._defer = config.engine.mode == "release"  # release tails run when the replica is idle
         self._tails: deque = deque()  # appended on the event loop, taken in the worker thread
         self.metrics = ServingMetrics(replica)
         self.queue = BatchQueue(self._run, config.batching, on_batch=self._on_batch,
@@ -92,23 +90,26 @@ class ReplicaEngine:
         return await self.queue.submit(encoded, keys)
 
     def _run(self, encoded: Encoded, keys: list, on_result) -> object:  # worker thread
-        defer = {"defer_tail": True} if self._defer else {}
-        return self.predictor.predict_encoded(encoded, keys, self.config.engine.mode, on_result=on_result, **defer)
+        return self.predictor.predict_encoded(encoded, keys, self.config.engine.mode, on_result=on_result,
+                                              defer_tail=self._defer)
 
     def _finish_tails(self, busy: Callable[[], bool]) -> bool:  # worker thread, queue empty
-        """Run the oldest waiting release tail to the end; its feedback goes to the controller with the next
-        batch's. Dropped (no feedback) if a text arrives first. Returns whether tails remain."""
-        try:
-            tail = self._tails.popleft()
-        except IndexError:
+        """Run the oldest waiting release tail to the end and send its feedback to the controller. Dropped
+        (no feedback from its rows) if a text arrives first. Returns whether tails remain."""
+        if not self._tails:
             return False
-        got = self.predictor.finish_tail(tail, stop=busy)
+        tail = self._tails[0]  # left in place while it runs: /health counts it as waiting
+        try:
+            got = self.predictor.finish_tail(tail, stop=busy)
+        finally:
+            self._tails.popleft()  # only the batch loop's task adds or evicts tails, and it is awaiting this
         self.metrics.tail(tail.rows, finished=got is not None)
         if got is not None:
             window, agree = got
             self.metrics.feedback(agree, len(window))
             if self.client is not None:
                 self._feedback.append(window)
+                self.queue.call_soon(self._flush_feedback)
         return bool(self._tails)
 
     # -- after each batch -------------------------------------------------------------------------
@@ -123,7 +124,12 @@ class ReplicaEngine:
             return
         if report.output is not None and len(report.output.feedback):
             self._feedback.append(report.output.feedback)
-        if not self._ctl_busy:
+        self._flush_feedback(batch_done=True)
+
+    def _flush_feedback(self, batch_done: bool = False) -> None:  # event loop
+        """Hand the feedback gathered so far to the controller thread (after a batch, also with none: the
+        thresholds refresh every few batches), unless it is still busy (then the next flush takes it)."""
+        if not self._ctl_busy and (batch_done or self._feedback):
             windows = [self._feedback.popleft() for _ in range(len(self._feedback))]
             self._ctl_busy = True
             fut = self._ctl_executor.submit(self._sync_controller, windows)

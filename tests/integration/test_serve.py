@@ -18,6 +18,7 @@ import pytest
 import requests
 import yaml
 
+from pipeline.bench.online_bench import _settle
 from pipeline.config import EngineConfig
 from pipeline.engine.predictor import Predictor
 
@@ -187,9 +188,10 @@ def _timed_post(url, inputs, t0):
 
 def test_a_ramp1_exit_is_answered_before_its_batch_finishes(serve_env):
     url, early, late = serve_env["hooks"], serve_env["early"], serve_env["late"]
+    _settle(url)
     t0 = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
-        busy = pool.submit(_timed_post, url, "slow: keep the model busy", t0)
+        busy = pool.submit(_timed_post, url, late, t0)  # no ramp answers it: ~1 s of slow layers
         time.sleep(0.15)  # `busy` is running (its slow layers take ~1 s); the next two queue together
         b = pool.submit(_timed_post, url, late, t0)
         time.sleep(0.05)
@@ -206,8 +208,9 @@ def test_a_ramp1_exit_is_answered_before_its_batch_finishes(serve_env):
 
 def test_overload_gets_503_with_retry_after_at_once_then_recovers(serve_env):
     url = serve_env["hooks"]
+    _settle(url)  # earlier tests' release tails (slow layers here) would delay `busy` by up to a layer
     with ThreadPoolExecutor(4) as pool:
-        busy = pool.submit(post, url, {"inputs": "slow: busy"})
+        busy = pool.submit(post, url, {"inputs": serve_env["late"]})  # ~1 s of slow layers
         time.sleep(0.15)
         full = pool.submit(post, url, {"inputs": ["q1", "q2", "q3", "q4"]})  # fills max_queue=4
         time.sleep(0.15)
@@ -226,8 +229,9 @@ def test_overload_gets_503_with_retry_after_at_once_then_recovers(serve_env):
 
 def test_a_failing_batch_fails_every_request_in_it_and_none_hangs(serve_env):
     url = serve_env["hooks"]
+    _settle(url)
     with ThreadPoolExecutor(4) as pool:
-        busy = pool.submit(post, url, {"inputs": "slow: busy"})
+        busy = pool.submit(post, url, {"inputs": serve_env["late"]})  # ~1 s of slow layers
         time.sleep(0.15)
         bad = pool.submit(post, url, {"inputs": "fail: this batch"}, 20)
         time.sleep(0.05)

@@ -166,28 +166,32 @@ async def _until(cond, timeout_s=10.0):
 
 def test_release_tails_run_to_the_end_when_idle_and_stop_when_a_text_arrives(tiny_artifact):
     """Release mode: texts answered at a ramp leave the batch's hot path; once no text waits, the replica
-    runs them to the end, so every text becomes feedback. A text that arrives meanwhile drops the tail."""
+    runs them to the end and reports the batch's feedback, so every text becomes feedback. A text that
+    arrives meanwhile drops the tail, and then the batch's non-shadow texts give none (a dropped tail
+    must not leave only the texts no ramp answered in the controller's windows)."""
     early, late, thresholds = ramp1_split(tiny_artifact)
     client = FakeClient(thresholds)  # version 1 = the same thresholds
     eng = ReplicaEngine(app_config(tiny_artifact, thresholds, predictor_class=f"{__name__}:SlowTail"), client=client)
     keys = ["k0", "k1", "k2"]
-    shadow = shadow_mask(keys, eng.predictor.config.shadow_fraction)
+    shadow = shadow_mask(keys + ["k4", "k5", "k6"], eng.predictor.config.shadow_fraction)
 
     async def main():
         first = await asyncio.gather(*[eng.predict(eng.encode([t]), [k]) for t, k in zip([early, late, early], keys)])
-        tail = [k for k, o, s in zip(keys, first, shadow) if o[0].exit_layer == 1 and not s]
-        assert tail  # the early texts, unless the shadow picked them
-        await _until(lambda: _metric(eng, "offramp_release_tail_rows_total", outcome="finished") == len(tail))
-        assert _metric(eng, "offramp_feedback_rows_total") == 3  # every text: hot path + tail
-        await eng.predict(eng.encode([late]), ["k3"])  # its batch reports the tail's feedback too
-        await _until(lambda: sum(len(w) for w in client.reports) == 4)
+        assert shadow.tolist() == [False] * 5 + [True]  # only k6 is a shadow row
+        await _until(lambda: _metric(eng, "offramp_release_tail_rows_total", outcome="finished") == 3)
+        assert _metric(eng, "offramp_feedback_rows_total") == 3  # every text, reported once the tail ran
+        await _until(lambda: sum(len(w) for w in client.reports) == 3)  # sent without waiting for a batch
         # A tail still running when a text arrives stops at the next layer and gives no feedback.
         await asyncio.gather(eng.predict(eng.encode([early]), ["k4"]), eng.predict(eng.encode([late]), ["k5"]))
         await asyncio.sleep(SlowTail.delay_s / 2)  # the tail of "k4" is on its first slow layer
         t0 = time.monotonic()
         await eng.predict(eng.encode([early]), ["k6"])
         waited = time.monotonic() - t0
-        await _until(lambda: _metric(eng, "offramp_release_tail_rows_total", outcome="dropped") >= 1)
+        await _until(lambda: _metric(eng, "offramp_release_tail_rows_total", outcome="dropped") == 2)
+        await _until(lambda: sum(len(w) for w in client.reports) == 4)  # k6, a shadow row, with its batch
+        await asyncio.sleep(0.2)
+        assert sum(len(w) for w in client.reports) == 4  # k4 and k5 (its batch-mate) gave no feedback
+        assert _metric(eng, "offramp_release_tail_rows_total", outcome="finished") == 3
         await eng.close()
         return first, waited
 
