@@ -46,8 +46,9 @@ def prepare_models(teacher: str, workdir: str, artifact: str | None = None, dist
     from pipeline.compression.distill import REPORT, DistillConfig, distill
     from pipeline.compression.quantize import quantize
     from pipeline.config import BootstrapConfig
-    from pipeline.model.artifact import load_classifier
-    from pipeline.model.encoders import encoder_parts
+    from transformers import AutoConfig
+
+    from pipeline.model.artifact import resolve_base
     from pipeline.training.bootstrap import bootstrap
 
     work = Path(workdir)
@@ -62,7 +63,7 @@ def prepare_models(teacher: str, workdir: str, artifact: str | None = None, dist
     original = artifact or boot(teacher, work / "original-ee")
     student = work / "distilled"
     if not _same_source(student / REPORT, ("teacher",), teacher):
-        n = len(encoder_parts(load_classifier(teacher)).layers)
+        n = AutoConfig.from_pretrained(resolve_base(teacher)).num_hidden_layers  # no weights loaded
         echo(f"distilling {teacher} ({n} layers) -> {student} ({max(1, n // 2)} layers, {distill_epochs} epochs)")
         distill(teacher, str(student), DistillConfig(num_layers=max(1, n // 2), data=dataset, epochs=distill_epochs))
     distilled = boot(str(student), work / "distilled-ee")
@@ -81,50 +82,54 @@ def run_compression_bench(teacher: str, artifact: str | None = None, workdir: st
                           dataset: str = "movie-reviews", limit: int | None = None, reps: int = 3,
                           distill_epochs: float = 3.0, out_json: str | None = None, echo=print) -> dict:
     from pipeline.compression.distill import REPORT
+    from pipeline.compression.quantize import heldout_texts
     from pipeline.config import EngineConfig
-    from pipeline.data.datasets import BUILTIN, load_dataset
+    from pipeline.engine.policy import ExitPolicy
     from pipeline.engine.predictor import Predictor
-    from pipeline.model.artifact import read_manifest
 
     models = prepare_models(teacher, workdir, artifact, distill_epochs, dataset, echo)
-    ds = load_dataset(dataset)
-    ds = (ds.split("test") if dataset in BUILTIN else ds).head(limit)
-    texts, gold = ds.texts, ds.labels
+    data_name, texts, gold = heldout_texts(dataset, limit)
 
-    # (row name, artifact, thresholds: None = the manifest's tuned ones, else all closed)
+    loaded = {}  # one Predictor per artifact (loaded, quantized, compiled once); rows switch its policy
+    for name, path in models.items():
+        t = time.perf_counter()
+        loaded[name] = Predictor(path, EngineConfig(device="cpu"))
+        echo(f"loaded {name} in {time.perf_counter() - t:.1f}s")
+    # (row name, artifact name, policy: the manifest's tuned thresholds, or every ramp closed)
     configs = []
     for ramps in (False, True):
-        for name, path in models.items():
-            R = len(read_manifest(path).ramps)
+        for name, p in loaded.items():
+            R = p.num_ramps
             label = f"{name}, " + ("ramps + tuned thresholds" if ramps else "no exits")
-            configs.append((label, path, None if ramps else [1.0] * R))
-    predictors = {}
-    for label, path, thr in configs:
-        t = time.perf_counter()
-        p = Predictor(path, EngineConfig(device="cpu", thresholds=thr))
-        p.predict(texts)  # untimed warm-up pass: allocator, kernels, torch.compile for every shape bucket
-        predictors[label] = p
-        echo(f"loaded + warmed {label} in {time.perf_counter() - t:.1f}s")
+            configs.append((label, name, p.policy if ramps else ExitPolicy(np.ones(R), np.ones(R, bool))))
 
-    best = {label: float("inf") for label in predictors}
+    def run(name: str, policy):
+        loaded[name].set_policy(policy)
+        return loaded[name].predict(texts)
+
+    for label, name, policy in configs:
+        t = time.perf_counter()
+        run(name, policy)  # untimed warm-up pass: allocator, kernels, torch.compile for every shape bucket
+        echo(f"warmed {label} in {time.perf_counter() - t:.1f}s")
+    best = {label: float("inf") for label, _, _ in configs}
     outputs = {}
     for _ in range(reps):  # interleaved, so background load hits every row alike
-        for label, p in predictors.items():
+        for label, name, policy in configs:
             t = time.perf_counter()
-            outputs[label] = p.predict(texts)
+            outputs[label] = run(name, policy)
             best[label] = min(best[label], time.perf_counter() - t)
 
     first = configs[0][0]
     ref = np.array([x.label_id for x in outputs[first].predictions])
     base_rps = len(texts) / best[first]
     rows = []
-    for label, path, _ in configs:
+    for label, name, _ in configs:
         preds = outputs[label].predictions
         labels = np.array([x.label_id for x in preds])
-        L = predictors[label].model.num_layers
+        L = loaded[name].model.num_layers
         rows.append({
             "method": label,
-            "artifact": path,
+            "artifact": models[name],
             "layers": L,
             "rows_per_s": len(texts) / best[label],
             "vs_original": (len(texts) / best[label]) / base_rps,
@@ -133,13 +138,13 @@ def run_compression_bench(teacher: str, artifact: str | None = None, workdir: st
             "mean_exit_layer": float(np.mean([x.exit_layer for x in preds])),
             "errors": int(sum(x.error is not None for x in preds)),
         })
-    checks = {name: read_manifest(path).compression for name, path in models.items() if "int8" in name}
+    checks = {name: p.manifest.compression for name, p in loaded.items() if "int8" in name}
     distill_report = None
     rep = Path(workdir) / "distilled" / REPORT
     if rep.exists():
         distill_report = json.loads(rep.read_text())
     result = {
-        "teacher": teacher, "dataset": ds.name, "rows": len(texts), "reps": reps,
+        "teacher": teacher, "dataset": data_name, "rows": len(texts), "reps": reps,
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "device": "cpu", "rows_table": rows, "quantize_checks": checks, "distill": distill_report,
     }

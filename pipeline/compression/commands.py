@@ -6,22 +6,10 @@ by pipeline.cli: `main.add_command(distill)`, `main.add_command(quantize)`, `ben
 from __future__ import annotations
 
 import json
-import logging
 
 import click
 
 METHODS = ("int8-dynamic", "fp16", "bf16")  # pipeline.compression.registry.methods(); listed here to keep imports light
-
-
-def _quiet() -> None:
-    logging.getLogger("torchao").setLevel(logging.ERROR)  # it warns about optional GPU kernels on import
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def _progress(label: str):
@@ -67,7 +55,6 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
             batch_size, learning_rate, max_steps, limit, eval_limit):
     """Distill a student that keeps a subset of the teacher's layers (DistilBERT recipe), then report
     its agreement with the teacher and gold accuracy on held-out data."""
-    _quiet()
     from pydantic import ValidationError
 
     from pipeline.compression.distill import REPORT, DistillConfig
@@ -116,7 +103,6 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
 def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, backend, text_column, label_column, retune):
     """Compress a model (int8-dynamic, fp16, bf16), check it against the uncompressed source on held-out
     data, and record the check. Exits non-zero when agreement loss > --budget (unless --allow-loss)."""
-    _quiet()
     from pipeline.compression.quantize import BudgetExceeded
     from pipeline.compression.quantize import quantize as run
 
@@ -162,7 +148,6 @@ def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, ba
 @click.option("--out", "out_json", default="bench_results/compression.json", show_default=True)
 def bench_compression(teacher, artifact, workdir, dataset, limit, reps, distill_epochs, out_json):
     """Original vs int8 vs distilled vs distilled+int8, each without and with ramps: rows/s, agreement, accuracy."""
-    _quiet()
     from pipeline.bench.compression_bench import run_compression_bench
 
     try:

@@ -154,7 +154,13 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
     (writing nothing) when the agreement loss is over `budget` and not `allow_loss`. For an artifact
     with `retune`, the exit thresholds are re-tuned for the compressed model (see `retune_thresholds`).
     """
-    from pipeline.model.artifact import load_artifact, load_classifier, load_tokenizer, read_manifest
+    from pipeline.model.artifact import (
+        VALIDATION_FEEDBACK,
+        load_artifact,
+        load_classifier,
+        load_tokenizer,
+        read_manifest,
+    )
 
     src_dir, out_dir = Path(model_dir), Path(out)
     if not src_dir.is_dir():
@@ -206,7 +212,8 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
 
     if out_dir.exists():
         shutil.rmtree(out_dir)  # empty, or a previous output of this command (checked above)
-    shutil.copytree(src_dir, out_dir, ignore=shutil.ignore_patterns(COMPRESSION_JSON))
+    # The source's validation feedback is the float ramps' output, not this model's (re-tuning writes its own).
+    shutil.copytree(src_dir, out_dir, ignore=shutil.ignore_patterns(COMPRESSION_JSON, VALIDATION_FEEDBACK))
     if artifact:
         manifest = read_manifest(out_dir)
         manifest.compression = record
@@ -247,18 +254,20 @@ def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts
     except ValueError as e:
         raise ValueError(f"{e}; or quantize with --no-retune") from e
 
-    def ramps_of(artifact: Path, texts: list[str]) -> FeedbackWindow:
-        pred = Predictor(str(artifact), EngineConfig(device=device, mode="release", thresholds=[1.0] * R))
-        return record_ramps(pred, texts, progress=progress)
-
+    # Truncated as the bootstrap and the check truncated (the model's limit can be longer).
+    engine = {"device": device, "max_length": manifest.max_length}
     saved = load_validation_feedback(src_dir, num_ramps=R)
-    src_val_final = saved[2] if saved is not None and len(saved[2]) == len(val) else ramps_of(src_dir, val.texts).final
-    cmp_val = ramps_of(out_dir, val.texts)
+    if saved is not None and len(saved[2]) == len(val):
+        src_val_final = saved[2]
+    else:
+        src_val_final = record_ramps(str(src_dir), val.texts, progress=progress, engine=engine).final
+    compressed = Predictor(str(out_dir), EngineConfig(**engine))  # loaded (and compiled) once for both passes
+    cmp_val = record_ramps(compressed, val.texts, progress=progress)
     window = FeedbackWindow(cmp_val.conf, cmp_val.pred, cmp_val.final, reference=src_val_final)
     costs = cost_model(manifest)
     constraint = manifest.constraint * cfg.tune_headroom
     tuned = tune_thresholds(window, costs, constraint=constraint)
-    cmp_test = ramps_of(out_dir, check_texts)
+    cmp_test = record_ramps(compressed, check_texts, progress=progress)
     held = evaluate(FeedbackWindow(cmp_test.conf, cmp_test.pred, cmp_test.final, reference=check_reference),
                     costs, tuned.thresholds, manifest.active)
     retune = {

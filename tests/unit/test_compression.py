@@ -289,6 +289,8 @@ def test_quantize_retunes_artifact_thresholds_against_the_float_source(tiny_arti
     kept = tmp_path / "kept"
     rec = quantize(tiny_artifact, str(kept), "bf16", limit=40, allow_loss=True, retune=False)
     assert "retune" not in rec and read_manifest(kept).thresholds == src.thresholds
+    # Not re-tuned: no validation feedback of its own, and never the float ramps' (a warm start would use it).
+    assert load_validation_feedback(kept, num_ramps=len(src.ramps)) is None
 
 
 def test_controller_spends_only_the_budget_compression_left(tiny_artifact):
