@@ -142,18 +142,20 @@ def _load(url, texts, order, rate=None, concurrency=None, max_seconds=60.0, seed
         raise RuntimeError(f"load client against {url} did not finish")
     records, wall = parent.recv()
     p.join(10)
+    _settle(url)
     return records, wall
 
 
 def _settle(url: str, timeout_s: float = 60.0) -> None:
     """Wait until an offramp app has no release tails left (they run while it is idle): apps share the
-    CPU, so one app's leftover feedback work must not land in the next app's measurement."""
+    CPU, so one app's leftover feedback work must not land in the next app's measurement. Apps without
+    a /health route (the plain baseline) return at once."""
     import requests
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
-        h = requests.get(f"{url}/health", timeout=10).json()
-        if not h.get("waiting_tails") and not h.get("queue_texts"):
+        r = requests.get(f"{url}/health", timeout=10)
+        if r.status_code != 200 or not (r.json().get("waiting_tails") or r.json().get("queue_texts")):
             return
         time.sleep(0.1)
 
@@ -164,11 +166,10 @@ def _span(records: list[dict], wall: float) -> float:
     return (max(r["sent"] + r["latency"] for r in ok) - min(r["sent"] for r in ok)) if ok else wall
 
 
-def _summary(records: list[dict], wall: float, span: float | None = None) -> dict:
-    """`span`: the time the records took (default: from their timestamps; give the sum for pooled rounds)."""
+def _summary(records: list[dict], span: float) -> dict:
+    """`span`: the time the records took (`_span`; the sum of the rounds' spans for pooled rounds)."""
     ok = [r for r in records if r["status"] == 200]
     lat = np.array([r["latency"] for r in ok]) * 1000
-    span = _span(records, wall) if span is None else span
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: None)
     layers = [r["exit_layer"] for r in ok if r.get("exit_layer")]
     return {
@@ -231,16 +232,12 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
         warm = [int(i) for i in rng.permutation(len(texts))[:64]]
         for name, url in urls.items():
             _load(url, texts, warm, concurrency=8, max_seconds=60)
-            if name != "plain":
-                _settle(url)
         capacity = {name: 0.0 for name in urls}
         for round_ in range(capacity_rounds):  # alternate apps; best round counts (background load varies)
             order = [int(i) for i in rng.integers(0, len(texts), capacity_requests)]
             for name, url in urls.items():
                 recs, wall = _load(url, texts, order, concurrency=64, max_seconds=max_seconds)
-                if name != "plain":
-                    _settle(url)
-                got = _summary(recs, wall)["throughput_rps"] or 0.0
+                got = _summary(recs, _span(recs, wall))["throughput_rps"] or 0.0
                 capacity[name] = max(capacity[name], got)
                 echo(f"capacity {name} (round {round_ + 1}): {got:.1f} requests/s (closed loop, 64 in flight)")
         results["capacity_rps"] = capacity
@@ -253,12 +250,10 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
                 for name in urls:  # same texts, same arrival times (seed) for every app
                     recs, wall = _load(urls[name], texts, order, rate=rate, max_seconds=max_seconds,
                                        seed=1000 + 100 * i + round_)
-                    if name != "plain":
-                        _settle(urls[name])
                     pooled[name] = (pooled[name][0] + recs, pooled[name][1] + _span(recs, wall))
             for name in urls:
                 recs, span = pooled[name]
-                s = _summary(recs, span, span)
+                s = _summary(recs, span)
                 if name == "plain":
                     plain_labels.update({r["text"]: r["label"] for r in recs if r["status"] == 200})
                 else:
