@@ -51,22 +51,22 @@ def _texts(ds, seed: int, limit: int | None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
-def _splits(data: str, text_column: str, seed: int, limit: int | None) -> tuple[list[str], list[str], str]:
-    """(bootstrap texts, stream texts, description). Built-ins: the validation split bootstraps (the artifact's
-    own held-out split) and the test split streams. Files/URLs: the first 10% of a seeded shuffle (the rows
-    `offramp bootstrap` holds out of that file) bootstraps and the rest streams."""
-    import numpy as np
-
+def _splits(data: str, text_column: str, seed: int, limit: int | None, manifest) -> tuple[list[str], list[str], str]:
+    """(bootstrap texts, stream texts, description). The bootstrap rows are the artifact's own validation
+    rows, rebuilt with `offramp bootstrap`'s split (its seed and share from the manifest when `data` is the
+    data it was bootstrapped on). Built-ins stream their test split; files/URLs the rest of the rows."""
+    from pipeline.config import BootstrapConfig
     from pipeline.data.datasets import BUILTIN, load_dataset
+    from pipeline.training.bootstrap import split_data
 
+    same = manifest.bootstrap.get("data") == data
+    split = {k: manifest.bootstrap[k] for k in ("seed", "validation_fraction") if same and k in manifest.bootstrap}
+    cfg = BootstrapConfig(data=data, text_column=text_column, **split)
+    fit, val = split_data(data, cfg)
     if data in BUILTIN:
-        ds = load_dataset(data)
-        return _texts(ds.split("validation"), seed, limit), _texts(ds.split("test"), seed, limit), f"{data} test split"
-    ds = load_dataset(data, text_column=text_column, label_column=None)
-    order = np.random.default_rng(0).permutation(len(ds))  # bootstrap's split_data rule (seed 0)
-    k = max(1, int(round(len(ds) * 0.1)))
-    boot, rest = ds.take(np.sort(order[:k])), ds.take(np.sort(order[k:]))
-    return _texts(boot, seed, limit), _texts(rest, seed, limit), f"{data} (90% after the bootstrap rows)"
+        test = load_dataset(data).split("test", cfg.seed)
+        return _texts(val, seed, limit), _texts(test, seed, limit), f"{data} test split"
+    return _texts(val, seed, limit), _texts(fit, seed, limit), f"{data} (the rows after the bootstrap's)"
 
 
 def _fingerprint(model_dir: str) -> str:
@@ -215,7 +215,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
         # As deployed: a compressed artifact's controller holds what compression left of the budget.
         constraint = controller_constraint(manifest) if constraint is None else constraint
         costs = cost_model(manifest)
-        boot_texts, stream_texts, desc = _splits(data, text_column, seed, limit)
+        boot_texts, stream_texts, desc = _splits(data, text_column, seed, limit, manifest)
         domains = [d for d in DOMAINS if d != data] if drift == "hard" else [] if drift == "none" else [drift]
         drift_texts = {d: _texts(load_dataset(d), seed, limit) for d in domains}
     except (FileNotFoundError, ValueError) as e:
