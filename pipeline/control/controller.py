@@ -89,7 +89,7 @@ import numpy as np
 from .guard import AccuracyGuard, GuardAction, back_off, violating_ramps
 from .ramp_adjust import RampBudget, adjust_ramps, candidate_gains, ramp_utilities
 from .records import CLOSED, CostModel, FeedbackWindow
-from .tuner import TuneResult, evaluate, tune_thresholds
+from .tuner import TuneResult, evaluate, evaluate_stretches, tune_thresholds
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -482,16 +482,7 @@ class ThresholdController:
     def _served(self, w: FeedbackWindow, thr: np.ndarray, act: np.ndarray) -> dict[str, float]:
         """Agreement and savings of ``w`` as served: the rows before each early back-off in this window
         under the thresholds in force then, the rest under ``thr``; all under ``act``."""
-        keys = ("agreement", "savings", "layer_savings")
-        n, lo, total = len(w), 0, dict.fromkeys(keys, 0.0)
-        for hi, t in [*self._brakes, (n, thr)]:
-            hi = min(hi, n)
-            if hi > lo:
-                out = evaluate(w.slice(lo, hi), self.costs, t, act)
-                for m in keys:
-                    total[m] += (hi - lo) * getattr(out, m)
-                lo = hi
-        return {m: v / max(n, 1) for m, v in total.items()}
+        return evaluate_stretches(w, self.costs, [(b, t, act) for b, t in self._brakes] + [(len(w), thr, act)])
 
     def _back_off(self, bad: np.ndarray, thr: np.ndarray) -> list[int]:
         """Cut the ramps ``bad`` [R] bool (their cut thresholds become tuning floors); their indices."""

@@ -29,7 +29,7 @@ import numpy as np
 from .controller import ControllerConfig, ControllerState, ThresholdController, _as_state
 from .guard import is_violation
 from .records import CLOSED, CostModel, FeedbackWindow
-from .tuner import evaluate, exit_costs, static_threshold_search, tune_thresholds
+from .tuner import evaluate, evaluate_stretches, exit_costs, static_threshold_search, tune_thresholds
 
 __all__ = [
     "METHODS",
@@ -398,19 +398,17 @@ def replay(
 
         # Serve each block of `refresh` rows with the controller's state after the rows before it, then report
         # the block (it re-tunes on every full window, and may back off within one).
-        outs, first = [], None
+        served, first = [], None
         for a in range(0, n, refresh):
             block = w.slice(a, min(a + refresh, n))
             st = ctl.get_state()
             first = first or st
-            out = evaluate(block, costs, np.asarray(st["thresholds"], np.float64), np.asarray(st["active"], bool))
-            outs.append((len(block), out))
+            served.append((a + len(block), np.asarray(st["thresholds"], np.float64), np.asarray(st["active"], bool)))
             ctl.report(block)
             new = [h for h in ctl.history() if h["seq"] > seen]
             history += new
             seen = max((h["seq"] for h in new), default=seen)
-        mix = {m: sum(k * getattr(o, m) for k, o in outs) / n
-               for m in ("agreement", "savings", "layer_savings", "exit_rate")}
+        mix = evaluate_stretches(w, costs, served)
         series["controller"].add(n, mix["agreement"], mix["savings"], mix["layer_savings"], mix["exit_rate"],
                                  np.asarray(first["thresholds"]), np.asarray(first["active"], bool), first["version"])
 

@@ -25,6 +25,7 @@ __all__ = [
     "Outcome",
     "TuneResult",
     "evaluate",
+    "evaluate_stretches",
     "tune_thresholds",
     "static_threshold_search",
     "exit_costs",
@@ -160,6 +161,26 @@ def evaluate(
         exit_counts=np.bincount(exit_ramp[exited], minlength=R).astype(np.int64),
         exit_ramp=exit_ramp.astype(np.int64),
     )
+
+
+def evaluate_stretches(
+    window: FeedbackWindow,
+    costs: CostModel,
+    stretches: Sequence[tuple[int, np.ndarray | Sequence[float], np.ndarray | Sequence[bool] | None]],
+) -> dict[str, float]:
+    """Row-weighted agreement, savings, layer_savings and exit_rate of ``window`` as it was served in
+    stretches: ``stretches`` = [(stop row, thresholds, active)], each covering the rows from the previous
+    stop to its own, under the state in force while they were served."""
+    keys = ("agreement", "savings", "layer_savings", "exit_rate")
+    n, lo, total = len(window), 0, dict.fromkeys(keys, 0.0)
+    for hi, thr, act in stretches:
+        hi = min(hi, n)
+        if hi > lo:
+            out = evaluate(window.slice(lo, hi), costs, thr, act)
+            for k in keys:
+                total[k] += (hi - lo) * getattr(out, k)
+            lo = hi
+    return {k: v / max(n, 1) for k, v in total.items()}
 
 
 def _result(window, costs, thr, act, rounds, moves, restarted, t0) -> TuneResult:

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
-from pipeline.control.tuner import evaluate, exit_costs, static_threshold_search, tune_thresholds
+from pipeline.control.tuner import evaluate, evaluate_stretches, exit_costs, static_threshold_search, tune_thresholds
 
 
 def _window(conf, pred, final) -> FeedbackWindow:
@@ -368,3 +368,18 @@ def test_ignoring_the_reference_overspends_the_budget():
     aware = tune_thresholds(ref, costs, 0.01)
     assert 1 - evaluate(ref, costs, aware.thresholds).agreement <= 0.01 + 1e-12
     assert evaluate(ref, costs, naive.thresholds).agreement < evaluate(ref, costs, aware.thresholds).agreement
+
+
+def test_evaluate_stretches_weights_each_stretch_by_its_rows():
+    w = synthetic_window(300, [0.4, 0.6, 0.8], seed=5)
+    costs = _costs(3)
+    lo, hi = np.array([0.6, 0.7, 0.8]), np.array([0.95, 0.97, 0.99])
+    act = np.ones(3, bool)
+    one = evaluate(w, costs, lo, act)
+    assert evaluate_stretches(w, costs, [(300, lo, act)]) == pytest.approx(
+        {"agreement": one.agreement, "savings": one.savings, "layer_savings": one.layer_savings,
+         "exit_rate": one.exit_rate})
+    a, b = evaluate(w.slice(0, 100), costs, lo, act), evaluate(w.slice(100), costs, hi, act)
+    got = evaluate_stretches(w, costs, [(100, lo, act), (300, hi, act)])
+    assert got["agreement"] == pytest.approx((100 * a.agreement + 200 * b.agreement) / 300)
+    assert got["savings"] == pytest.approx((100 * a.savings + 200 * b.savings) / 300)
