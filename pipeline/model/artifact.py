@@ -174,9 +174,8 @@ def load_validation_feedback(path: str | Path, num_ramps: int | None = None):
             conf, pred, final = (st.get_tensor(k) for k in ("conf", "pred", "final"))
         if meta.get("ramps_sha256") != _ramps_digest(path):
             raise ValueError("it was written for other ramps (ramps.safetensors changed since)")
-        R = conf.shape[1] if conf.ndim == 2 else -1
         if conf.ndim != 2 or pred.shape != conf.shape or final.shape != (conf.shape[0],) or (
-                num_ramps is not None and R != num_ramps):
+                num_ramps is not None and conf.shape[1] != num_ramps):
             raise ValueError(f"shapes conf {conf.shape}, pred {pred.shape}, final {final.shape} do not fit "
                              f"{num_ramps if num_ramps is not None else 'the'} ramps")
         return conf.astype("float32", copy=False), pred.astype("int64", copy=False), final.astype("int64", copy=False)
