@@ -34,8 +34,9 @@ class BatchingSettings(_Strict):
     max_queue: int = Field(256, ge=1)
     """Most texts waiting for a batch. A request that would go past it gets 503 with Retry-After at once."""
     max_waiting_tails: int = Field(32, ge=1)
-    """`release` mode: batches whose answered texts wait to run to the end (controller feedback) while the
-    replica is busy; past it the oldest is dropped. They run only when no text is queued."""
+    """`release` mode: tails (a batch's answered texts waiting to run to the end for controller feedback;
+    one per model pass, usually one per batch) kept while the replica is busy; past it the oldest is
+    dropped. They run only when no text is queued."""
     max_items_per_request: int = Field(64, ge=1)
     """Most texts in one request (422 past it)."""
     max_body_bytes: int = Field(1_000_000, ge=64)
