@@ -117,9 +117,15 @@ def test_early_release_resolves_a_request_before_its_batch_finishes():
         a, b = await asyncio.gather(go("early"), go("late"))
         assert a[0].exit_layer == 1 and b[0].exit_layer == 4
         assert done["late"] - done["early"] > 0.3
+        for _ in range(100):  # `late` may be answered (from the worker thread) before the batch's report is made
+            if reports:
+                break
+            await asyncio.sleep(0.01)
         assert len(reports) == 1 and reports[0].rows == 2
-        leads = sorted(reports[0].release_lead_s)  # how long before the batch ended each request was answered
-        assert leads[-1] > 0.3 and leads[0] < 0.1
+        # How long before the batch ended each request was answered: `early` ~0.4 s. `late` was answered as the
+        # runner returned: a lead of ~0, or none when the batch's end was stamped first (thread timing).
+        leads = sorted(reports[0].release_lead_s)
+        assert leads[-1] > 0.3 and len(leads) <= 2 and all(x < 0.1 for x in leads[:-1])
         await q.close()
 
     asyncio.run(main())
