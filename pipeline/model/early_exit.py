@@ -34,10 +34,12 @@ class EarlyExitModel(nn.Module):
         return self.parts.embed(input_ids, token_type_ids)  # [B,S,H]
 
     def layer_mask(self, hidden: torch.Tensor, mask: torch.Tensor):
-        """2D padding mask [B,S] -> whatever the attention implementation wants (may be None)."""
+        """2D padding mask [B,S] -> whatever the attention implementation wants. Always a mask, even when no
+        row is padded: a compiled layer that sees None for some batches compiles a second graph."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask)
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask,
+                                         allow_is_bidirectional_skip=False)
 
     def layer(self, i: int, hidden: torch.Tensor, layer_mask) -> torch.Tensor:
         """Run encoder layer i (0-based)."""

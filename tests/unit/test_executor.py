@@ -40,6 +40,20 @@ def test_all_ramps_closed_equals_original_model(family):
         assert (out.exit_layer == m.num_layers).all()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_batch_gets_a_mask_and_still_matches_the_original_model(family):
+    """A layer always sees a mask tensor (a compiled layer shown None as well compiles a second graph)."""
+    m = _model(family)
+    ids = torch.randint(5, 2000, (4, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        assert isinstance(m.layer_mask(m.embed(ids), mask), torch.Tensor)
+        ref = torch.softmax(m.hf_model(input_ids=ids, attention_mask=mask).logits, -1)
+    out = execute(m, ids, mask, ExitPolicy.closed(len(m.ramps)), "exit")
+    assert torch.equal(out.label, ref.argmax(-1))
+    torch.testing.assert_close(out.score, ref.max(-1).values, atol=1e-5, rtol=1e-5)
+
+
 def _policy_that_splits(m, ids, mask):
     """Thresholds at the 80th percentile of ramp confidence: some rows exit at each ramp, some never."""
     out = execute(m, ids, mask, ExitPolicy.closed(len(m.ramps)), "release")
