@@ -12,7 +12,8 @@ of ``window_rows``; for each full window it
    not by its cost alone: a controller starting all closed would otherwise drop every ramp at once);
 4. re-tunes the thresholds from scratch (all ramps closed) on the last ``tune_windows`` windows and,
    no ramp below that, on the newest ``recent_windows``; bumps the version
-   when thresholds or the active set change, checkpoints its state (fsspec URL) and logs a history row.
+   when thresholds or the active set change, checkpoints its state (fsspec URL; with the tuning windows and
+   ramp utilities, so a restart does not change what it tunes on) and logs a history row.
 
 Why re-tune from scratch rather than from the current thresholds: the greedy search only ever lowers
 thresholds, so starting from the current ones would ratchet them down window after window and could
@@ -562,6 +563,10 @@ class ThresholdController:
             "ok_streak": self._ok_streak,
             "hold": self._hold,
             "since_check": self._since_check,
+            # What the next windows are tuned and judged with: without them a restarted controller would
+            # tune on its first new window alone.
+            "tune_windows": [w.to_dict() for w in self._tune_buf],
+            "utilities": [u.tolist() for u in self._utils],
         }
 
     def _save(self) -> None:
@@ -605,6 +610,8 @@ class ThresholdController:
             self._ok_streak = int(payload["ok_streak"])
             self._hold = int(payload.get("hold", self.config.backoff_hold_windows))
             self._since_check = int(payload["since_check"])
+            self._tune_buf.extend(FeedbackWindow.from_dict(w) for w in payload.get("tune_windows", []))
+            self._utils.extend(np.asarray(u, dtype=np.float64) for u in payload.get("utilities", []))
             return True
         except Exception as exc:
             logger.warning("could not restore checkpoint %s: %s; starting fresh", self.checkpoint_url, exc)

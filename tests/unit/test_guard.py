@@ -215,6 +215,25 @@ def test_controller_restores_its_checkpoint(tmp_path):
     assert c.get_state()["version"] == 0
 
 
+def test_a_restart_from_the_checkpoint_tunes_as_if_it_never_happened(tmp_path):
+    """The tuning buffer and ramp utilities travel with the checkpoint: the restored controller's next
+    windows give the same thresholds as the controller that kept running."""
+    url = f"file://{tmp_path}/ctl.json"
+    costs = CostModel.uniform(4, [1, 2, 3], 0.01)
+    cfg = ControllerConfig(window_rows=200, tune_windows=4, ramp_check_windows=3)
+    a = ThresholdController(costs, cfg, initial_state=ControllerState.initial(3), checkpoint_url=url)
+    windows = [synthetic_window(200, [0.55, 0.75, 0.9], seed=k) for k in range(7)]
+    for w in windows[:4]:
+        a.report(w)
+    b = ThresholdController(costs, cfg, checkpoint_url=url)
+    assert len(b._tune_buf) == 4 and len(b._utils) == len(a._utils) > 0
+    for w in windows[4:]:
+        a.report(w)
+        b.report(w)
+        assert b.get_state()["thresholds"] == a.get_state()["thresholds"]
+        assert b.get_state()["active"] == a.get_state()["active"]
+
+
 def test_config_checks_name_the_field():
     with pytest.raises(ValueError, match="window_rows"):
         ControllerConfig(window_rows=0)
