@@ -400,7 +400,12 @@ class ThresholdController:
 
         realized = self._served(w, thr, act)
         self._brakes = []
-        action = self._guard.observe(realized["agreement"])
+        judged = realized["agreement"]
+        if len(w) < cfg.window_rows:
+            # A short window (the rows left at a job's end) is judged against a whole window's budget: one
+            # disagreement in 16 rows would otherwise count as a 6% violation and back ramps off for windows.
+            judged = 1.0 - (1.0 - judged) * len(w) / cfg.window_rows
+        action = self._guard.observe(judged)
         backed_off: list[int] = []
         self._tune_buf.append(w)
         if action is GuardAction.OK:

@@ -234,6 +234,22 @@ def test_a_restart_from_the_checkpoint_tunes_as_if_it_never_happened(tmp_path):
         assert b.get_state()["active"] == a.get_state()["active"]
 
 
+@pytest.mark.parametrize("wrong,violates", [(1, False), (5, False), (6, True)])
+def test_a_short_flushed_window_is_judged_against_a_whole_windows_budget(wrong, violates):
+    """The rows left at a job's end: 1% of a 512-row window is 5.12 disagreements, however few rows came."""
+    costs = CostModel.uniform(4, [1, 2, 3], 0.01)
+    ctl = ThresholdController(costs, ControllerConfig(window_rows=512, constraint=0.01, adjust_ramps=False),
+                              initial_state=ControllerState(version=0, thresholds=[0.5, CLOSED, CLOSED],
+                                                            active=[True, True, True]))
+    n = 16
+    pred = np.zeros((n, 3), np.int64)
+    pred[:wrong, 0] = 1  # every row exits at the first ramp; `wrong` of them disagree with the final head
+    ctl.report(FeedbackWindow(np.full((n, 3), 0.9, np.float32), pred, np.zeros(n, np.int64)))
+    st = ctl.flush()
+    assert (st["violations"], st["backoffs"]) == ((1, 1) if violates else (0, 0))
+    assert ctl.history()[-1]["agreement"] == pytest.approx(1 - wrong / n)  # the history keeps what was served
+
+
 def test_config_checks_name_the_field():
     with pytest.raises(ValueError, match="window_rows"):
         ControllerConfig(window_rows=0)
