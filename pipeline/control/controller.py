@@ -571,7 +571,7 @@ class ThresholdController:
             # What the next windows are tuned and judged with: without them a restarted controller would
             # tune on its first new window alone.
             "tune_windows": [w.to_dict() for w in self._tune_buf],
-            "utilities": [u.tolist() for u in self._utils],
+            "utilities": [[None if np.isnan(x) else x for x in u.tolist()] for u in self._utils],  # NaN: inactive
         }
 
     def _save(self) -> None:
@@ -608,15 +608,22 @@ class ThresholdController:
             if payload.get("format") != _CHECKPOINT_FORMAT or payload.get("num_ramps") != self.costs.num_ramps:
                 logger.warning("ignoring checkpoint %s: format/ramp count does not match", self.checkpoint_url)
                 return False
-            self.state = ControllerState.from_dict(payload["state"])
+            # Parse everything before changing anything: a bad checkpoint leaves a fresh controller, not half of one.
+            R = self.costs.num_ramps
+            state = ControllerState.from_dict(payload["state"])
+            floors = np.asarray(payload["floors"], dtype=np.float64)
+            windows = [FeedbackWindow.from_dict(w) for w in payload.get("tune_windows", [])]
+            utils = [np.asarray(u, dtype=np.float64) for u in payload.get("utilities", [])]
+            if floors.shape != (R,) or any(w.num_ramps != R for w in windows) or any(u.shape != (R,) for u in utils):
+                raise ValueError(f"arrays do not match {R} ramps")
+            consecutive, ok_streak = int(payload["guard"]["consecutive"]), int(payload["ok_streak"])
+            hold, since_check = int(payload.get("hold", self.config.backoff_hold_windows)), int(payload["since_check"])
+            self.state, self._floors, self._ok_streak, self._hold, self._since_check = (
+                state, floors, ok_streak, hold, since_check)
             # The violation count travels; the limits come from this run's config (it may have changed).
-            self._guard.consecutive = int(payload["guard"]["consecutive"])
-            self._floors = np.asarray(payload["floors"], dtype=np.float64)
-            self._ok_streak = int(payload["ok_streak"])
-            self._hold = int(payload.get("hold", self.config.backoff_hold_windows))
-            self._since_check = int(payload["since_check"])
-            self._tune_buf.extend(FeedbackWindow.from_dict(w) for w in payload.get("tune_windows", []))
-            self._utils.extend(np.asarray(u, dtype=np.float64) for u in payload.get("utilities", []))
+            self._guard.consecutive = consecutive
+            self._tune_buf.extend(windows)
+            self._utils.extend(utils)
             return True
         except Exception as exc:
             logger.warning("could not restore checkpoint %s: %s; starting fresh", self.checkpoint_url, exc)

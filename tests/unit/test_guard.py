@@ -220,11 +220,14 @@ def test_a_restart_from_the_checkpoint_tunes_as_if_it_never_happened(tmp_path):
     windows give the same thresholds as the controller that kept running."""
     url = f"file://{tmp_path}/ctl.json"
     costs = CostModel.uniform(4, [1, 2, 3], 0.01)
-    cfg = ControllerConfig(window_rows=200, tune_windows=4, ramp_check_windows=3)
-    a = ThresholdController(costs, cfg, initial_state=ControllerState.initial(3), checkpoint_url=url)
+    cfg = ControllerConfig(window_rows=200, tune_windows=4, ramp_check_windows=6)  # a check after the restart
+    init = ControllerState.initial(3, active=[True, False, True])
+    a = ThresholdController(costs, cfg, initial_state=init, checkpoint_url=url)
     windows = [synthetic_window(200, [0.55, 0.75, 0.9], seed=k) for k in range(7)]
     for w in windows[:4]:
         a.report(w)
+    text = (tmp_path / "ctl.json").read_text()
+    assert "NaN" not in text  # strict JSON (an inactive ramp's utility is null)
     b = ThresholdController(costs, cfg, checkpoint_url=url)
     assert len(b._tune_buf) == 4 and len(b._utils) == len(a._utils) > 0
     for w in windows[4:]:
@@ -232,6 +235,12 @@ def test_a_restart_from_the_checkpoint_tunes_as_if_it_never_happened(tmp_path):
         b.report(w)
         assert b.get_state()["thresholds"] == a.get_state()["thresholds"]
         assert b.get_state()["active"] == a.get_state()["active"]
+    # A checkpoint whose arrays do not fit is ignored whole: a fresh controller, not half a restored one.
+    bad = json.loads(text)
+    bad["tune_windows"][0]["conf"] = [[0.5, 0.5]] * 200
+    (tmp_path / "ctl.json").write_text(json.dumps(bad))
+    c = ThresholdController(costs, cfg, initial_state=init, checkpoint_url=url)
+    assert c.get_state()["version"] == 0 and c.get_state()["restores"] == 0 and not c._tune_buf
 
 
 @pytest.mark.parametrize("wrong,violates", [(1, False), (5, False), (6, True)])
