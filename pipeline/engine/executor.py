@@ -136,6 +136,8 @@ def execute(
             decided[rows] = True
             if on_exit is not None:
                 on_exit(rows, pred[new], conf[new], i + 1)
+        if release and tail is None:
+            continue  # plain release: every row runs to the end in the batch
         keep = ~decided[alive] | feedback[alive]
         if not keep.all():
             if tail is not None:  # answered rows wait in the tail, trimmed to their own longest row
@@ -193,9 +195,10 @@ def finish_tail(model: EarlyExitModel, tail: Tail, stop: Callable[[], bool] | No
                 h = torch.cat([_pad_to(h, width), _pad_to(h2, width)])
                 mask = torch.cat([_pad_to(mask, width), _pad_to(m2, width)])
             k += 1
+            lmask = model.layer_mask(h, mask)  # the rows changed
         if stop is not None and stop():
             return None
-        h = model.layer(i, h, model.layer_mask(h, mask))
+        h = model.layer(i, h, lmask)
         r = model.ramp_at_layer.get(i + 1)
         if r is not None and i + 1 != L:
             tail.ramp_conf[rows, r], tail.ramp_pred[rows, r] = _conf_pred(model.ramp(r, h, mask))

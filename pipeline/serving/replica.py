@@ -96,8 +96,8 @@ class ReplicaEngine:
     def _finish_tails(self, busy: Callable[[], bool]) -> bool:  # worker thread, queue empty
         """Run the oldest waiting release tail to the end and send its feedback to the controller. Dropped
         (no feedback from its rows) if a text arrives first. Returns whether tails remain."""
-        if not self._tails:
-            return False
+        if not self._tails or busy():  # a text came first: the tail waits, no work was spent on it yet
+            return bool(self._tails)
         tail = self._tails[0]  # left in place while it runs: /health counts it as waiting
         try:
             got = self.predictor.finish_tail(tail, stop=busy)
