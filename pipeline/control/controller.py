@@ -325,8 +325,7 @@ class ThresholdController:
         cfg = self.config
         while self._pending_rows >= cfg.window_rows:
             self._process(self._take(cfg.window_rows))
-        last = self._brakes[-1][0] if self._brakes else 0
-        if cfg.early_guard and self._pending_rows > last and self._pending_rows >= max(1, cfg.window_rows // 4):
+        if cfg.early_guard and len(w) and self._pending_rows >= max(1, cfg.window_rows // 4):
             self._early_check()
         return self.state.version
 
