@@ -78,10 +78,10 @@ class EarlyExitWorker:
         self.worker = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
         self.client = None
         if controller:
-            from pipeline.control.controller import ControllerClient, ControllerState
+            from pipeline.control.controller import ControllerClient
+            from pipeline.control.shared import initial_state
 
-            m = self.predictor.manifest
-            initial = ControllerState(version=0, thresholds=list(self.predictor.policy.thresholds), active=m.active)
+            initial = initial_state(self.predictor.manifest, list(self.predictor.policy.thresholds))
             self.client = ControllerClient(controller["name"], controller["namespace"], initial_state=initial,
                                            refresh_every=controller["refresh_every_batches"])
 
