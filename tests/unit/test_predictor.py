@@ -64,6 +64,19 @@ def test_cuda_oom_halves_budget_and_loses_no_row(tiny_artifact, monkeypatch):
     assert max(calls[1:]) <= 8 or calls[0] > 8
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_attention_skips_cudnn_which_plans_every_new_shape(tiny_artifact):
+    from torch.profiler import ProfilerActivity, profile
+
+    p = Predictor(tiny_artifact, EngineConfig(device="cuda", token_budget=64, max_batch_rows=4))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = p.predict(TEXTS)
+    ops = {e.key for e in prof.key_averages()}
+    assert any("scaled_dot_product" in op for op in ops), "the layers should run SDPA"
+    assert not any("cudnn_attention" in op for op in ops), sorted(op for op in ops if "attention" in op)
+    assert all(x.error is None for x in out.predictions)
+
+
 def test_failed_batch_reports_every_row(tiny_artifact, monkeypatch):
     p = Predictor(tiny_artifact)
 
