@@ -20,10 +20,13 @@ import torch
 from pipeline.config import EngineConfig
 
 
-def _plain(ee_dir: str, texts: list[str], batch_size: int, reps: int = 1) -> tuple[np.ndarray, float]:
+def _plain(ee_dir: str, texts: list[str], batch_size: int, reps: int = 1,
+           device: str = "cpu") -> tuple[np.ndarray, float]:
+    """The original model in float32 on `device` (the same device as offramp's rows, so the ratio is fair)."""
     from pipeline.model.artifact import load_classifier, load_tokenizer
 
-    model, tok = load_classifier(f"{ee_dir}/model"), load_tokenizer(f"{ee_dir}/model")
+    model = load_classifier(f"{ee_dir}/model").to(device=device, dtype=torch.float32)
+    tok = load_tokenizer(f"{ee_dir}/model")
     preds = np.empty(len(texts), np.int64)
     best = float("inf")
     for _ in range(reps):  # best of reps: the machine is shared, the minimum is the least disturbed
@@ -31,8 +34,8 @@ def _plain(ee_dir: str, texts: list[str], batch_size: int, reps: int = 1) -> tup
         with torch.inference_mode():
             for s in range(0, len(texts), batch_size):
                 enc = tok(texts[s : s + batch_size], padding=True, truncation=True, max_length=512,
-                          return_tensors="pt")
-                preds[s : s + batch_size] = model(**enc).logits.argmax(-1).numpy()
+                          return_tensors="pt").to(device)
+                preds[s : s + batch_size] = model(**enc).logits.argmax(-1).cpu().numpy()
         best = min(best, time.perf_counter() - t)
     return preds, best
 
@@ -64,7 +67,8 @@ def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "t
     rows: list[dict] = []
     R = len(read_manifest(ee_dir).ramps)
 
-    ref, secs = _plain(ee_dir, texts, batch_size, reps)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ref, secs = _plain(ee_dir, texts, batch_size, reps, device)
     plain_rps = len(texts) / secs
 
     def add(name, labels, seconds, exit_layers=None, note=""):
@@ -82,7 +86,7 @@ def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "t
     add("plain transformers, input order, batch 64", ref, secs, note="baseline")
     closed = None
     for dtype in dtypes:
-        base = dict(dtype=dtype, device="cpu" if not torch.cuda.is_available() else "auto")
+        base = dict(dtype=dtype, device=device)
         out, s, _ = _offramp(ee_dir, texts, EngineConfig(thresholds=[1.0] * R, **base), reps)
         add(f"offramp sorted, no exits ({dtype})", [x.label_id for x in out.predictions], s,
             [x.exit_layer for x in out.predictions])
@@ -108,7 +112,7 @@ def run_model_bench(ee_dir: str, dataset: str = "movie-reviews", split: str = "t
     oracle_exit = np.where(first >= 0, layers[np.maximum(first, 0)], L)
     add("oracle (first ramp that agrees)", final, 0, oracle_exit, note="bound, not runnable")
 
-    result = {"model": ee_dir, "dataset": ds.name, "rows": len(texts), "num_layers": L,
+    result = {"model": ee_dir, "dataset": ds.name, "rows": len(texts), "num_layers": L, "device": device,
               "torch_threads": torch.get_num_threads(), "rows_table": rows,
               "plain_rows_per_s": plain_rps, "sorted_no_exit_rows_per_s": closed["rows_per_s"] if closed else None}
     echo(format_table(rows))
