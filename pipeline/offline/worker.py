@@ -70,6 +70,7 @@ class EarlyExitWorker:
 
         logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load on CPU
         self.predictor = Predictor(model, EngineConfig(**engine))
+        self.predictor.warm_up()
         self.output_url = output_url
         self.passthrough = passthrough
         import ray

@@ -230,18 +230,12 @@ def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
 def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
     """The default int8 (torchao + torch.compile) re-applied by load_artifact from a manifest record (one compile)."""
     pytest.importorskip("torchao")
-    import shutil
-
     from pipeline.compression.quantize import run_early_exit
-    from pipeline.model.artifact import load_artifact, read_manifest
+    from pipeline.model.artifact import load_artifact
 
     cfg = make_config("int8-dynamic")
     assert cfg.backend == "torchao" and cfg.compile
-    out = tmp_path / "int8"
-    shutil.copytree(tiny_artifact, out)
-    manifest = read_manifest(out)
-    manifest.compression = to_record("int8-dynamic")
-    (out / "manifest.json").write_text(manifest.model_dump_json())
+    out = _int8_copy(tiny_artifact, tmp_path)
     loaded, tok, m = load_artifact(out)
     assert compression_of(loaded)["config"] == {"backend": "torchao", "per_channel": True, "compile": True}
     texts = ["a fine film", "dull and long, with nothing to say at all"]
@@ -249,6 +243,38 @@ def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
     fresh, _, _ = load_artifact(tiny_artifact)
     ref = run_early_exit(fresh, tok, texts, m.thresholds, m.active)
     assert sqnr_db(ref[0], a[0]) > 20 and torch.isfinite(a[0]).all()
+
+
+def _int8_copy(artifact, tmp_path):
+    """The artifact with the default int8 (torchao + torch.compile) recorded in its manifest."""
+    import shutil
+
+    from pipeline.model.artifact import read_manifest
+
+    out = tmp_path / "int8"
+    shutil.copytree(artifact, out)
+    manifest = read_manifest(out)
+    manifest.compression = to_record("int8-dynamic")
+    (out / "manifest.json").write_text(manifest.model_dump_json())
+    return out
+
+
+def test_warm_up_compiles_every_graph_real_batches_need(tiny_artifact, tmp_path):
+    """After Predictor.warm_up, micro-batches of any size and length (one row included) compile nothing."""
+    pytest.importorskip("torchao")
+    from torch._dynamo.utils import counters
+
+    from pipeline.config import EngineConfig
+    from pipeline.engine.predictor import Predictor
+
+    p = Predictor(str(_int8_copy(tiny_artifact, tmp_path)), EngineConfig(token_budget=64, max_batch_rows=4))
+    p.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    texts = ["a fine film", "dull", "one of the best movies of the year, truly moving", "meh", "not good"] * 3
+    out = p.predict(texts)
+    p.predict(["one"])
+    assert all(x.error is None for x in out.predictions)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_apply_at_load_for_engine_config():
