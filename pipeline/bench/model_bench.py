@@ -28,6 +28,8 @@ def _plain(ee_dir: str, texts: list[str], batch_size: int, reps: int = 1,
     model = load_classifier(f"{ee_dir}/model").to(device=device, dtype=torch.float32)
     tok = load_tokenizer(f"{ee_dir}/model")
     preds = np.empty(len(texts), np.int64)
+    with torch.inference_mode():  # untimed, as offramp's warm-up: allocator, kernels (CUDA start-up)
+        model(**tok(texts[:batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt").to(device))
     best = float("inf")
     for _ in range(reps):  # best of reps: the machine is shared, the minimum is the least disturbed
         t = time.perf_counter()
