@@ -70,7 +70,7 @@ class EarlyExitWorker:
 
         logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load on CPU
         self.predictor = Predictor(model, EngineConfig(**engine))
-        self.predictor.warm_up()
+        log.info("worker warmed up in %.1f s", self.predictor.warm_up())  # a compiled model compiles now
         self.output_url = output_url
         self.passthrough = passthrough
         import ray

@@ -66,7 +66,7 @@ class ServeAppConfig(_Strict):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     predictor_class: str = DEFAULT_PREDICTOR
     """`module:Class` of the Predictor to host: a subclass can add instrumentation or pre-processing.
-    It must keep Predictor's constructor, `predict_encoded` (with `defer_tail`) and `finish_tail`."""
+    It must keep Predictor's constructor, `predict_encoded` (with `defer_tail`), `finish_tail` and `warm_up`."""
 
     @field_validator("engine", mode="before")
     @classmethod

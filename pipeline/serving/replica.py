@@ -63,7 +63,7 @@ class ReplicaEngine:
         self.replica = replica
         self.predictor = p = import_class(config.predictor_class)(config.model, config.engine)
         p.budget = _OnlineBudget(p.config.token_budget, p.config.max_token_budget, p.config.latency_target_s)
-        p.warm_up()  # a compiled model compiles now, not during the first requests
+        log.info("replica %s warmed up in %.1f s", replica, p.warm_up())  # a compiled model compiles now
         self.num_layers = self.predictor.model.num_layers
         self._defer = config.engine.mode == "release"  # release tails run when the replica is idle
         self._tails: deque = deque()  # appended on the event loop, taken in the worker thread

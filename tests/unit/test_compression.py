@@ -267,8 +267,11 @@ def test_warm_up_compiles_every_graph_real_batches_need(tiny_artifact, tmp_path)
     from pipeline.config import EngineConfig
     from pipeline.engine.predictor import Predictor
 
+    torch._dynamo.reset()  # graphs compiled by earlier tests would otherwise be reused
     p = Predictor(str(_int8_copy(tiny_artifact, tmp_path)), EngineConfig(token_budget=64, max_batch_rows=4))
+    graphs = counters["stats"]["unique_graphs"]
     p.warm_up()
+    assert counters["stats"]["unique_graphs"] > graphs, "warm-up should compile the layers"
     graphs = counters["stats"]["unique_graphs"]
     texts = ["a fine film", "dull", "one of the best movies of the year, truly moving", "meh", "not good"] * 3
     out = p.predict(texts)
