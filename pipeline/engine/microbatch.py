@@ -6,23 +6,52 @@ Sorting alone roughly halves padding on sentence corpora (input-order batches of
 """
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 
+class MicroBatchQueue:
+    """Rows sorted longest first, cut into micro-batches one at a time at the token budget of that moment.
+
+    A plan cut up front at the call's first budget would ignore what the budget learns during the call:
+    measured on a 1,024-row shard, every micro-batch kept the starting size while the budget shrank to its
+    floor, and the next call then ran one-row micro-batches at a third of the speed."""
+
+    def __init__(self, lengths, max_rows: int):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.order = np.argsort(-self.lengths, kind="stable")
+        self.max_rows = int(max_rows)
+        self._next = 0
+        self._retry: deque[np.ndarray] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._retry) or self._next < len(self.order)
+
+    def pop(self, token_budget: int) -> np.ndarray:
+        """The next micro-batch's row indices: a pushed-back retry first, else the longest rows left."""
+        if self._retry:
+            return self._retry.popleft()
+        longest = max(int(self.lengths[self.order[self._next]]), 1)
+        rows = max(1, min(self.max_rows, token_budget // longest))
+        batch = self.order[self._next : self._next + rows]
+        self._next += len(batch)
+        return batch
+
+    def retry_first(self, batches: list[np.ndarray]) -> None:
+        """Run these row sets next, in this order (a failed micro-batch cut smaller)."""
+        self._retry.extendleft(reversed(batches))
+
+
 def plan_microbatches(lengths, token_budget: int, max_rows: int) -> list[np.ndarray]:
-    """Indices into `lengths` for each micro-batch, longest rows first.
+    """Indices into `lengths` for each micro-batch at a fixed budget, longest rows first.
 
     Every row lands in exactly one micro-batch; a single row longer than the budget gets its own.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(-lengths, kind="stable")
-    batches: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        rows = max(1, min(max_rows, token_budget // longest))
-        batches.append(order[start : start + rows])
-        start += rows
+    queue = MicroBatchQueue(lengths, max_rows)
+    batches = []
+    while queue:
+        batches.append(queue.pop(token_budget))
     return batches
 
 

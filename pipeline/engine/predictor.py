@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -20,7 +19,7 @@ import torch
 from pipeline.config import EngineConfig
 from pipeline.control.records import FeedbackWindow
 from pipeline.engine.executor import Tail, execute, finish_tail
-from pipeline.engine.microbatch import TokenBudget, plan_microbatches
+from pipeline.engine.microbatch import MicroBatchQueue, TokenBudget, plan_microbatches
 from pipeline.engine.policy import ExitPolicy
 
 log = logging.getLogger(__name__)
@@ -242,9 +241,9 @@ class Predictor:
             # Exit mode's feedback rows (and a deferred release tail's; plain release feeds back every row).
             shadow = shadow_mask([keys[i] for i in valid], self.config.shadow_fraction)
             lengths = np.array([len(e) for e in enc])
-            pending = deque(plan_microbatches(lengths, self.budget.value, self.config.max_batch_rows))
+            pending = MicroBatchQueue(lengths, self.config.max_batch_rows)
             while pending:
-                idx = pending.popleft()
+                idx = pending.pop(self.budget.value)  # the budget as of now: it adapts within a call
                 try:
                     start = time.perf_counter()
                     early = self._early_callback(idx, valid, truncated, on_result) if on_result else None
@@ -257,7 +256,7 @@ class Predictor:
                         log.warning("out of memory on %d rows; token budget now %d", len(idx), self.budget.value)
                         # Retry the same rows in smaller pieces (positions within idx -> rows).
                         parts = plan_microbatches(lengths[idx], self.budget.value, max(1, len(idx) // 2))
-                        pending.extendleft(reversed([idx[p] for p in parts]))
+                        pending.retry_first([idx[p] for p in parts])
                         continue
                     log.exception("micro-batch of %d rows failed", len(idx))
                     for j in idx:

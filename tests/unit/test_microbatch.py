@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.engine.microbatch import TokenBudget, plan_microbatches
+from pipeline.engine.microbatch import MicroBatchQueue, TokenBudget, plan_microbatches
 
 
 def test_every_row_once_and_under_budget():
@@ -25,6 +25,16 @@ def test_sorted_batches_pad_less_than_input_order():
 def test_row_longer_than_budget_gets_its_own_batch():
     batches = plan_microbatches([500, 3, 3], token_budget=100, max_rows=8)
     assert [len(b) for b in batches] == [1, 2]
+
+
+def test_queue_cuts_each_batch_at_the_budget_given_and_runs_retries_first():
+    q = MicroBatchQueue([10, 40, 20, 30], max_rows=8)
+    assert q.pop(token_budget=80).tolist() == [1, 3]  # 2 rows of the longest (40) fit 80 tokens
+    q.retry_first([np.array([1]), np.array([3])])
+    assert q.pop(1000).tolist() == [1] and q.pop(1000).tolist() == [3]
+    assert q.pop(token_budget=20).tolist() == [2]  # the budget shrank: one row of 20
+    assert q.pop(token_budget=1000).tolist() == [0]
+    assert not q
 
 
 def test_budget_halves_on_oom_and_stops_at_floor():

@@ -64,6 +64,25 @@ def test_cuda_oom_halves_budget_and_loses_no_row(tiny_artifact, monkeypatch):
     assert max(calls[1:]) <= 8 or calls[0] > 8
 
 
+def test_budget_change_within_a_call_sizes_the_rest_of_that_call(tiny_artifact, monkeypatch):
+    # A slow micro-batch shrinks the budget; the same call's later micro-batches must be cut at the new
+    # budget, not at the one the call started with (offline, one call is a whole 1,024-row shard).
+    p = Predictor(tiny_artifact, EngineConfig(token_budget=4096, max_batch_rows=8))
+    expected = [(x.label, x.exit_layer) for x in p.predict(TEXTS).predictions]
+    real = predictor_mod.execute
+    rows = []
+
+    def slow_first(model, ids, *a, **k):
+        rows.append(ids.shape[0])
+        p.budget.value = 1  # as if this pass had been far over the latency target
+        return real(model, ids, *a, **k)
+
+    monkeypatch.setattr(predictor_mod, "execute", slow_first)
+    out = p.predict(TEXTS)
+    assert rows == [8] + [1] * (len(TEXTS) - 8)
+    assert [(x.label, x.exit_layer) for x in out.predictions] == expected
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_attention_skips_cudnn_which_plans_every_new_shape(tiny_artifact):
     from torch.profiler import ProfilerActivity, profile
