@@ -12,11 +12,11 @@ import numpy as np
 
 
 class MicroBatchQueue:
-    """Rows sorted longest first, cut into micro-batches one at a time at the token budget of that moment.
+    """Rows sorted longest first, cut into micro-batches one at a time, each at the token budget passed to
+    `pop`: a budget that adapts during a call (one offline call is a whole shard) shapes the rest of it.
 
-    A plan cut up front at the call's first budget would ignore what the budget learns during the call:
-    measured on a 1,024-row shard, every micro-batch kept the starting size while the budget shrank to its
-    floor, and the next call then ran one-row micro-batches at a third of the speed."""
+    Every row comes out exactly once. Row sets given to `retry_first` come out next, as given (not re-cut);
+    `pop` on an empty queue raises IndexError."""
 
     def __init__(self, lengths, max_rows: int):
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -56,7 +56,8 @@ def plan_microbatches(lengths, token_budget: int, max_rows: int) -> list[np.ndar
 
 
 class TokenBudget:
-    """Adapts the micro-batch token budget: grow while under the latency target, halve on OOM."""
+    """Adapts the micro-batch token budget: grow while under the latency target, halve on OOM (and never
+    grow back to within one growth step of a size that ran out of memory)."""
 
     def __init__(self, initial: int, maximum: int, latency_target_s: float, minimum: int = 16):
         self.value = int(initial)
@@ -72,10 +73,12 @@ class TokenBudget:
         elif seconds > self.latency_target_s and self.value > self.minimum:
             self.value = max(self.minimum, int(self.value * 0.8))
 
-    def on_oom(self) -> bool:
-        """Halve; False when already at the floor (the caller must give up on the row)."""
+    def on_oom(self, tokens: int) -> bool:
+        """A micro-batch of `tokens` (rows x longest row) ran out of memory: halve; False when already at the
+        floor (the caller must give up on the row)."""
         self.ooms += 1
+        self.maximum = max(self.minimum, min(self.maximum, int(tokens / 1.25)))
         if self.value <= self.minimum:
             return False
-        self.value = max(self.minimum, self.value // 2)
+        self.value = max(self.minimum, min(self.maximum, self.value // 2))
         return True

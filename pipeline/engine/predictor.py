@@ -102,6 +102,19 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def _once_per_row(on_result: Callable[[int, Prediction], None], n: int) -> Callable[[int, Prediction], None]:
+    """on_result that fires once per row: a micro-batch retried after running out of memory may answer
+    again rows a ramp already announced in the failed pass."""
+    announced = np.zeros(n, bool)
+
+    def once(i: int, prediction: Prediction) -> None:
+        if not announced[i]:
+            announced[i] = True
+            on_result(i, prediction)
+
+    return once
+
+
 @dataclass
 class Encoded:
     """Tokenized rows: ids per row ([] where the row has an error), truncated flags, per-row errors."""
@@ -223,6 +236,8 @@ class Predictor:
         the replica is idle)."""
         mode = mode or self.config.mode
         n = len(encoded)
+        if on_result is not None:
+            on_result = _once_per_row(on_result, n)
         out: list[Prediction | None] = [None] * n
         for i, err in enumerate(encoded.errors):
             if err:
@@ -250,7 +265,7 @@ class Predictor:
                     res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, defer_tail)
                     self.budget.observe(len(idx) * int(lengths[idx].max()), time.perf_counter() - start)
                 except Exception as e:  # noqa: BLE001 - every row must get an answer or an error
-                    if _is_oom(e) and len(idx) > 1 and self.budget.on_oom():
+                    if _is_oom(e) and len(idx) > 1 and self.budget.on_oom(len(idx) * int(lengths[idx].max())):
                         if self.device.type == "cuda":
                             torch.cuda.empty_cache()
                         log.warning("out of memory on %d rows; token budget now %d", len(idx), self.budget.value)

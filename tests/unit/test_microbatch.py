@@ -35,13 +35,32 @@ def test_queue_cuts_each_batch_at_the_budget_given_and_runs_retries_first():
     assert q.pop(token_budget=20).tolist() == [2]  # the budget shrank: one row of 20
     assert q.pop(token_budget=1000).tolist() == [0]
     assert not q
+    assert plan_microbatches([], token_budget=100, max_rows=8) == []
+
+
+def test_a_retry_that_fails_again_runs_its_pieces_before_older_retries():
+    q = MicroBatchQueue([5] * 8, max_rows=8)
+    first = q.pop(token_budget=100)
+    q.retry_first([first[:4], first[4:]])
+    failed = q.pop(100)
+    q.retry_first([failed[:2], failed[2:]])
+    assert [b.tolist() for b in (q.pop(100), q.pop(100), q.pop(100))] == [[0, 1], [2, 3], [4, 5, 6, 7]]
+    assert not q
 
 
 def test_budget_halves_on_oom_and_stops_at_floor():
     b = TokenBudget(1024, 4096, 0.1, minimum=256)
-    assert b.on_oom() and b.value == 512
-    assert b.on_oom() and b.value == 256
-    assert not b.on_oom()
+    assert b.on_oom(1024) and b.value == 512
+    assert b.on_oom(512) and b.value == 256
+    assert not b.on_oom(256)
+
+
+def test_budget_never_grows_back_to_a_size_that_ran_out_of_memory():
+    b = TokenBudget(1024, 4096, latency_target_s=1.0)
+    assert b.on_oom(1000) and b.value == 512
+    for _ in range(20):
+        b.observe(tokens=b.value, seconds=0.01)
+    assert b.value == 800  # one growth step (x1.25) below the failed size
 
 
 def test_budget_grows_when_fast_and_full_and_shrinks_when_slow():

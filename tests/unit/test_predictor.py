@@ -5,6 +5,7 @@ import torch
 
 from pipeline.config import EngineConfig
 from pipeline.engine import predictor as predictor_mod
+from pipeline.engine.policy import ExitPolicy
 from pipeline.engine.predictor import Predictor, shadow_mask
 
 TEXTS = ["a fine film", "dull", "one of the best movies of the year, truly moving", "meh", "not good at all"] * 8
@@ -48,11 +49,12 @@ def test_cuda_oom_halves_budget_and_loses_no_row(tiny_artifact, monkeypatch):
     p = Predictor(tiny_artifact, EngineConfig(token_budget=4096, max_batch_rows=64))
     expected = [x.label for x in p.predict(TEXTS).predictions]
     real = predictor_mod.execute
-    calls = []
+    calls, failed_tokens = [], []
 
     def flaky(model, ids, mask, *a, **k):
         calls.append(ids.shape[0])
         if ids.shape[0] > 8:
+            failed_tokens.append(ids.numel())
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, ids, mask, *a, **k)
 
@@ -60,8 +62,33 @@ def test_cuda_oom_halves_budget_and_loses_no_row(tiny_artifact, monkeypatch):
     out = p.predict(TEXTS)
     assert [x.label for x in out.predictions] == expected
     assert all(x.error is None for x in out.predictions)
-    assert p.budget.ooms >= 1 and p.budget.value < 4096
-    assert max(calls[1:]) <= 8 or calls[0] > 8
+    assert calls[0] == len(TEXTS) and p.budget.ooms == len(failed_tokens) >= 1
+    assert sum(c for c in calls if c <= 8) == len(TEXTS)  # every row ran once, in a pass that succeeded
+    for _ in range(50):  # fast, full passes do not grow the budget back to a size that failed
+        p.budget.observe(p.budget.value, 0.0)
+    assert p.budget.value < min(failed_tokens)
+
+
+def test_on_result_fires_once_per_row_when_an_oom_retry_reruns_announced_rows(tiny_artifact, monkeypatch):
+    p = Predictor(tiny_artifact, EngineConfig(token_budget=4096, max_batch_rows=64))
+    p.set_policy(ExitPolicy(np.zeros(p.num_ramps), np.ones(p.num_ramps, bool)))  # every row exits at ramp 1
+    real = predictor_mod.execute
+    failed = []
+
+    def exits_then_oom(model, ids, mask, *a, **k):
+        res = real(model, ids, mask, *a, **k)  # announces every row at the first ramp (threshold 0)
+        if not failed:
+            failed.append(ids.shape[0])
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, at a later layer)")
+        return res
+
+    monkeypatch.setattr(predictor_mod, "execute", exits_then_oom)
+    seen = []
+    out = p.predict(TEXTS, on_result=lambda i, pred: seen.append(i))
+    assert failed == [len(TEXTS)]
+    assert sorted(seen) == list(range(len(TEXTS)))
+    assert all(x.error is None for x in out.predictions)
+    assert {x.exit_layer for x in out.predictions} == {p.model.ramps.layers[0]}
 
 
 def test_budget_change_within_a_call_sizes_the_rest_of_that_call(tiny_artifact, monkeypatch):
@@ -69,6 +96,7 @@ def test_budget_change_within_a_call_sizes_the_rest_of_that_call(tiny_artifact, 
     # budget, not at the one the call started with (offline, one call is a whole 1,024-row shard).
     p = Predictor(tiny_artifact, EngineConfig(token_budget=4096, max_batch_rows=8))
     expected = [(x.label, x.exit_layer) for x in p.predict(TEXTS).predictions]
+    monkeypatch.setattr(p.budget, "observe", lambda tokens, seconds: None)  # only the stub below moves it
     real = predictor_mod.execute
     rows = []
 
