@@ -102,17 +102,18 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def _once_per_row(on_result: Callable[[int, Prediction], None], n: int) -> Callable[[int, Prediction], None]:
-    """on_result that fires once per row: a micro-batch retried after running out of memory may answer
-    again rows a ramp already announced in the failed pass."""
-    announced = np.zeros(n, bool)
+class _OncePerRow:
+    """Wraps on_result so it fires once per row: a micro-batch retried after running out of memory may
+    answer again rows a ramp already announced in the failed pass. `sent` keeps what each row was told."""
 
-    def once(i: int, prediction: Prediction) -> None:
-        if not announced[i]:
-            announced[i] = True
-            on_result(i, prediction)
+    def __init__(self, on_result: Callable[[int, Prediction], None]):
+        self.on_result = on_result
+        self.sent: dict[int, Prediction] = {}
 
-    return once
+    def __call__(self, i: int, prediction: Prediction) -> None:
+        if i not in self.sent:
+            self.sent[i] = prediction
+            self.on_result(i, prediction)
 
 
 @dataclass
@@ -237,7 +238,7 @@ class Predictor:
         mode = mode or self.config.mode
         n = len(encoded)
         if on_result is not None:
-            on_result = _once_per_row(on_result, n)
+            on_result = _OncePerRow(on_result)
         out: list[Prediction | None] = [None] * n
         for i, err in enumerate(encoded.errors):
             if err:
@@ -284,6 +285,9 @@ class Predictor:
                 if res.tail is not None:
                     tails.append(res.tail)
         elapsed = time.perf_counter() - t0
+        if on_result is not None:  # the output says what each row was told (a retry can differ by rounding)
+            for i, prediction in on_result.sent.items():
+                out[i] = prediction
         stats = {
             "rows": n,
             "errors": sum(p.error is not None for p in out),

@@ -84,9 +84,10 @@ def test_on_result_fires_once_per_row_when_an_oom_retry_reruns_announced_rows(ti
 
     monkeypatch.setattr(predictor_mod, "execute", exits_then_oom)
     seen = []
-    out = p.predict(TEXTS, on_result=lambda i, pred: seen.append(i))
+    out = p.predict(TEXTS, on_result=lambda i, pred: seen.append((i, pred)))
     assert failed == [len(TEXTS)]
-    assert sorted(seen) == list(range(len(TEXTS)))
+    assert sorted(i for i, _ in seen) == list(range(len(TEXTS)))
+    assert all(out.predictions[i] is pred for i, pred in seen)  # the output is what each row was told
     assert all(x.error is None for x in out.predictions)
     assert {x.exit_layer for x in out.predictions} == {p.model.ramps.layers[0]}
 
