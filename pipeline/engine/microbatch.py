@@ -15,8 +15,8 @@ class MicroBatchQueue:
     """Rows sorted longest first, cut into micro-batches one at a time, each at the token budget passed to
     `pop`: a budget that adapts during a call (one offline call is a whole shard) shapes the rest of it.
 
-    Every row comes out exactly once. Row sets given to `retry_first` come out next, as given (not re-cut);
-    `pop` on an empty queue raises IndexError."""
+    Every row comes out once, and again each time `retry_first` hands it back: retries come out next, as
+    given (not re-cut). `pop` on an empty queue raises IndexError."""
 
     def __init__(self, lengths, max_rows: int):
         self.lengths = np.asarray(lengths, dtype=np.int64)
@@ -56,8 +56,9 @@ def plan_microbatches(lengths, token_budget: int, max_rows: int) -> list[np.ndar
 
 
 class TokenBudget:
-    """Adapts the micro-batch token budget: grow while under the latency target, halve on OOM (and never
-    grow back to within one growth step of a size that ran out of memory)."""
+    """Adapts the micro-batch token budget: grow while under the latency target, halve on OOM. After an OOM
+    the budget never grows back to within one growth step of that size, for the object's life: the device
+    that ran out of memory there would again (else it would climb back and fail every few micro-batches)."""
 
     def __init__(self, initial: int, maximum: int, latency_target_s: float, minimum: int = 16):
         self.value = int(initial)

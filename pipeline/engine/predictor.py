@@ -234,7 +234,10 @@ class Predictor:
         """Like predict, on rows already tokenized by a TextEncoder (keys pick the shadow rows).
         `defer_tail` (release mode): rows answered at a ramp are not run to the end here; the output's
         `tails` hold them, with the other non-shadow rows' feedback, for `finish_tail` (Serve runs them when
-        the replica is idle)."""
+        the replica is idle).
+        With `on_result`, a row's prediction is the one announced, even if its micro-batch then failed (it
+        stays answered, not an error) or was retried after an OOM (feedback, tails and stats come from the
+        retry, which can differ by float rounding)."""
         mode = mode or self.config.mode
         n = len(encoded)
         if on_result is not None:

@@ -210,7 +210,7 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "threshold_versions_seen": sorted({int(r["policy_version"]) for r in rows}),
         "rows_per_worker": per_worker,
         "model_seconds_per_worker": {w: round(t, 1) for w, t in busy.items()},
-        # the adaptive micro-batch budget at the end of each shard: what the latency target settled on
+        # the micro-batch token budget at the end of each shard part (it follows the latency target; OOM caps it)
         "token_budget": ({k: int(f([r["token_budget"] for r in rows])) for k, f in
                           (("min", np.min), ("median", np.median), ("max", np.max))} if rows else None),
     }

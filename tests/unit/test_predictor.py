@@ -96,7 +96,7 @@ def test_budget_change_within_a_call_sizes_the_rest_of_that_call(tiny_artifact, 
     # A slow micro-batch shrinks the budget; the same call's later micro-batches must be cut at the new
     # budget, not at the one the call started with (offline, one call is a whole 1,024-row shard).
     p = Predictor(tiny_artifact, EngineConfig(token_budget=4096, max_batch_rows=8))
-    expected = [(x.label, x.exit_layer) for x in p.predict(TEXTS).predictions]
+    expected = [x.label for x in p.predict(TEXTS).predictions]
     monkeypatch.setattr(p.budget, "observe", lambda tokens, seconds: None)  # only the stub below moves it
     real = predictor_mod.execute
     rows = []
@@ -109,7 +109,7 @@ def test_budget_change_within_a_call_sizes_the_rest_of_that_call(tiny_artifact, 
     monkeypatch.setattr(predictor_mod, "execute", slow_first)
     out = p.predict(TEXTS)
     assert rows == [8] + [1] * (len(TEXTS) - 8)
-    assert [(x.label, x.exit_layer) for x in out.predictions] == expected
+    assert [x.label for x in out.predictions] == expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
