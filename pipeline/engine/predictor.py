@@ -263,13 +263,14 @@ class Predictor:
             pending = MicroBatchQueue(lengths, self.config.max_batch_rows)
             while pending:
                 idx = pending.pop(self.budget.value)  # the budget as of now: it adapts within a call
+                tokens = len(idx) * int(lengths[idx].max())  # padded size, what the budget counts
                 try:
                     start = time.perf_counter()
                     early = self._early_callback(idx, valid, truncated, on_result) if on_result else None
                     res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, defer_tail)
-                    self.budget.observe(len(idx) * int(lengths[idx].max()), time.perf_counter() - start)
+                    self.budget.observe(tokens, time.perf_counter() - start)
                 except Exception as e:  # noqa: BLE001 - every row must get an answer or an error
-                    if _is_oom(e) and len(idx) > 1 and self.budget.on_oom(len(idx) * int(lengths[idx].max())):
+                    if _is_oom(e) and len(idx) > 1 and self.budget.on_oom(tokens):
                         if self.device.type == "cuda":
                             torch.cuda.empty_cache()
                         log.warning("out of memory on %d rows; token budget now %d", len(idx), self.budget.value)

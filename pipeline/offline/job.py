@@ -184,6 +184,7 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
     shadow = int(sum(r["shadow_rows"] for r in rows))
     agree = int(sum(r["shadow_agree"] for r in rows))
     answered = int(exits[1:].sum())
+    budgets = [int(r["token_budget"]) for r in rows]
     per_worker: dict[str, int] = {}
     busy: dict[str, float] = {}  # seconds each actor spent classifying (the rest: start-up, waiting for input)
     for r in rows:
@@ -211,8 +212,8 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "rows_per_worker": per_worker,
         "model_seconds_per_worker": {w: round(t, 1) for w, t in busy.items()},
         # the micro-batch token budget at the end of each shard part (it follows the latency target; OOM caps it)
-        "token_budget": ({k: int(f([r["token_budget"] for r in rows])) for k, f in
-                          (("min", np.min), ("median", np.median), ("max", np.max))} if rows else None),
+        "token_budget": ({"min": min(budgets), "median": int(np.median(budgets)), "max": max(budgets)}
+                         if budgets else None),
     }
     if controller is not None:
         import ray
