@@ -52,7 +52,7 @@ def is_artifact(path: str | Path) -> bool:
 def heldout_texts(data: str, limit: int | None = None, text_column: str = "text", label_column: str = "label"):
     """(name, texts, labels or None): a built-in dataset's test split, or every row of a file / URL."""
     from pipeline.data.datasets import BUILTIN, load_dataset
-    from pipeline.engine.predictor import validate_text
+    from pipeline.engine.encoder import validate_text
 
     ds = load_dataset(data, text_column, label_column)
     ds = ds.split("test") if data in BUILTIN else ds

@@ -67,8 +67,9 @@ def record(
     final head): a difficulty measure for building drift streams.
     Texts that cannot be classified (empty, not strings) are refused up front: drop them first.
     """
+    from pipeline.engine.encoder import validate_text
     from pipeline.engine.policy import ExitPolicy
-    from pipeline.engine.predictor import Predictor, validate_text
+    from pipeline.engine.predictor import Predictor
 
     texts = list(texts)
     for i, t in enumerate(texts):

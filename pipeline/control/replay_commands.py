@@ -44,7 +44,7 @@ def _texts(ds, seed: int, limit: int | None) -> list[str]:
     """Usable texts in a deterministic shuffled order (built-in files are sorted), at most ``limit``."""
     import numpy as np
 
-    from pipeline.engine.predictor import validate_text
+    from pipeline.engine.encoder import validate_text
 
     order = np.random.default_rng(seed).permutation(len(ds))
     texts = [ds.texts[i] for i in order if validate_text(ds.texts[i]) is None]

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import EngineConfig
 from pipeline.control.records import FeedbackWindow
+from pipeline.engine.encoder import Encoded, TextEncoder
 from pipeline.engine.executor import Tail, execute, finish_tail
 from pipeline.engine.microbatch import MicroBatchQueue, TokenBudget, plan_microbatches
 from pipeline.engine.policy import ExitPolicy
@@ -62,17 +63,6 @@ def _window(ramp_conf: torch.Tensor, ramp_pred: torch.Tensor, final_pred: torch.
     return FeedbackWindow(ramp_conf.cpu().numpy(), ramp_pred.cpu().numpy(), final_pred.cpu().numpy())
 
 
-def validate_text(text) -> str | None:
-    """Why a value cannot be classified, or None if it can."""
-    if text is None:
-        return "text is null; supply a non-empty string"
-    if not isinstance(text, str):
-        return f"text is {type(text).__name__}, not a string; convert it to str first"
-    if not text.strip():
-        return "text is empty or whitespace only; supply a non-empty string"
-    return None
-
-
 def shadow_mask(keys: list, fraction: float) -> np.ndarray:
     """Deterministic per-row choice of shadow rows (same row, same choice, any batch)."""
     if fraction <= 0:
@@ -114,51 +104,6 @@ class _OncePerRow:
         if i not in self.sent:
             self.sent[i] = prediction
             self.on_result(i, prediction)
-
-
-@dataclass
-class Encoded:
-    """Tokenized rows: ids per row ([] where the row has an error), truncated flags, per-row errors."""
-
-    input_ids: list[list[int]]
-    truncated: np.ndarray
-    errors: list[str | None]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-class TextEncoder:
-    """Validation + tokenization, separable from the model so Ray tasks can tokenize ahead of the actors."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer = tokenizer
-        self.max_length = int(max_length)
-
-    @classmethod
-    def from_artifact(cls, artifact: str, max_length: int | None = None) -> "TextEncoder":
-        from transformers import AutoConfig
-
-        from pipeline.model.artifact import load_tokenizer, model_max_length
-
-        tok = load_tokenizer(f"{artifact}/model")
-        limit = model_max_length(AutoConfig.from_pretrained(f"{artifact}/model"), tok)
-        return cls(tok, min(max_length or limit, limit))
-
-    def encode(self, texts: list) -> Encoded:
-        errors = [validate_text(t) for t in texts]
-        valid = [i for i, e in enumerate(errors) if e is None]
-        ids: list[list[int]] = [[] for _ in texts]
-        truncated = np.zeros(len(texts), bool)
-        if valid:
-            enc = self.tokenizer([texts[i] for i in valid], truncation=True, max_length=self.max_length,
-                                 padding=False)["input_ids"]
-            for i, e in zip(valid, enc):
-                ids[i] = e
-                if len(e) >= self.max_length:  # maybe cut: check the untruncated length
-                    full = self.tokenizer(texts[i], truncation=False, verbose=False)["input_ids"]
-                    truncated[i] = len(full) > self.max_length
-        return Encoded(ids, truncated, errors)
 
 
 class Predictor:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=4)
 def _encoder(model: str, max_length: int | None):
-    from pipeline.engine.predictor import TextEncoder
+    from pipeline.engine.encoder import TextEncoder
 
     return TextEncoder.from_artifact(model, max_length)
 
@@ -96,7 +96,7 @@ class EarlyExitWorker:
             self.predictor.set_policy(ExitPolicy(self.client.thresholds, self.client.active, self.client.version))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.engine.predictor import Encoded
+        from pipeline.engine.encoder import Encoded
 
         summaries = []
         for shard in sorted(set(batch.column("shard").to_pylist())):

@@ -36,7 +36,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.engine.predictor import Encoded, PredictOutput, Prediction
+from pipeline.engine.encoder import Encoded
+from pipeline.engine.predictor import PredictOutput, Prediction
 from pipeline.serving.config import BatchingSettings
 
 __all__ = ["AdaptiveBatchPolicy", "BatchFailed", "BatchQueue", "BatchReport", "QueueFull"]

@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from pipeline.control.records import FeedbackWindow
+from pipeline.engine.encoder import Encoded
 from pipeline.engine.microbatch import TokenBudget
-from pipeline.engine.predictor import Encoded, Prediction
+from pipeline.engine.predictor import Prediction
 from pipeline.serving.batcher import BatchQueue, BatchReport
 from pipeline.serving.config import ServeAppConfig
 from pipeline.serving.metrics import ServingMetrics

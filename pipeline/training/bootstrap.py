@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.config import BootstrapConfig
 from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
-from pipeline.engine.predictor import validate_text
+from pipeline.engine.encoder import validate_text
 from pipeline.model.artifact import (
     Manifest,
     RampInfo,

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.engine.predictor import Encoded, PredictOutput, Prediction
+from pipeline.engine.encoder import Encoded
+from pipeline.engine.predictor import PredictOutput, Prediction
 from pipeline.serving.batcher import AdaptiveBatchPolicy, BatchFailed, BatchQueue, QueueFull
 from pipeline.serving.config import BatchingSettings
 
