@@ -38,18 +38,20 @@ class TextEncoder:
     """Validation + tokenization, separable from the model so Ray tasks can tokenize ahead of the actors.
 
     Runs on the `tokenizers` library: a transformers fast tokenizer's backend (copied, so the truncation
-    set here stays here) or an artifact's tokenizer.json. A tokenizer without one (a slow, Python
-    tokenizer) is called through transformers instead."""
+    set here stays here) or an artifact's tokenizer.json, cutting long texts on the tokenizer's
+    truncation side. A tokenizer without one (a slow, Python tokenizer) is called through transformers."""
 
-    def __init__(self, tokenizer, max_length: int):
+    def __init__(self, tokenizer, max_length: int, truncation_side: str | None = None):
         self.max_length = int(max_length)
         backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
         self.tokenizer = tokenizer if backend is None else None  # the slow path only
         self.backend = None
         if backend is not None:
+            side = truncation_side or getattr(tokenizer, "truncation_side", None) or "right"
             self.backend = Tokenizer.from_str(backend.to_str())
             self.backend.no_padding()
-            self.backend.enable_truncation(self.max_length)  # truncated rows keep the cut in `overflowing`
+            # truncated rows keep the cut in `overflowing`
+            self.backend.enable_truncation(self.max_length, direction=side)
 
     @classmethod
     def from_artifact(cls, artifact: str, max_length: int | None = None) -> "TextEncoder":
@@ -64,14 +66,16 @@ class TextEncoder:
         model = Path(artifact) / "model"
         if (model / "tokenizer.json").exists() and (model / "config.json").exists():
             tok = Tokenizer.from_file(str(model / "tokenizer.json"))
-            tok_config = model / "tokenizer_config.json"
-            limit = model_max_length(SimpleNamespace(**json.loads((model / "config.json").read_text())),
-                                     SimpleNamespace(**(json.loads(tok_config.read_text()) if tok_config.exists() else {})))
-        else:
-            from transformers import AutoConfig
+            path = model / "tokenizer_config.json"
+            tok_config = json.loads(path.read_text()) if path.exists() else {}
+            # config.json as saved (save_pretrained writes max_position_embeddings and model_type)
+            config = SimpleNamespace(**json.loads((model / "config.json").read_text()))
+            limit = model_max_length(config, SimpleNamespace(**tok_config))
+            return cls(tok, min(max_length or limit, limit), tok_config.get("truncation_side"))
+        from transformers import AutoConfig
 
-            tok = load_tokenizer(str(model))
-            limit = model_max_length(AutoConfig.from_pretrained(str(model)), tok)
+        tok = load_tokenizer(str(model))
+        limit = model_max_length(AutoConfig.from_pretrained(str(model)), tok)
         return cls(tok, min(max_length or limit, limit))
 
     def encode(self, texts: list) -> Encoded:

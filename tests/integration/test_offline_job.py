@@ -57,8 +57,9 @@ def _read_output(out):
 
 def test_job_classifies_every_row_once_and_spreads_over_actors(ray_session, tiny_artifact, tmp_path):
     _write_parquet_dir(tmp_path / "in", 600)
-    # The tiny model classifies a 64-row shard faster than a task tokenizes one, so one actor could keep up
-    # alone; micro-batches of one row make the actors the bottleneck, as a real model is.
+    # The tiny model classifies a 64-row shard in milliseconds: when tokenized shards arrive one at a time
+    # (tokenize tasks start fast now), one idle actor can take them all. One-row micro-batches keep the
+    # actors busy, as a real model does, so shards queue and the least-busy pick spreads them.
     summary = run_job(_cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", engine={"max_batch_rows": 1}))
     rows = _read_output(tmp_path / "out")
     assert sorted(r["rid"] if "rid" in r else r["id"] for r in rows) == sorted(f"r{i}" for i in range(600))

@@ -31,7 +31,7 @@ class _SlowTokenizer:
 def test_artifact_encoder_matches_the_transformers_tokenizer(tiny_artifact, max_length):
     texts = _texts()
     enc = TextEncoder.from_artifact(tiny_artifact, max_length)
-    assert enc.backend is not None  # read from tokenizer.json, not through transformers
+    assert enc.backend is not None and enc.tokenizer is None  # read from tokenizer.json, not through transformers
     out = enc.encode(texts)
 
     tok = load_tokenizer(f"{tiny_artifact}/model")
@@ -53,8 +53,18 @@ def test_artifact_encoder_matches_the_transformers_tokenizer(tiny_artifact, max_
 
 def test_encoder_copies_a_fast_tokenizer_so_its_truncation_stays_its_own(tiny_artifact):
     tok = load_tokenizer(f"{tiny_artifact}/model")
+    before = tok.backend_tokenizer.truncation
     TextEncoder(tok, 8).encode(["a text that is longer than eight tokens, by a fair margin"])
-    assert len(tok("a text that is longer than eight tokens, by a fair margin")["input_ids"]) > 8
+    assert tok.backend_tokenizer.truncation == before
+
+
+def test_encoder_cuts_on_the_tokenizers_truncation_side(tiny_artifact):
+    tok = load_tokenizer(f"{tiny_artifact}/model")
+    text = "first words come here and the last words come there"
+    tok.truncation_side = "left"
+    left = TextEncoder(tok, 6).encode([text])
+    assert left.input_ids[0] == tok(text, truncation=True, max_length=6)["input_ids"] and left.truncated[0]
+    assert left.input_ids[0] != TextEncoder(tok, 6, truncation_side="right").encode([text]).input_ids[0]
 
 
 def test_tokenize_path_imports_no_torch(tiny_artifact):
@@ -65,8 +75,8 @@ def test_tokenize_path_imports_no_torch(tiny_artifact):
         "from pipeline.engine.encoder import TextEncoder\n"
         f"out = TextEncoder.from_artifact({tiny_artifact!r}).encode(['a short review', None])\n"
         "assert out.input_ids[0] and out.errors[1], out\n"
-        "print('torch' in sys.modules)\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"
+    assert res.stdout.strip() == "False False"
