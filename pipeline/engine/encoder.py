@@ -64,19 +64,21 @@ class TextEncoder:
         from pipeline.model.artifact import load_tokenizer, model_max_length
 
         model = Path(artifact) / "model"
+        side = None
         if (model / "tokenizer.json").exists() and (model / "config.json").exists():
             tok = Tokenizer.from_file(str(model / "tokenizer.json"))
             path = model / "tokenizer_config.json"
             tok_config = json.loads(path.read_text()) if path.exists() else {}
+            side = tok_config.get("truncation_side")
             # config.json as saved (save_pretrained writes max_position_embeddings and model_type)
             config = SimpleNamespace(**json.loads((model / "config.json").read_text()))
             limit = model_max_length(config, SimpleNamespace(**tok_config))
-            return cls(tok, min(max_length or limit, limit), tok_config.get("truncation_side"))
-        from transformers import AutoConfig
+        else:
+            from transformers import AutoConfig
 
-        tok = load_tokenizer(str(model))
-        limit = model_max_length(AutoConfig.from_pretrained(str(model)), tok)
-        return cls(tok, min(max_length or limit, limit))
+            tok = load_tokenizer(str(model))
+            limit = model_max_length(AutoConfig.from_pretrained(str(model)), tok)
+        return cls(tok, min(max_length or limit, limit), side)
 
     def encode(self, texts: list) -> Encoded:
         errors = [validate_text(t) for t in texts]
