@@ -102,7 +102,9 @@ def run_offline_bench(model: str, config: str = "configs/jobs/movie_reviews.yaml
         summary = run_job(cfg, echo=lambda m: None)
         out = pq.read_table(str(work / "out"), columns=["id", "label"]).to_pydict()
         by_id = dict(zip(out["id"], out["label"]))
-        results.append({"method": f"(b) offramp job ({engine.dtype}, {engine.mode} mode, controller on)",
+        ran = ", ".join(c.split(":")[0] for c in summary["compression"])  # the reason, if any, is in the JSON
+        results.append({"method": f"(b) offramp job ({engine.dtype}, {engine.mode} mode, compression {ran})",
+                        "compression": summary["compression"],
                         "seconds": summary["seconds"], "labels": [by_id[i] for i in ids],
                         "mean_exit_layer": summary["mean_exit_layer"], "versions": summary["threshold_versions_seen"]})
     finally:
@@ -124,7 +126,8 @@ def run_offline_bench(model: str, config: str = "configs/jobs/movie_reviews.yaml
             "vs_a": round(rps / base_rps, 2) if base_rps else None,
             "agreement_with_original": round(float(np.mean([x == y for x, y in zip(r["labels"], ref)])), 4) if ref else None,
             "gold_accuracy": round(float(np.mean([x == y for x, y in zip(r["labels"], gold)])), 4),
-            **({"mean_exit_layer": r["mean_exit_layer"], "threshold_versions": r["versions"]} if "versions" in r else {}),
+            **({"mean_exit_layer": r["mean_exit_layer"], "threshold_versions": r["versions"],
+                "compression": r["compression"]} if "versions" in r else {}),
         })
     head = f"{'method':<72} {'rows/s':>8} {'x (a)':>6} {'agree':>7} {'acc':>7}"
     echo(head)

@@ -8,11 +8,14 @@ __all__ = [
     "Int8DynamicConfig",
     "apply",
     "apply_at_load",
+    "apply_where_fast",
     "compression_of",
+    "compression_status",
     "from_record",
     "make_config",
     "methods",
     "register",
+    "slow_here",
     "to_record",
 ]
 

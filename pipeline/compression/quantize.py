@@ -254,8 +254,9 @@ def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts
     except ValueError as e:
         raise ValueError(f"{e}; or quantize with --no-retune") from e
 
-    # Truncated as the bootstrap and the check truncated (the model's limit can be longer).
-    engine = {"device": device, "max_length": manifest.max_length}
+    # Truncated as the bootstrap and the check truncated (the model's limit can be longer). The compressed
+    # model's own numerics even where its kernels are slow: the thresholds are for the model as recorded.
+    engine = {"device": device, "max_length": manifest.max_length, "slow_compression": "apply"}
     saved = load_validation_feedback(src_dir, num_ramps=R)
     if saved is not None and len(saved[2]) == len(val):
         src_val_final = saved[2]

@@ -117,11 +117,13 @@ class Predictor:
             torch.set_num_threads(self.config.num_threads)
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
-        self.model, self.tokenizer, self.manifest = load_artifact(artifact, self.device, self.dtype)
-        if self.config.quantize:  # a method named in the job/serve YAML, applied at load time
-            from pipeline.compression import apply_at_load
+        from pipeline.compression import apply_at_load, compression_status
 
-            apply_at_load(self.model, self.config.quantize)
+        slow = self.config.slow_compression
+        self.model, self.tokenizer, self.manifest = load_artifact(artifact, self.device, self.dtype, slow)
+        if self.config.quantize:  # a method named in the job/serve YAML, applied at load time
+            apply_at_load(self.model, self.config.quantize, slow)
+        self.compression = compression_status(self.model)  # "none", the method, or why it was skipped here
         self.max_length = min(self.config.max_length or 10**9, model_max_length(self.model.config, self.tokenizer))
         self.encoder = TextEncoder(self.tokenizer, self.max_length)
         thresholds = self.config.thresholds if self.config.thresholds is not None else self.manifest.thresholds

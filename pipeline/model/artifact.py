@@ -196,8 +196,10 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.model_validate(data)
 
 
-def load_artifact(path: str | Path, device: str = "cpu", dtype=None):
-    """(EarlyExitModel, tokenizer, manifest) on `device`, weights from safetensors only."""
+def load_artifact(path: str | Path, device: str = "cpu", dtype=None, slow_compression: str = "skip"):
+    """(EarlyExitModel, tokenizer, manifest) on `device`, weights from safetensors only. A recorded compression
+    is re-applied; `slow_compression` "skip" keeps the float weights where its kernels are slow (see
+    pipeline.compression.registry.apply_where_fast), "apply" compresses anyway."""
     import torch
     from safetensors.torch import load_file
 
@@ -222,7 +224,7 @@ def load_artifact(path: str | Path, device: str = "cpu", dtype=None):
     model = EarlyExitModel(hf, ramps)
     model.to(device=torch.device(device), dtype=dtype or torch.float32)
     if manifest.compression:  # re-applied from the float weights: deterministic, no packed tensors on disk
-        from pipeline.compression import apply
+        from pipeline.compression import apply_where_fast
 
-        apply(model, manifest.compression)
+        apply_where_fast(model, manifest.compression, slow_compression)
     return model.eval(), tokenizer, manifest

@@ -143,5 +143,6 @@ class EarlyExitWorker:
                 "seconds": seconds,
                 "token_budget": out.stats["token_budget"],
                 "worker": self.worker,
+                "compression": self.predictor.compression,
             })
         return pa.Table.from_pylist(summaries)

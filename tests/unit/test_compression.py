@@ -236,7 +236,7 @@ def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
     cfg = make_config("int8-dynamic")
     assert cfg.backend == "torchao" and cfg.compile
     out = _int8_copy(tiny_artifact, tmp_path)
-    loaded, tok, m = load_artifact(out)
+    loaded, tok, m = load_artifact(out, slow_compression="apply")  # its kernels, whatever this CPU has
     assert compression_of(loaded)["config"] == {"backend": "torchao", "per_channel": True, "compile": True}
     texts = ["a fine film", "dull and long, with nothing to say at all"]
     a = run_early_exit(loaded, tok, texts, m.thresholds, m.active)
@@ -259,6 +259,47 @@ def _int8_copy(artifact, tmp_path):
     return out
 
 
+def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_artifact, tmp_path, monkeypatch):
+    """torchao's int8 matmul on a CPU without AVX512-VNNI is torch's reference loop (~17x slower than float32):
+    loading skips it, keeps the float model's answers and says why; `apply` (and a VNNI CPU) compresses."""
+    pytest.importorskip("torchao")
+    import shutil
+
+    from pipeline.compression import compression_status, slow_here
+    from pipeline.compression.quantize import run_early_exit
+    from pipeline.config import EngineConfig
+    from pipeline.engine.predictor import Predictor
+    from pipeline.model.artifact import load_artifact, read_manifest
+
+    out = tmp_path / "int8-eager"  # eager torchao: the same kernels as compiled, without the compile time
+    shutil.copytree(tiny_artifact, out)
+    manifest = read_manifest(out)
+    manifest.compression = to_record("int8-dynamic", make_config("int8-dynamic", compile=False))
+    (out / "manifest.json").write_text(manifest.model_dump_json())
+    texts = ["a fine film", "dull and long, with nothing to say at all", "ok"]
+    fresh, tok, m = load_artifact(tiny_artifact)
+    ref = run_early_exit(fresh, tok, texts, m.thresholds, m.active)
+
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    assert "AVX512-VNNI" in slow_here("int8-dynamic", "cpu")
+    assert slow_here(to_record("int8-dynamic", make_config("int8-dynamic", **FAST_INT8)), "cpu") is None  # fbgemm
+    assert slow_here("int8-dynamic", "cuda") is None and slow_here("bf16", "cpu") is None
+    skipped, _, _ = load_artifact(out)
+    assert compression_of(skipped) is None and compression_status(skipped).startswith("int8-dynamic not applied")
+    for x, y in zip(run_early_exit(skipped, tok, texts, m.thresholds, m.active), ref):
+        assert torch.equal(x, y)  # the float model's answers
+    assert Predictor(str(out)).compression.startswith("int8-dynamic not applied")
+    forced = Predictor(str(out), EngineConfig(slow_compression="apply"))
+    assert forced.compression == "int8-dynamic" == compression_status(forced.model)
+    int8 = run_early_exit(forced.model, tok, texts, m.thresholds, m.active)
+    assert not torch.equal(int8[0], ref[0]) and sqnr_db(ref[0], int8[0]) > 20
+
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: True)
+    assert slow_here("int8-dynamic", "cpu") is None
+    assert compression_status(load_artifact(out)[0]) == "int8-dynamic"
+    assert compression_status(fresh) == "none"
+
+
 def test_warm_up_compiles_every_graph_real_batches_need(tiny_artifact, tmp_path):
     """After Predictor.warm_up, micro-batches of any size and length (one row included) compile nothing."""
     pytest.importorskip("torchao")
@@ -268,7 +309,8 @@ def test_warm_up_compiles_every_graph_real_batches_need(tiny_artifact, tmp_path)
     from pipeline.engine.predictor import Predictor
 
     torch._dynamo.reset()  # graphs compiled by earlier tests would otherwise be reused
-    p = Predictor(str(_int8_copy(tiny_artifact, tmp_path)), EngineConfig(token_budget=64, max_batch_rows=4))
+    p = Predictor(str(_int8_copy(tiny_artifact, tmp_path)),
+                  EngineConfig(token_budget=64, max_batch_rows=4, slow_compression="apply"))
     graphs = counters["stats"]["unique_graphs"]
     p.warm_up()
     assert counters["stats"]["unique_graphs"] > graphs, "warm-up should compile the layers"
