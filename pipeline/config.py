@@ -53,9 +53,9 @@ class EngineConfig(_Strict):
     `pipeline.compression.methods()`. Unchecked: `offramp quantize` checks a method and records it in the artifact."""
     slow_compression: Literal["skip", "apply"] = "skip"
     """A compression (the artifact's or `quantize`) with no fast kernels on this device is skipped: the float
-    weights run, a warning is logged and the job summary's `compression` says why. Today: int8-dynamic on a
-    CPU without AVX512-VNNI, where torch's int8 matmul is a reference loop ~17x slower than float32.
-    `apply`: compress anyway (its numerics, at that speed)."""
+    weights run, a warning is logged and the job summary's `compression_per_worker` says why. Today:
+    int8-dynamic on a CPU without AVX512-VNNI, where torch's int8 matmul is a reference loop ~17x slower than
+    float32. `apply`: compress anyway (its numerics, at that speed)."""
 
     @field_validator("quantize")
     @classmethod

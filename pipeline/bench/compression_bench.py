@@ -93,7 +93,7 @@ def run_compression_bench(teacher: str, artifact: str | None = None, workdir: st
     loaded = {}  # one Predictor per artifact (loaded, quantized, compiled once); rows switch its policy
     for name, path in models.items():
         t = time.perf_counter()
-        loaded[name] = Predictor(path, EngineConfig(device="cpu"))
+        loaded[name] = Predictor(path, EngineConfig(device="cpu", slow_compression="apply"))  # the method's kernels
         echo(f"loaded {name} in {time.perf_counter() - t:.1f}s")
     # (row name, artifact name, policy: the manifest's tuned thresholds, or every ramp closed)
     configs = []

@@ -113,12 +113,7 @@ def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, ba
 
         if not torch.cuda.is_available():
             raise click.ClickException(f"--device {device}: torch sees no CUDA here; use --device cpu")
-    from pipeline.compression import make_config, slow_here, to_record
-
     options = {"backend": backend} if backend else {}
-    if reason := slow_here(to_record(method, make_config(method, **options)), device):
-        click.echo(f"note: {reason}. The check runs it at that speed; jobs and Serve on such a CPU run the "
-                   "float weights (engine slow_compression: apply forces it)", err=True)
     try:
         record = run(model_dir, out, method, data=data, budget=budget, allow_loss=allow_loss, limit=limit,
                      device=device, options=options or None,

@@ -1,8 +1,9 @@
 """`offramp quantize`: compress a classifier or an early-exit artifact, check it, record the check.
 
 The output keeps the source's float safetensors weights (no pickle, no packed tensors) and records
-the method and the check; loading re-applies the method (`load_artifact` for an artifact,
-`load_compressed_classifier` for a classifier directory with `compression.json`).
+the method and the check; loading re-applies the method (`load_artifact` for an artifact, skipping it
+where its kernels are slow unless asked; `load_compressed_classifier` for a classifier directory with
+`compression.json`).
 
 The check runs the compressed model and its uncompressed source on the same held-out rows:
 agreement of the final predictions (the budget applies to 1 - agreement), gold accuracy when labels
@@ -11,6 +12,7 @@ exist, logit SQNR, and for an artifact also the early-exit answers at the manife
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.compression.registry import apply, make_config, to_record
+from pipeline.compression.registry import apply, make_config, slow_here, to_record
+
+log = logging.getLogger(__name__)
 
 COMPRESSION_JSON = "compression.json"
 
@@ -173,6 +177,9 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
         raise ValueError(f"--out {out!r} exists and is not an earlier `offramp quantize` output; choose a new directory")
     config = make_config(method, **(options or {}))
     record = to_record(method, config)
+    if reason := slow_here(record, device):
+        log.warning("%s. The check runs it at that speed; jobs and Serve on such a device run the float weights "
+                    "(engine slow_compression: apply forces it)", reason)
     name, texts, gold = heldout_texts(data, limit, text_column, label_column)
     t0 = time.perf_counter()
     artifact = is_artifact(src_dir)

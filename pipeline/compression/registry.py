@@ -5,7 +5,8 @@ transform in place on an EarlyExitModel or a bare HF sequence classifier and ret
 
 Artifacts never store packed (quantized) tensors: they keep float safetensors weights and record
 `{"method": ..., "config": {...}}`; loading re-applies the transform, which is a deterministic
-function of the float weights (dynamic int8) or a dtype cast (fp16 / bf16).
+function of the float weights (dynamic int8) or a dtype cast (fp16 / bf16), unless the device has no
+fast kernels for it (`apply_where_fast`: then the float weights run).
 """
 from __future__ import annotations
 
@@ -169,35 +170,42 @@ def slow_here(method: str | dict[str, Any], device: torch.device | str) -> str |
     return None
 
 
-def apply_where_fast(model: nn.Module, method: str | dict[str, Any], slow: Literal["skip", "apply"] = "skip") -> nn.Module:
+def apply_where_fast(model: nn.Module, method: str | dict[str, Any],
+                     slow: Literal["skip", "apply"] = "skip") -> nn.Module:
     """`apply`, unless the method has no fast kernels on the model's device (`slow_here`) and `slow` is
     "skip": then the model keeps its float weights, a warning is logged, and `compression_status` says so."""
-    name, _ = from_record(method)
+    if slow not in ("skip", "apply"):
+        raise ValueError(f"slow={slow!r} must be 'skip' or 'apply'")
+    name, config = from_record(method)
     reason = slow_here(method, _param_device(model))
     if reason is None or slow == "apply":
-        return apply(model, method)
-    log.warning("%s not applied: %s; running the float weights (set engine slow_compression: apply to "
-                "compress anyway)", name, reason)
-    object.__setattr__(model, _SKIPPED, f"{name} not applied: {reason}; the float weights ran")
+        return apply(model, name, config)
+    log.warning("%s not applied: %s; running the float weights (engine slow_compression: apply compresses "
+                "anyway)", name, reason)
+    object.__setattr__(model, _SKIPPED, (to_record(name, config), f"{name} not applied: {reason}; float weights ran"))
     return model
 
 
 def compression_status(model: nn.Module) -> str:
     """What runs: "none", the method applied (e.g. "int8-dynamic"), or why a recorded method was skipped."""
     done = compression_of(model)
-    return done["method"] if done is not None else getattr(model, _SKIPPED, "none")
+    if done is not None:
+        return done["method"]
+    skipped = getattr(model, _SKIPPED, None)
+    return skipped[1] if skipped else "none"
 
 
 def apply_at_load(model: nn.Module, method: str | None, slow: Literal["skip", "apply"] = "skip") -> nn.Module:
     """EngineConfig.quantize: apply `method` (defaults) unless the model already carries it, or (`slow`:
     "skip") it has no fast kernels on the model's device (see `apply_where_fast`).
 
-    A model loaded from an artifact that records a method has it applied already (by load_artifact);
-    asking for the same method again is a no-op, asking for another one is an error.
+    A model loaded from an artifact that records a method has it applied (or skipped) already by
+    load_artifact; asking for the same method again is a no-op, asking for another one is an error.
     """
     if method is None:
         return model
-    done = compression_of(model)
+    skipped = getattr(model, _SKIPPED, None)
+    done = compression_of(model) or (skipped[0] if skipped else None)
     if done is not None:
         if done["method"] == method:
             return model

@@ -232,7 +232,8 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
             from pipeline.config import EngineConfig
             from pipeline.engine.predictor import Predictor
 
-            predictor = Predictor(model_dir, EngineConfig(mode="release", device=device))  # record() closes every ramp
+            # record() closes every ramp; a compressed artifact's own numerics, even where its kernels are slow
+            predictor = Predictor(model_dir, EngineConfig(mode="release", device=device, slow_compression="apply"))
         return predictor
 
     fp = _fingerprint(model_dir)

@@ -14,7 +14,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -196,7 +196,8 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.model_validate(data)
 
 
-def load_artifact(path: str | Path, device: str = "cpu", dtype=None, slow_compression: str = "skip"):
+def load_artifact(path: str | Path, device: str = "cpu", dtype=None,
+                  slow_compression: Literal["skip", "apply"] = "skip"):
     """(EarlyExitModel, tokenizer, manifest) on `device`, weights from safetensors only. A recorded compression
     is re-applied; `slow_compression` "skip" keeps the float weights where its kernels are slow (see
     pipeline.compression.registry.apply_where_fast), "apply" compresses anyway."""

@@ -209,8 +209,8 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "shadow_rows": shadow,
         "shadow_agreement": round(agree / shadow, 4) if shadow else None,
         "threshold_versions_seen": sorted({int(r["policy_version"]) for r in rows}),
-        # per worker: a compression without fast kernels on a node's device is skipped there (EngineConfig)
-        "compression": sorted({r["compression"] for r in rows}),
+        # a compression without fast kernels on a node's device is skipped there (EngineConfig.slow_compression)
+        "compression_per_worker": {r["worker"]: r["compression"] for r in rows},
         "rows_per_worker": per_worker,
         "model_seconds_per_worker": {w: round(t, 1) for w, t in busy.items()},
         # the micro-batch token budget at the end of each shard part (it follows the latency target; OOM caps it)

@@ -161,6 +161,7 @@ class ReplicaEngine:
             "status": "ok" if self.queue.healthy else "unhealthy",
             "replica": self.replica,
             "mode": self.config.engine.mode,
+            "compression": self.predictor.compression,
             "queue_texts": self.queue.queued_rows,
             "waiting_tails": len(self._tails),
             "batches": self.queue.batches,

@@ -233,7 +233,7 @@ def write_validation_feedback(artifact_dir: str, data: str | None = None, batch_
     t0 = time.perf_counter()
     manifest = read_manifest(artifact_dir)
     cfg, val = validation_split(manifest, data, str(artifact_dir))
-    model, tok, _ = load_artifact(artifact_dir)
+    model, tok, _ = load_artifact(artifact_dir, slow_compression="apply")  # the controller's warm start: its numerics
     pooled, logits = collect_features(model, tok, val.texts, batch_size, manifest.max_length, cfg.pooling, progress)
     conf, pred = ramp_outputs(model.ramps, pooled)
     final = logits.argmax(-1).numpy()

@@ -67,6 +67,7 @@ def test_job_classifies_every_row_once_and_spreads_over_actors(ray_session, tiny
     assert sorted(os.listdir(tmp_path / "out"))[:2] == ["_offramp_plan.json", "_offramp_summary.json"]
     assert summary["rows"] == 600 and summary["errors"] == 0
     assert len(summary["rows_per_worker"]) >= 2, f"work did not spread: {summary['rows_per_worker']}"
+    assert summary["compression_per_worker"] == {w: "none" for w in summary["rows_per_worker"]}
     assert sum(summary["exits_per_layer"].values()) == 600
     assert summary["shadow_rows"] > 50 and 0 <= summary["shadow_agreement"] <= 1
     assert "controller" in summary and summary["controller"]["version"] >= 0

@@ -265,7 +265,7 @@ def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_
     pytest.importorskip("torchao")
     import shutil
 
-    from pipeline.compression import compression_status, slow_here
+    from pipeline.compression import apply_at_load, compression_status, slow_here
     from pipeline.compression.quantize import run_early_exit
     from pipeline.config import EngineConfig
     from pipeline.engine.predictor import Predictor
@@ -289,6 +289,11 @@ def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_
     for x, y in zip(run_early_exit(skipped, tok, texts, m.thresholds, m.active), ref):
         assert torch.equal(x, y)  # the float model's answers
     assert Predictor(str(out)).compression.startswith("int8-dynamic not applied")
+    with pytest.raises(ValueError, match="already compressed with 'int8-dynamic'"):
+        apply_at_load(skipped, "bf16")  # as where int8 runs: one method per model
+    assert apply_at_load(skipped, "int8-dynamic") is skipped and compression_of(skipped) is None
+    asked = Predictor(tiny_artifact, EngineConfig(quantize="int8-dynamic"))  # the engine's quantize, same rule
+    assert asked.compression.startswith("int8-dynamic not applied")
     forced = Predictor(str(out), EngineConfig(slow_compression="apply"))
     assert forced.compression == "int8-dynamic" == compression_status(forced.model)
     int8 = run_early_exit(forced.model, tok, texts, m.thresholds, m.active)
