@@ -248,6 +248,7 @@ def test_health_and_metrics(serve_env):
     url = serve_env["main"]
     h = requests.get(f"{url}/health", timeout=10)
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["mode"] == "release"
+    assert h.json()["compression"] == "none"  # what the replica runs (a skipped method says why)
     m = requests.get(f"{url}/metrics", timeout=10)
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
     for name in ("offramp_requests_total", "offramp_request_latency_seconds_bucket", "offramp_exits_total",
@@ -272,5 +273,7 @@ def test_controller_gets_feedback_and_replicas_outlive_it(serve_env, ray_session
     with ThreadPoolExecutor(8) as pool:
         after = list(pool.map(lambda t: post(url, {"inputs": t}), TEXTS * 2))
     assert all(r.status_code == 200 for r in after)
-    assert [r.json() for r in after[: len(TEXTS)]] == before  # last thresholds kept
+    # Last thresholds kept: the same answers (scores up to float rounding: concurrent texts share batches).
+    for got, want in zip([r.json() for r in after[: len(TEXTS)]], before):
+        assert [{**x, "score": pytest.approx(x["score"], abs=1e-4)} for x in want] == got
     assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ok"
