@@ -113,10 +113,9 @@ def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, ba
 
         if not torch.cuda.is_available():
             raise click.ClickException(f"--device {device}: torch sees no CUDA here; use --device cpu")
-    options = {"backend": backend} if backend else {}
     try:
         record = run(model_dir, out, method, data=data, budget=budget, allow_loss=allow_loss, limit=limit,
-                     device=device, options=options or None,
+                     device=device, options={"backend": backend} if backend else None,
                      text_column=text_column, label_column=label_column, retune=retune)
     except BudgetExceeded as e:
         click.echo(json.dumps(e.record["check"], indent=2))

@@ -21,7 +21,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _MARK = "_offramp_compression"  # attribute set on a compressed model: the method's record
-_SKIPPED = "_offramp_compression_skipped"  # set instead when apply_where_fast kept the float weights
+_SKIPPED = "_offramp_compression_skipped"  # the record apply_where_fast did not apply (float weights kept)
 
 
 @dataclass(frozen=True)
@@ -180,19 +180,21 @@ def apply_where_fast(model: nn.Module, method: str | dict[str, Any],
     reason = slow_here(method, _param_device(model))
     if reason is None or slow == "apply":
         return apply(model, name, config)
-    log.warning("%s not applied: %s; running the float weights (engine slow_compression: apply compresses "
+    log.warning("%s skipped: %s; running the float weights (engine slow_compression: apply compresses "
                 "anyway)", name, reason)
-    object.__setattr__(model, _SKIPPED, (to_record(name, config), f"{name} not applied: {reason}; float weights ran"))
+    object.__setattr__(model, _SKIPPED, to_record(name, config))
     return model
 
 
 def compression_status(model: nn.Module) -> str:
-    """What runs: "none", the method applied (e.g. "int8-dynamic"), or why a recorded method was skipped."""
+    """What runs: "none", the method applied (e.g. "int8-dynamic"), or "<method> skipped: <why>"."""
     done = compression_of(model)
     if done is not None:
         return done["method"]
     skipped = getattr(model, _SKIPPED, None)
-    return skipped[1] if skipped else "none"
+    if skipped is None:
+        return "none"
+    return f"{skipped['method']} skipped: {slow_here(skipped, _param_device(model))}; the float weights ran"
 
 
 def apply_at_load(model: nn.Module, method: str | None, slow: Literal["skip", "apply"] = "skip") -> nn.Module:
@@ -204,8 +206,7 @@ def apply_at_load(model: nn.Module, method: str | None, slow: Literal["skip", "a
     """
     if method is None:
         return model
-    skipped = getattr(model, _SKIPPED, None)
-    done = compression_of(model) or (skipped[0] if skipped else None)
+    done = compression_of(model) or getattr(model, _SKIPPED, None)
     if done is not None:
         if done["method"] == method:
             return model
