@@ -94,8 +94,9 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
 @click.option("--allow-loss", is_flag=True, help="Write the output even when the check is over budget.")
 @click.option("--limit", default=None, type=int, help="Check on only the first N rows.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the check: cpu or cuda.")
-@click.option("--backend", default=None, type=click.Choice(["torch-ao", "torchao"]),
-              help="int8-dynamic implementation (default: the registry's, chosen by measurement).")
+@click.option("--backend", default=None, type=click.Choice(["torchao", "onednn", "torch-ao"]),
+              help="int8-dynamic implementation: torchao (fast with AVX512-VNNI), onednn (fast on AVX2-only "
+                   "CPUs too), torch-ao (lossy). Default: torchao, or onednn on a CPU without AVX512-VNNI.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--retune/--no-retune", default=True, show_default=True,

@@ -154,9 +154,11 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
              retune: bool = True, progress=None) -> dict:
     """Compress `model_dir` (artifact or classifier dir) with `method`, check it, write `out`.
 
-    Returns the record written: {"method", "config", "source", "check"[, "retune"]}. Raises BudgetExceeded
-    (writing nothing) when the agreement loss is over `budget` and not `allow_loss`. For an artifact
-    with `retune`, the exit thresholds are re-tuned for the compressed model (see `retune_thresholds`).
+    int8-dynamic without a `backend` option uses the registry's default (torchao) where it is fast and
+    onednn on a CPU without AVX512-VNNI. Returns the record written: {"method", "config", "source",
+    "check"[, "retune"]}. Raises BudgetExceeded (writing nothing) when the agreement loss is over `budget`
+    and not `allow_loss`. For an artifact with `retune`, the exit thresholds are re-tuned for the
+    compressed model (see `retune_thresholds`).
     """
     from pipeline.model.artifact import (
         VALIDATION_FEEDBACK,
@@ -175,7 +177,12 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
         raise ValueError(f"budget={budget} must be in [0, 1), e.g. 0.01 for 1% agreement loss")
     if out_dir.exists() and any(out_dir.iterdir()) and not _previous_output(out_dir):
         raise ValueError(f"--out {out!r} exists and is not an earlier `offramp quantize` output; choose a new directory")
-    config = make_config(method, **(options or {}))
+    options = dict(options or {})
+    if method == "int8-dynamic" and "backend" not in options and slow_here(method, device):
+        # The default backend (torchao) has no fast kernels on this CPU; oneDNN's has (same per-row scales).
+        options["backend"] = "onednn"
+        log.info("int8-dynamic: this CPU has no AVX512-VNNI; using backend onednn (pass backend to choose)")
+    config = make_config(method, **options)
     record = to_record(method, config)
     if reason := slow_here(record, device):
         log.warning("%s. The check runs it at that speed; jobs and Serve on such a device run the float weights "

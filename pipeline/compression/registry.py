@@ -29,7 +29,7 @@ class Int8DynamicConfig:
     """int8 dynamic quantization of the encoder layers' Linear modules (for CPU).
 
     Weights are int8 with one scale per output channel; activations are quantized on the fly, per row
-    (torchao) or per tensor (torch.ao). Embeddings, LayerNorms, the original head and the ramps stay
+    (torchao, onednn) or per tensor (torch.ao). Embeddings, LayerNorms, the original head and the ramps stay
     float: they are a few percent of the compute and carry the decision margins.
 
     Default chosen by measurement (fine-tuned MiniLM-L6, movie-review test split, 2,113 rows,
@@ -39,21 +39,25 @@ class Int8DynamicConfig:
         torchao + torch.compile 558 (2.29x, 99.53%, 31 dB)  <- default
     torch.ao quantizes activations per tensor with a reduced range and flips ~3-6% of predictions;
     torchao's per-row activation scales keep 99.5%, and compiled it is also the fastest.
+    Without AVX512-VNNI torchao's int8 matmul is a slow reference loop; `onednn` is the backend for such
+    CPUs (AVX2): per-token 7-bit activations, 99.53% agreement, 1.64x float32 (see int8_onednn.py).
     """
 
-    backend: Literal["torch-ao", "torchao"] = "torchao"
-    """`torchao`: torchao's Int8DynamicActivationInt8WeightConfig (`pip install torchao`);
+    backend: Literal["torch-ao", "torchao", "onednn"] = "torchao"
+    """`torchao`: torchao's Int8DynamicActivationInt8WeightConfig (`pip install torchao`; fast with
+    AVX512-VNNI); `onednn`: oneDNN's int8 Linear with per-token activation scales (fast on AVX2 too);
     `torch-ao`: torch.ao.quantization.quantize_dynamic (deprecated upstream; no extra dependency; lossy)."""
     per_channel: bool = True
     """torch-ao only: one weight scale per output channel (per-tensor is lossier still)."""
     compile: bool = True
-    """torchao only: torch.compile each encoder layer (dynamic shapes). Eager torchao is slower than float;
-    compiling costs ~15 s of warm-up per process on 2 cores."""
+    """torchao: torch.compile each encoder layer (dynamic shapes); eager torchao is slower than float, and
+    compiling costs ~15 s of warm-up per process on 2 cores. onednn: compile the per-token quantize and
+    rescale steps (a few seconds)."""
 
     def __post_init__(self):
-        if self.backend not in ("torch-ao", "torchao"):
-            raise ValueError(f"int8-dynamic backend {self.backend!r} is not 'torch-ao' or 'torchao'")
-        if self.compile and self.backend != "torchao":
+        if self.backend not in ("torch-ao", "torchao", "onednn"):
+            raise ValueError(f"int8-dynamic backend {self.backend!r} is not 'torch-ao', 'torchao' or 'onednn'")
+        if self.compile and self.backend == "torch-ao":
             object.__setattr__(self, "compile", False)  # torch.ao's packed ops are not compiled
 
 
@@ -156,17 +160,25 @@ def apply(model: nn.Module, method: str | dict[str, Any], config=None) -> nn.Mod
 
 
 def slow_here(method: str | dict[str, Any], device: torch.device | str) -> str | None:
-    """Why `method` would run slower than the float model on `device`; None when its kernels are fast here.
+    """Why `method` would run slower than the float model on `device` (or cannot run there at all); None
+    when its kernels are fast here.
 
     torchao's int8-dynamic multiplies with torch._int_mm, which on a CPU calls oneDNN only when the CPU has
     AVX512-VNNI and otherwise runs a reference loop. Measured on a 2-core AVX2 EPYC (torch 2.13, 1 thread):
     int8 2048x384 @ 384x384 in 0.39 s against 0.023 s in float32; one int8 MiniLM layer 100 s per 57k tokens.
+    Backend onednn is fast on any x86 CPU with AVX2 and runs on CPU only.
     """
     name, cfg = from_record(method)
-    if (name == "int8-dynamic" and cfg.backend == "torchao" and torch.device(device).type == "cpu"
-            and not torch.cpu._is_vnni_supported()):
+    if name != "int8-dynamic":
+        return None
+    from pipeline.compression.int8_onednn import available
+
+    cpu = torch.device(device).type == "cpu"
+    if cfg.backend == "onednn":
+        return available() if cpu else "backend onednn runs on CPU only"
+    if cpu and cfg.backend == "torchao" and not torch.cpu._is_vnni_supported():
         return ("this CPU has no AVX512-VNNI, so torch's int8 matmul runs a reference loop (~17x slower than "
-                "float32)")
+                "float32)" + ("; backend onednn is fast here" if available() is None else ""))
     return None
 
 
@@ -236,6 +248,17 @@ def _param_device(model: nn.Module) -> torch.device:
 def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
     layers = encoder_layers(model)
     dtype = next(layers.parameters()).dtype
+    if cfg.backend == "onednn":
+        if _param_device(model).type != "cpu" or dtype != torch.float32:
+            raise ValueError(f"int8-dynamic with backend onednn needs a float32 model on CPU (got {dtype} on "
+                             f"{_param_device(model)}); on GPU use fp16/bf16")
+        from pipeline.compression.int8_onednn import available, swap_linears
+
+        if reason := available():
+            raise RuntimeError(reason)
+        for layer in layers:
+            swap_linears(layer, cfg.compile)
+        return model
     if cfg.backend == "torch-ao":
         if _param_device(model).type != "cpu":
             raise ValueError("int8-dynamic with backend torch-ao runs on CPU only; on GPU use fp16/bf16 "

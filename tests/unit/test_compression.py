@@ -15,6 +15,7 @@ from tests.tiny import tiny_classifier
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
 FAST_INT8 = {"backend": "torch-ao"}  # fbgemm kernels: quick on tiny models; torchao is tested on a few rows
+ONEDNN_INT8 = {"backend": "onednn"}
 
 
 def _inputs(n=6, s=10, seed=1):
@@ -67,7 +68,8 @@ def test_apply_twice_is_refused_unless_identical():
         apply(model, "int8-dynamic", make_config("int8-dynamic", **FAST_INT8))
 
 
-@pytest.mark.parametrize("opts,min_db", [({"backend": "torchao", "compile": False}, 25), (FAST_INT8, 20)])
+@pytest.mark.parametrize("opts,min_db", [({"backend": "torchao", "compile": False}, 25), (FAST_INT8, 20),
+                                         (ONEDNN_INT8, 25)])
 def test_int8_linear_outputs_close_to_float(opts, min_db):
     """SQNR of every quantized encoder Linear against its float original (cf. torchao's compute_error)."""
     ref = tiny_classifier()
@@ -83,6 +85,81 @@ def test_int8_linear_outputs_close_to_float(opts, min_db):
     ids, mask = _inputs(16)
     agree = (_logits(ref, ids, mask).argmax(-1) == _logits(q, ids, mask).argmax(-1)).float().mean()
     assert agree >= 0.9
+
+
+def _int_reference(layer, x):
+    """What OneDnnInt8Linear should compute, in float64: per-token 7-bit x (x ~= s*q + lo) times int8 W."""
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    s = ((hi - lo) / 127).clamp(min=1e-12)
+    q = torch.round((x - lo) / s)
+    w = layer.weight.double()
+    ws = w.abs().amax(1, keepdim=True) / 127
+    return (s * q + lo).double() @ (torch.round(w / ws) * ws).T + layer.bias.double()
+
+
+def test_onednn_int8_linear_is_exact_integer_math_and_per_token():
+    """Every row quantized with its own scale, no int16 saturation in the u8 x s8 products (8-bit activations
+    saturate on CPUs without VNNI), and a row's output does not depend on the rows batched with it."""
+    from pipeline.compression.int8_onednn import OneDnnInt8Linear
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(384, 1536)
+    with torch.no_grad():
+        layer.weight.mul_(torch.where(torch.rand(1536, 384, generator=g) < 0.1, 40.0, 1.0))  # full-range int8
+    x = torch.randn(300, 384, generator=g) * torch.rand(300, 1, generator=g) * 8 + torch.randn(384, generator=g)
+    x[7] = 50 * x[7]  # an outlier token: a per-tensor scale would flatten every other row
+    x[8] = 0.25  # a constant row
+    int8 = OneDnnInt8Linear(layer)
+    with torch.inference_mode():
+        y = int8(x)
+        ref = _int_reference(layer, x)
+        # a q one step off where rounding ties differ (compiled kernel) moves a row by ~4e-4; saturation by ~0.3
+        assert ((y.double() - ref).abs().amax(1) / ref.abs().amax(1)).max() < 5e-3
+        assert torch.allclose(int8(x[:5]), y[:5], rtol=1e-5, atol=1e-4)  # the outlier row left out: same answers
+        assert torch.allclose(int8(x.reshape(3, 100, 384)), y.reshape(3, 100, 1536))  # any leading shape
+        assert sqnr_db(layer(x), y) > 30
+
+
+def test_onednn_backend_where_it_cannot_run(tiny_artifact, tmp_path, monkeypatch):
+    """oneDNN's int8 Linear needs x86 AVX2: elsewhere loading keeps the float weights (and says why), and
+    asking for it explicitly fails with the reason; on CUDA it is refused."""
+    import shutil
+
+    from pipeline.compression import compression_status, slow_here
+    from pipeline.model.artifact import load_artifact, read_manifest
+
+    rec = to_record("int8-dynamic", make_config("int8-dynamic", **ONEDNN_INT8))
+    assert slow_here(rec, "cpu") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+    out = tmp_path / "onednn"
+    shutil.copytree(tiny_artifact, out)
+    manifest = read_manifest(out)
+    manifest.compression = rec
+    (out / "manifest.json").write_text(manifest.model_dump_json())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert "needs an x86 CPU with AVX2" in slow_here(rec, "cpu")
+    assert slow_here(rec, "cuda") == "backend onednn runs on CPU only"  # a GPU node runs the float weights
+    skipped, _, _ = load_artifact(out)
+    assert compression_of(skipped) is None and "AVX2" in compression_status(skipped)
+    with pytest.raises(RuntimeError, match="AVX2"):
+        load_artifact(out, slow_compression="apply")
+    with pytest.raises(ValueError, match="float32 model on CPU"):
+        apply(tiny_classifier().to(torch.bfloat16), "int8-dynamic", make_config("int8-dynamic", **ONEDNN_INT8))
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="x86 AVX2 kernels")
+def test_quantize_picks_onednn_without_vnni(tiny_artifact, tmp_path, monkeypatch):
+    """`offramp quantize --method int8-dynamic` with no backend on a CPU without AVX512-VNNI records onednn
+    (torchao would be skipped at load there); a backend given explicitly is kept."""
+    from pipeline.compression import compression_status
+    from pipeline.model.artifact import load_artifact
+
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
+    rec = quantize(tiny_artifact, str(tmp_path / "auto"), "int8-dynamic", limit=20, allow_loss=True)
+    assert rec["config"]["backend"] == "onednn"
+    assert compression_status(load_artifact(tmp_path / "auto")[0]) == "int8-dynamic"  # runs, not skipped
+    rec = quantize(tiny_artifact, str(tmp_path / "asked"), "int8-dynamic", limit=20, allow_loss=True,
+                   options=FAST_INT8, retune=False)
+    assert rec["config"]["backend"] == "torch-ao"
 
 
 def test_choose_layers():
@@ -142,7 +219,8 @@ def test_distill_saves_a_loadable_student_with_report(tiny_model_dir, tmp_path):
     assert report["student_accuracy"] is not None and report["hard_labels"]
 
 
-@pytest.mark.parametrize("method,opts", [("int8-dynamic", FAST_INT8), ("bf16", {}), ("fp16", {})])
+@pytest.mark.parametrize("method,opts", [("int8-dynamic", FAST_INT8), ("int8-dynamic", ONEDNN_INT8), ("bf16", {}),
+                                         ("fp16", {})])
 def test_artifact_round_trip_reapplies_method(tiny_artifact, tmp_path, method, opts):
     from pipeline.compression.quantize import run_early_exit
     from pipeline.model.artifact import load_artifact, read_manifest
@@ -281,7 +359,7 @@ def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_
     ref = run_early_exit(fresh, tok, texts, m.thresholds, m.active)
 
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
-    assert "AVX512-VNNI" in slow_here("int8-dynamic", "cpu")
+    assert "AVX512-VNNI" in slow_here("int8-dynamic", "cpu") and "backend onednn" in slow_here("int8-dynamic", "cpu")
     assert slow_here(to_record("int8-dynamic", make_config("int8-dynamic", **FAST_INT8)), "cpu") is None  # fbgemm
     assert slow_here("int8-dynamic", "cuda") is None and slow_here("bf16", "cpu") is None
     skipped, _, _ = load_artifact(out)

@@ -1,0 +1,97 @@
+"""int8 Linear on oneDNN's u8 x s8 kernels with one activation scale per token: fast on AVX2-only CPUs.
+
+torchao's int8 path (`torch._int_mm`) is fast only with AVX512-VNNI; fbgemm's dynamic Linear is fast on
+AVX2 but scales activations per tensor, which flips 2-3% of MiniLM's movie-review predictions. oneDNN's
+`qlinear_pointwise` multiplies uint8 activations by int8 weights with float output on any x86 CPU; it
+takes one activation scale per tensor, so each row is quantized here with its own scale and offset
+(x ~= s * q + m, q in 0..127) and the output rescaled per row:
+
+    x @ W.T + b = s * (q @ W.T) + m * rowsum(W) + b
+
+Activations use 7 bits: without VNNI the u8 x s8 products are summed in pairs into int16 (vpmaddubsw),
+and 8-bit activations saturate (measured relative error 0.33 against exact integer math; 7 bits: 5e-4).
+7 bits everywhere keeps an artifact's numerics the same on every CPU.
+
+Measured (fine-tuned MiniLM-L6, movie-review test split, 2,113 rows, length-sorted batches of 64, one
+thread of a 2-core AVX2 EPYC): float32 28-30 s; this 18.1-18.3 s (1.64x) at 99.53% agreement with float.
+fbgemm per-tensor: 96.7% (7-bit activations) / 98.1% (8-bit, saturating); fbgemm with SmoothQuant
+scales: at best 99.0-99.2%.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_LEVELS = 127  # 7-bit activations (see above)
+
+
+def _quantize_rows(x: torch.Tensor):
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    scale = ((hi - lo) / _LEVELS).clamp_(min=1e-12)
+    return torch.round((x - lo) / scale).to(torch.uint8), scale, lo
+
+
+def _rescale_rows(y: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, wsum: torch.Tensor, bias: torch.Tensor):
+    return y * scale + lo * wsum + bias
+
+
+_compiled: dict[str, object] = {}
+
+
+def _kernels(compile: bool):
+    """The two elementwise steps, fused by torch.compile (eager they cost as much as the int8 matmul)."""
+    if not compile:
+        return _quantize_rows, _rescale_rows
+    if not _compiled:
+        _compiled["q"] = torch.compile(_quantize_rows, dynamic=True)
+        _compiled["r"] = torch.compile(_rescale_rows, dynamic=True)
+    return _compiled["q"], _compiled["r"]
+
+
+class OneDnnInt8Linear(nn.Module):
+    """Drop-in for a float32 nn.Linear on CPU: int8 weights (one scale per output channel), activations
+    quantized per token at run time. Built from the float Linear; holds no trainable parameters."""
+
+    def __init__(self, linear: nn.Linear, compile: bool = True):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        wq = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("w_scale", scale, persistent=False)
+        self.register_buffer("w_zero", torch.zeros_like(scale, dtype=torch.int64), persistent=False)
+        self.register_buffer("w_sum", (wq.float() * scale[:, None]).sum(1), persistent=False)
+        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros_like(scale)
+        self.register_buffer("bias", bias, persistent=False)
+        self._packed = torch.ops.onednn.qlinear_prepack(wq, None)
+        self._quantize, self._rescale = _kernels(compile)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        q, scale, lo = self._quantize(x.reshape(-1, shape[-1]))
+        y = torch.ops.onednn.qlinear_pointwise.tensor(
+            q, _ONE, _ZERO, self._packed, self.w_scale, self.w_zero, None, 1.0, 0, torch.float32, "none", [], "")
+        return self._rescale(y, scale, lo, self.w_sum, self.bias).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, act=uint7 per token"
+
+
+_ONE, _ZERO = torch.tensor(1.0), torch.tensor(0, dtype=torch.int64)
+
+
+def swap_linears(module: nn.Module, compile: bool = True) -> None:
+    """Replace every nn.Linear under `module` (in place) with a OneDnnInt8Linear."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, OneDnnInt8Linear(child, compile))
+        else:
+            swap_linears(child, compile)
+
+
+def available() -> str | None:
+    """Why these kernels cannot run here (None when they can): oneDNN's int8 Linear needs an x86 CPU with AVX2."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return f"oneDNN's int8 Linear needs an x86 CPU with AVX2 (this CPU: {cap})"
+    return None
