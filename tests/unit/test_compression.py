@@ -323,8 +323,8 @@ def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
     assert sqnr_db(ref[0], a[0]) > 20 and torch.isfinite(a[0]).all()
 
 
-def _int8_copy(artifact, tmp_path):
-    """The artifact with the default int8 (torchao + torch.compile) recorded in its manifest."""
+def _int8_copy(artifact, tmp_path, **opts):
+    """The artifact with int8 recorded in its manifest (default: torchao + torch.compile)."""
     import shutil
 
     from pipeline.model.artifact import read_manifest
@@ -332,7 +332,7 @@ def _int8_copy(artifact, tmp_path):
     out = tmp_path / "int8"
     shutil.copytree(artifact, out)
     manifest = read_manifest(out)
-    manifest.compression = to_record("int8-dynamic")
+    manifest.compression = to_record("int8-dynamic", make_config("int8-dynamic", **opts))
     (out / "manifest.json").write_text(manifest.model_dump_json())
     return out
 
@@ -384,7 +384,8 @@ def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_
     assert compression_status(fresh) == "none"
 
 
-def test_warm_up_compiles_every_graph_real_batches_need(tiny_artifact, tmp_path):
+@pytest.mark.parametrize("opts", [{}, ONEDNN_INT8])
+def test_warm_up_compiles_every_graph_real_batches_need(tiny_artifact, tmp_path, opts):
     """After Predictor.warm_up, micro-batches of any size and length (one row included) compile nothing."""
     pytest.importorskip("torchao")
     from torch._dynamo.utils import counters
@@ -393,7 +394,7 @@ def test_warm_up_compiles_every_graph_real_batches_need(tiny_artifact, tmp_path)
     from pipeline.engine.predictor import Predictor
 
     torch._dynamo.reset()  # graphs compiled by earlier tests would otherwise be reused
-    p = Predictor(str(_int8_copy(tiny_artifact, tmp_path)),
+    p = Predictor(str(_int8_copy(tiny_artifact, tmp_path, **opts)),
                   EngineConfig(token_budget=64, max_batch_rows=4, slow_compression="apply"))
     graphs = counters["stats"]["unique_graphs"]
     p.warm_up()
