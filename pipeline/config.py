@@ -54,8 +54,9 @@ class EngineConfig(_Strict):
     slow_compression: Literal["skip", "apply"] = "skip"
     """A compression (the artifact's or `quantize`) with no fast kernels on this device is skipped: the float
     weights run, a warning is logged and the job summary's `compression_per_worker` says why. Today:
-    int8-dynamic on a CPU without AVX512-VNNI, where torch's int8 matmul is a reference loop ~17x slower than
-    float32. `apply`: compress anyway (its numerics, at that speed)."""
+    int8-dynamic (torchao) on a CPU without AVX512-VNNI, where torch's int8 matmul is a reference loop ~17x
+    slower than float32. `apply`: compress anyway (its numerics, at that speed). A method with no kernels at
+    all here (int8-dynamic backend onednn on GPU or a non-x86 CPU) is skipped either way."""
 
     @field_validator("quantize")
     @classmethod

@@ -10,6 +10,7 @@ import json
 import click
 
 METHODS = ("int8-dynamic", "fp16", "bf16")  # pipeline.compression.registry.methods(); listed here to keep imports light
+INT8_BACKENDS = ("torchao", "onednn", "torch-ao")  # registry.INT8_BACKENDS, likewise
 
 
 def _progress(label: str):
@@ -94,7 +95,7 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
 @click.option("--allow-loss", is_flag=True, help="Write the output even when the check is over budget.")
 @click.option("--limit", default=None, type=int, help="Check on only the first N rows.")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the check: cpu or cuda.")
-@click.option("--backend", default=None, type=click.Choice(["torchao", "onednn", "torch-ao"]),
+@click.option("--backend", default=None, type=click.Choice(INT8_BACKENDS),
               help="int8-dynamic implementation: torchao (fast with AVX512-VNNI), onednn (fast on AVX2-only "
                    "CPUs too), torch-ao (lossy). Default: torchao, or onednn on a CPU without AVX512-VNNI.")
 @click.option("--text-column", default="text", show_default=True)

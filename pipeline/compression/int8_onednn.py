@@ -75,6 +75,8 @@ class OneDnnInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if x.numel() == 0:
+            return x.new_empty(*shape[:-1], self.out_features)
         q, scale, lo = _quantize_rows(x.reshape(-1, shape[-1]))
         y = _int8_matmul(q, self._packed, self.w_scale, self.w_zero)
         return _rescale_rows(y, scale, lo, self.w_sum, self.bias).reshape(*shape[:-1], self.out_features)
@@ -94,6 +96,8 @@ def swap_linears(module: nn.Module) -> None:
 
 def available() -> str | None:
     """Why these kernels cannot run here (None when they can): oneDNN's int8 Linear needs an x86 CPU with AVX2."""
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return "this torch build has no oneDNN int8 Linear (torch.ops.onednn.qlinear_pointwise)"
     cap = torch.backends.cpu.get_cpu_capability()
     if cap not in ("AVX2", "AVX512"):
         return f"oneDNN's int8 Linear needs an x86 CPU with AVX2 (this CPU: {cap})"

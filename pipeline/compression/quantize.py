@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.compression.registry import apply, make_config, slow_here, to_record
+from pipeline.compression.registry import apply, cannot_run_here, make_config, slow_here, to_record
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,16 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
     if out_dir.exists() and any(out_dir.iterdir()) and not _previous_output(out_dir):
         raise ValueError(f"--out {out!r} exists and is not an earlier `offramp quantize` output; choose a new directory")
     options = dict(options or {})
-    if method == "int8-dynamic" and "backend" not in options and slow_here(method, device):
-        # The default backend (torchao) has no fast kernels on this CPU; oneDNN's has (same per-row scales).
+    onednn = to_record(method, make_config(method, backend="onednn")) if method == "int8-dynamic" else None
+    if onednn and "backend" not in options and slow_here(method, device) and not cannot_run_here(onednn, device):
+        # The default backend (torchao) has no fast kernels on this CPU; oneDNN's has (also per-row scales).
         options["backend"] = "onednn"
-        log.info("int8-dynamic: this CPU has no AVX512-VNNI; using backend onednn (pass backend to choose)")
+        log.warning("int8-dynamic: this CPU has no AVX512-VNNI, so the artifact records backend onednn (fast on "
+                    "x86 CPUs; GPU nodes run its float weights); pass backend torchao for GPU / VNNI fleets")
     config = make_config(method, **options)
     record = to_record(method, config)
+    if reason := cannot_run_here(record, device):
+        raise ValueError(f"{method} cannot run on {device}: {reason}")
     if reason := slow_here(record, device):
         log.warning("%s. The check runs it at that speed; jobs and Serve on such a device run the float weights "
                     "(engine slow_compression: apply forces it)", reason)

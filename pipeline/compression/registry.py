@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 import torch
 from torch import nn
@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 _MARK = "_offramp_compression"  # attribute set on a compressed model: the method's record
 _SKIPPED = "_offramp_compression_skipped"  # the record apply_where_fast did not apply (float weights kept)
+
+
+Int8Backend = Literal["torchao", "onednn", "torch-ao"]
+INT8_BACKENDS = get_args(Int8Backend)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Int8DynamicConfig:
     CPUs (AVX2): per-token 7-bit activations, 99.53% agreement, 1.64x float32 (see int8_onednn.py).
     """
 
-    backend: Literal["torch-ao", "torchao", "onednn"] = "torchao"
+    backend: Int8Backend = "torchao"
     """`torchao`: torchao's Int8DynamicActivationInt8WeightConfig (`pip install torchao`; fast with
     AVX512-VNNI); `onednn`: oneDNN's int8 Linear with per-token activation scales (fast on AVX2 too);
     `torch-ao`: torch.ao.quantization.quantize_dynamic (deprecated upstream; no extra dependency; lossy)."""
@@ -56,8 +60,8 @@ class Int8DynamicConfig:
     int8 matmul)."""
 
     def __post_init__(self):
-        if self.backend not in ("torch-ao", "torchao", "onednn"):
-            raise ValueError(f"int8-dynamic backend {self.backend!r} is not 'torch-ao', 'torchao' or 'onednn'")
+        if self.backend not in INT8_BACKENDS:
+            raise ValueError(f"int8-dynamic backend {self.backend!r} is not one of {', '.join(INT8_BACKENDS)}")
         if self.compile and self.backend == "torch-ao":
             object.__setattr__(self, "compile", False)  # torch.ao's packed ops are not compiled
 
@@ -160,41 +164,59 @@ def apply(model: nn.Module, method: str | dict[str, Any], config=None) -> nn.Mod
     return model
 
 
-def slow_here(method: str | dict[str, Any], device: torch.device | str) -> str | None:
-    """Why `method` would run slower than the float model on `device` (or cannot run there at all); None
-    when its kernels are fast here.
+def cannot_run_here(method: str | dict[str, Any], device: torch.device | str,
+                    dtype: torch.dtype = torch.float32) -> str | None:
+    """Why `method` has no kernels at all for a `dtype` model on `device`; None when it can run there.
+
+    Today: int8-dynamic backend onednn, which needs float32 weights on an x86 CPU with AVX2.
+    """
+    name, cfg = from_record(method)
+    if name != "int8-dynamic" or cfg.backend != "onednn":
+        return None
+    if torch.device(device).type != "cpu":
+        return "backend onednn runs on CPU only"
+    if dtype != torch.float32:
+        return f"backend onednn needs float32 weights, not {dtype}"
+    from pipeline.compression.int8_onednn import available
+
+    return available()
+
+
+def slow_here(method: str | dict[str, Any], device: torch.device | str,
+              dtype: torch.dtype = torch.float32) -> str | None:
+    """Why `method` would run slower than the float model on `device`, or cannot run there at all
+    (`cannot_run_here`); None when its kernels are fast here.
 
     torchao's int8-dynamic multiplies with torch._int_mm, which on a CPU calls oneDNN only when the CPU has
     AVX512-VNNI and otherwise runs a reference loop. Measured on a 2-core AVX2 EPYC (torch 2.13, 1 thread):
     int8 2048x384 @ 384x384 in 0.39 s against 0.023 s in float32; one int8 MiniLM layer 100 s per 57k tokens.
-    Backend onednn is fast on any x86 CPU with AVX2 and runs on CPU only.
     """
+    if reason := cannot_run_here(method, device, dtype):
+        return reason
     name, cfg = from_record(method)
-    if name != "int8-dynamic":
-        return None
-    from pipeline.compression.int8_onednn import available
+    if (name == "int8-dynamic" and cfg.backend == "torchao" and torch.device(device).type == "cpu"
+            and not torch.cpu._is_vnni_supported()):
+        from pipeline.compression.int8_onednn import available
 
-    cpu = torch.device(device).type == "cpu"
-    if cfg.backend == "onednn":
-        return available() if cpu else "backend onednn runs on CPU only"
-    if cpu and cfg.backend == "torchao" and not torch.cpu._is_vnni_supported():
+        hint = "; `offramp quantize --backend onednn` makes an artifact that is fast here" if available() is None else ""
         return ("this CPU has no AVX512-VNNI, so torch's int8 matmul runs a reference loop (~17x slower than "
-                "float32)" + ("; backend onednn is fast here" if available() is None else ""))
+                "float32)" + hint)
     return None
 
 
 def apply_where_fast(model: nn.Module, method: str | dict[str, Any],
                      slow: Literal["skip", "apply"] = "skip") -> nn.Module:
     """`apply`, unless the method has no fast kernels on the model's device (`slow_here`) and `slow` is
-    "skip": then the model keeps its float weights, a warning is logged, and `compression_status` says so."""
+    "skip", or no kernels at all (`cannot_run_here`): then the model keeps its float weights, a warning is
+    logged, and `compression_status` says so."""
     if slow not in ("skip", "apply"):
         raise ValueError(f"slow={slow!r} must be 'skip' or 'apply'")
     name, config = from_record(method)
-    reason = slow_here(method, _param_device(model))
-    if reason is None or slow == "apply":
+    device, dtype = _param_device(model), _param_dtype(model)
+    reason = slow_here(method, device, dtype)
+    if reason is None or (slow == "apply" and cannot_run_here(method, device, dtype) is None):
         return apply(model, name, config)
-    log.warning("%s skipped: %s; running the float weights (engine slow_compression: apply compresses "
-                "anyway)", name, reason)
+    log.warning("%s skipped: %s; running the float weights", name, reason)
     object.__setattr__(model, _SKIPPED, to_record(name, config))
     return model
 
@@ -207,7 +229,8 @@ def compression_status(model: nn.Module) -> str:
     skipped = getattr(model, _SKIPPED, None)
     if skipped is None:
         return "none"
-    return f"{skipped['method']} skipped: {slow_here(skipped, _param_device(model))}; the float weights ran"
+    why = slow_here(skipped, _param_device(model), _param_dtype(model))
+    return f"{skipped['method']} skipped: {why}; the float weights ran"
 
 
 def apply_at_load(model: nn.Module, method: str | None, slow: Literal["skip", "apply"] = "skip") -> nn.Module:
@@ -244,6 +267,10 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _param_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
