@@ -178,8 +178,8 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
     if out_dir.exists() and any(out_dir.iterdir()) and not _previous_output(out_dir):
         raise ValueError(f"--out {out!r} exists and is not an earlier `offramp quantize` output; choose a new directory")
     options = dict(options or {})
-    onednn = to_record(method, make_config(method, backend="onednn")) if method == "int8-dynamic" else None
-    if onednn and "backend" not in options and slow_here(method, device) and not cannot_run_here(onednn, device):
+    if (method == "int8-dynamic" and "backend" not in options and slow_here(method, device)
+            and not cannot_run_here({"method": method, "config": {"backend": "onednn"}}, device)):
         # The default backend (torchao) has no fast kernels on this CPU; oneDNN's has (also per-row scales).
         options["backend"] = "onednn"
         log.warning("int8-dynamic: this CPU has no AVX512-VNNI, so the artifact records backend onednn (fast on "

@@ -277,13 +277,10 @@ def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
     layers = encoder_layers(model)
     dtype = next(layers.parameters()).dtype
     if cfg.backend == "onednn":
-        if _param_device(model).type != "cpu" or dtype != torch.float32:
-            raise ValueError(f"int8-dynamic with backend onednn needs a float32 model on CPU (got {dtype} on "
-                             f"{_param_device(model)}); on GPU use fp16/bf16")
-        from pipeline.compression.int8_onednn import available, swap_linears
+        if reason := cannot_run_here(to_record("int8-dynamic", cfg), _param_device(model), dtype):
+            raise ValueError(f"int8-dynamic cannot run here: {reason}")
+        from pipeline.compression.int8_onednn import swap_linears
 
-        if reason := available():
-            raise RuntimeError(reason)
         for i in range(len(layers)):
             swap_linears(layers[i])
             if cfg.compile:
