@@ -162,8 +162,9 @@ def _pct(x: float) -> str:
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--constraint", default=None, type=float, help="Accuracy budget per window [default: the artifact's (0.01), less what a compressed artifact's check lost, as deployed].")
 @click.option("--ramp-budget", default=None, type=int, help="Most active ramps for the controller [default: ControllerConfig's: no cap, only the tail budget].")
-@click.option("--window", "window_rows", default=512, show_default=True, type=int,
-              help="Rows per window (the controller's window and the unit the constraint is judged on).")
+@click.option("--window", "window_rows", default=None, type=int,
+              help="Rows per window (the controller's window and the unit the constraint is judged on) [default: "
+                   "the controller's: 512 at a 1% budget, more below it].")
 @click.option("--refresh-rows", default=128, show_default=True, type=click.IntRange(1),
               help="Serve each window in blocks of this many rows, each with the controller's state after the rows "
                    "before it (a Serve replica refreshes every 4 batches of up to 32 rows); --refresh-rows equal to "
@@ -192,6 +193,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
 
     import numpy as np
 
+    from pipeline.control.controller import default_window_rows
     from pipeline.control.records import FeedbackWindow
     from pipeline.control.shared import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.replay import (
@@ -207,13 +209,14 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
     from pipeline.data.datasets import load_dataset
     from pipeline.model.artifact import read_manifest
 
-    if window_rows < 1:
+    if window_rows is not None and window_rows < 1:
         raise click.BadParameter(f"--window {window_rows} must be >= 1 (e.g. 256)")
     try:
         manifest = read_manifest(model_dir)
         overrides = _parse_sets(sets)
         # As deployed: a compressed artifact's controller holds what compression left of the budget.
         constraint = controller_constraint(manifest) if constraint is None else constraint
+        window_rows = window_rows or default_window_rows(constraint)
         costs = cost_model(manifest)
         boot_texts, stream_texts, desc = _splits(data, text_column, seed, limit, manifest)
         domains = [d for d in DOMAINS if d != data] if drift == "hard" else [] if drift == "none" else [drift]

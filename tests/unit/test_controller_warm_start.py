@@ -41,6 +41,22 @@ def test_warm_start_matches_reporting_the_same_rows():
     assert a.get_state()["active"] == b.get_state()["active"]
 
 
+def test_a_warm_window_that_misses_the_budget_tunes_but_never_backs_off():
+    # Thresholds far too low for these rows: as live feedback the first window is a violation and backs off.
+    low = ControllerState(version=0, thresholds=[0.55] * 5, active=[True] * 5)
+    cfg = ControllerConfig(window_rows=256)
+    rows = synthetic_window(512, SKILLS, seed=3)
+    live = ThresholdController(COSTS, cfg, low)
+    live.report(rows)
+    assert live.get_state()["violations"] >= 1 and live.get_state()["backoffs"] >= 1
+    # Warm rows were never served: the same rows only tune, and no floor holds the next live windows back.
+    warm = ThresholdController(COSTS, cfg, low, warm_start=rows)
+    st = warm.get_state()
+    assert st["warm_windows"] == 2 and st["violations"] == 0 and st["backoffs"] == 0
+    assert [h["action"] for h in warm.history()] == ["ok", "ok"] and warm.history()[0]["agreement"] < 0.99
+    assert not warm._floors.any() and st["thresholds"] != low.thresholds
+
+
 def test_short_warm_start_is_one_short_window_and_none_is_a_cold_start():
     cfg = ControllerConfig(window_rows=512)
     ctl = ThresholdController(COSTS, cfg, INIT, warm_start=synthetic_window(100, SKILLS, seed=1))

@@ -266,3 +266,15 @@ def test_config_checks_name_the_field():
         ControllerConfig.from_dict({"windo_rows": 5})
     with pytest.raises(ValueError, match="ramps"):
         ThresholdController(CostModel.uniform(3, [1, 2], 0.01), initial_state=ControllerState.initial(3))
+
+
+@pytest.mark.parametrize("constraint,rows", [(0.01, 512), (0.05, 512), (0.0, 512), (0.005, 1024),
+                                             (0.00527, 972), (0.0001, 8192)])
+def test_the_default_window_keeps_about_five_disagreements_of_budget(constraint, rows):
+    from pipeline.control.controller import default_window_rows
+
+    assert default_window_rows(constraint) == rows
+    assert ControllerConfig(constraint=constraint).window_rows == rows
+    assert ControllerConfig(constraint=constraint, window_rows=64).window_rows == 64  # an explicit size stands
+    # the resolved size travels with the config (checkpoints, the actor's get_config)
+    assert ControllerConfig.from_dict(ControllerConfig(constraint=constraint).to_dict()).window_rows == rows
