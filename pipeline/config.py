@@ -150,8 +150,8 @@ class ControllerSettings(_Strict):
     (`validation_feedback.safetensors`, written by `offramp bootstrap`), when the artifact has it."""
     tuning: dict[str, Any] = Field(default_factory=dict)
     """Algorithm settings: fields of pipeline.control.controller.ControllerConfig (constraint [the
-    artifact's], window_rows 512, tune_headroom 0.3, backoff_after 1, max_active None, ...), checked when the
-    config is built; unset fields keep ControllerConfig's defaults."""
+    artifact's], window_rows [512 at a 1% budget, more below it], tune_headroom 0.3, backoff_after 1,
+    max_active None, ...), checked when the config is built; unset fields keep ControllerConfig's defaults."""
 
     @field_validator("tuning")
     @classmethod

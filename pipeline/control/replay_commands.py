@@ -193,7 +193,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
 
     import numpy as np
 
-    from pipeline.control.controller import default_window_rows
+    from pipeline.control.controller import ControllerConfig
     from pipeline.control.records import FeedbackWindow
     from pipeline.control.shared import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.replay import (
@@ -216,7 +216,8 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
         overrides = _parse_sets(sets)
         # As deployed: a compressed artifact's controller holds what compression left of the budget.
         constraint = controller_constraint(manifest) if constraint is None else constraint
-        window_rows = window_rows or default_window_rows(constraint)
+        # the controller's own window for this budget (a --set constraint / window_rows wins, as in the controller)
+        window_rows = window_rows or ControllerConfig.from_dict({"constraint": constraint, **overrides}).window_rows
         costs = cost_model(manifest)
         boot_texts, stream_texts, desc = _splits(data, text_column, seed, limit, manifest)
         domains = [d for d in DOMAINS if d != data] if drift == "hard" else [] if drift == "none" else [drift]

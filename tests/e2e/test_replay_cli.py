@@ -55,8 +55,10 @@ def test_replay_prints_both_tables_and_writes_json_and_png(tiny_artifact, tmp_pa
     assert png[:4] == b"\x89PNG" and len(png) > 20_000
     assert len(list((out / "recordings").glob("*.npz"))) == 5  # bootstrap, stream, three domains
 
-    # A second run reuses the recordings (nothing recorded: 0 s) and gives the same numbers.
-    again = subprocess.run([*_command(), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # A second run reuses the recordings (nothing recorded: 0 s) and gives the same numbers; with no --window
+    # the replay's window is the controller's, here set by --set window_rows.
+    args2 = [a for a in args if a not in ("--window", "40")] + ["--set", "window_rows=40"]
+    again = subprocess.run([*_command(), *args2], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "recording 0.0s" in again.stdout and "reusing" in again.stderr
     assert json.loads((out / "replay.json").read_text())["scenarios"]["in-domain"]["summary"] == ind["summary"]
 

@@ -31,7 +31,7 @@ def test_fresh_controller_tunes_on_whole_windows_of_the_warm_rows():
     assert last["tuned_rows"] == 1024  # the first live re-tune sees the warm rows too
 
 
-def test_warm_start_matches_reporting_the_same_rows():
+def test_warm_start_matches_reporting_the_same_rows_when_no_window_misses():
     cfg = ControllerConfig(window_rows=256)
     warm = synthetic_window(768, SKILLS, seed=1)
     a = ThresholdController(COSTS, cfg, INIT, warm_start=warm)

@@ -278,3 +278,10 @@ def test_the_default_window_keeps_about_five_disagreements_of_budget(constraint,
     assert ControllerConfig(constraint=constraint, window_rows=64).window_rows == 64  # an explicit size stands
     # the resolved size travels with the config (checkpoints, the actor's get_config)
     assert ControllerConfig.from_dict(ControllerConfig(constraint=constraint).to_dict()).window_rows == rows
+
+
+def test_the_default_window_fits_in_the_rows_the_controller_holds():
+    # A YAML's tuning is checked at the 1% default budget; the artifact's smaller one must not break it later.
+    assert ControllerConfig(constraint=0.005, max_pending_rows=800).window_rows == 800
+    with pytest.raises(ValueError, match="max_pending_rows"):
+        ControllerConfig(constraint=0.005, window_rows=1024, max_pending_rows=800)
