@@ -179,7 +179,7 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
         raise ValueError(f"--out {out!r} exists and is not an earlier `offramp quantize` output; choose a new directory")
     options = dict(options or {})
     if (method == "int8-dynamic" and "backend" not in options and slow_here(method, device)
-            and not cannot_run_here({"method": method, "config": {"backend": "onednn"}}, device)):
+            and not cannot_run_here(to_record(method, make_config(method, backend="onednn")), device)):
         # The default backend (torchao) has no fast kernels on this CPU; oneDNN's has (also per-row scales).
         options["backend"] = "onednn"
         log.warning("int8-dynamic: this CPU has no AVX512-VNNI, so the artifact records backend onednn (fast on "

@@ -279,14 +279,8 @@ def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
     if cfg.backend == "onednn":
         if reason := cannot_run_here(to_record("int8-dynamic", cfg), _param_device(model), dtype):
             raise ValueError(f"int8-dynamic cannot run here: {reason}")
-        from pipeline.compression.int8_onednn import swap_linears
-
-        for i in range(len(layers)):
-            swap_linears(layers[i])
-            if cfg.compile:
-                layers[i].compile(dynamic=True)
-        return model
-    if cfg.backend == "torch-ao":
+        from pipeline.compression.int8_onednn import swap_linears as transform
+    elif cfg.backend == "torch-ao":
         if _param_device(model).type != "cpu":
             raise ValueError("int8-dynamic with backend torch-ao runs on CPU only; on GPU use fp16/bf16 "
                              "or backend='torchao'")
@@ -297,26 +291,30 @@ def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
         qconfig = per_channel_dynamic_qconfig if cfg.per_channel else default_dynamic_qconfig
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-            for i in range(len(layers)):
-                # In place on each layer: the ModuleList (held by the EarlyExitModel's parts) stays the same.
-                quantize_dynamic(layers[i], {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
-        return model
-    try:
-        logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA/.so kernels it cannot load here
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-    except ImportError as e:
-        raise RuntimeError("int8-dynamic backend 'torchao' needs torchao: pip install torchao") from e
-    if cfg.compile:
-        import warnings
 
-        # torchao's Int8Tensor lacks a cache hash; harmless (AOT autograd cache only), noisy on every compile.
-        warnings.filterwarnings("ignore", message="Int8Tensor does not implement _stable_hash_for_caching")
-    for i in range(len(layers)):
-        quantize_(layers[i], Int8DynamicActivationInt8WeightConfig())
+        def transform(layer: nn.Module) -> None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+                quantize_dynamic(layer, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
+    else:
+        try:
+            logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA/.so kernels it cannot load here
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        except ImportError as e:
+            raise RuntimeError("int8-dynamic backend 'torchao' needs torchao: pip install torchao") from e
         if cfg.compile:
-            layers[i].compile(dynamic=True)
+            import warnings
+
+            # torchao's Int8Tensor lacks a cache hash; harmless (AOT autograd cache only), noisy on every compile.
+            warnings.filterwarnings("ignore", message="Int8Tensor does not implement _stable_hash_for_caching")
+
+        def transform(layer: nn.Module) -> None:
+            quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+    # In place on each layer: the ModuleList (held by the EarlyExitModel's parts) stays the same.
+    for layer in layers:
+        transform(layer)
+        if cfg.compile:  # never for torch-ao (Int8DynamicConfig turns it off)
+            layer.compile(dynamic=True)
     return model
 
 
