@@ -147,8 +147,14 @@ class Predictor:
         13.2 s; the job's total did not change beyond noise)."""
         t = time.perf_counter()
         enc = self.encoder.encode(["a short warm-up text of a few words", "warm"]).input_ids
-        for seqs in (enc, enc[:1]):  # a batch of one is a graph of its own (dynamic shapes specialize 1)
-            self._execute(seqs, np.zeros(len(seqs), bool), "release")  # release: every layer and ramp runs
+        # Python floats as constants: LayerNorm's eps, traced as a symbol, makes dynamo trace each compiled
+        # layer twice (a tensorify restart). Measured on one core: warm-up 4.9 s -> 2.9 s, the same graphs.
+        import torch._dynamo
+
+        cfg = {"specialize_float": True} if hasattr(torch._dynamo.config, "specialize_float") else {}
+        with torch._dynamo.config.patch(**cfg):
+            for seqs in (enc, enc[:1]):  # a batch of one is a graph of its own (dynamic shapes specialize 1)
+                self._execute(seqs, np.zeros(len(seqs), bool), "release")  # release: every layer and ramp runs
         return time.perf_counter() - t
 
     def set_policy(self, policy: ExitPolicy) -> None:
