@@ -1,0 +1,131 @@
+"""Certifying exit thresholds on a sample of the job's own corpus (Learn then Test, fixed-sequence testing).
+
+The greedy tuner fits thresholds to the rows it sees, so its agreement on those rows says little about new
+rows. Calibration splits a uniform sample of the corpus, every ramp recorded, in two:
+
+- the tune split fixes a shape: the greedy search's thresholds at the full budget. The path scales every
+  ramp's distance from 1.0 by the same factor, from nearly closed to past the shape (a greedy search at a
+  small target is no cautious start: it takes every move that costs nothing on the tune rows, and such
+  moves overfit); all of it is fixed before the test split is looked at;
+- the test split walks the path in that order. At each point the null hypothesis is "this threshold set
+  disagrees with the original model on more than `constraint` of the corpus"; it is rejected when the test
+  split's disagreements are too few for that (exact binomial tail <= delta). The walk stops at the first
+  point not rejected, and the last rejected point is the answer.
+
+Fixed-sequence testing controls the family-wise error at delta without a multiplicity correction (Angelopoulos
+et al., "Learn then Test", 2021), so with probability >= 1 - delta the chosen thresholds' disagreement over
+the distribution the sample came from is at most `constraint`. When even the first point fails, every ramp
+stays closed: the job then runs the original model, which agrees by construction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .records import CLOSED, CostModel, FeedbackWindow
+from .stats import binom_cdf, clopper_pearson, rows_to_certify
+from .tuner import evaluate, tune_thresholds
+
+__all__ = ["Calibration", "calibration_rows", "certify_thresholds", "split_rows"]
+
+TUNE_SHARE = 0.3
+"""Share of the calibration sample that builds the path; the rest tests it (the test split sets the power)."""
+
+
+def calibration_rows(constraint: float, delta: float = 0.05, design_rate: float = 0.5) -> int:
+    """Calibration sample size: enough test rows to certify thresholds whose true disagreement is
+    `design_rate` of the budget (exact one-sided bound at 1 - delta), plus the tune split on top.
+    A 1% budget at delta 0.05: 1,049 test rows + 450 tune rows (1,499)."""
+    if not 0 < constraint < 1:
+        raise ValueError(f"constraint={constraint} must be in (0, 1) to calibrate")
+    test = rows_to_certify(constraint * design_rate, constraint, confidence=1 - 2 * delta)
+    return math.ceil(test / (1 - TUNE_SHARE))
+
+
+def split_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tune, test) row indices of an n-row sample, at random (seeded)."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = int(round(TUNE_SHARE * n))
+    return np.sort(order[:k]), np.sort(order[k:])
+
+
+@dataclass
+class Calibration:
+    """Certified thresholds and the evidence for them."""
+
+    thresholds: np.ndarray
+    """[R] the last threshold set the test split certified (all CLOSED when none was)."""
+    constraint: float
+    delta: float
+    tune_rows: int
+    test_rows: int
+    chosen: int
+    """Index of the chosen point on the path; -1 when none passed (all ramps closed)."""
+    test_disagreements: int
+    """Disagreements of the chosen thresholds on the test split."""
+    upper_bound: float
+    """One-sided (1 - delta) Clopper-Pearson upper bound of their disagreement rate, from the test split."""
+    test_layer_savings: float
+    """Layer compute saved on the test split at the chosen thresholds (an estimate for the corpus)."""
+    path: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def test_rate(self) -> float:
+        return self.test_disagreements / self.test_rows if self.test_rows else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "Learn then Test: a path of scaled greedy thresholds from the tune split, fixed-sequence "
+                      "exact binomial tests on the test split",
+            "thresholds": [float(x) for x in self.thresholds],
+            "constraint": self.constraint,
+            "delta": self.delta,
+            "tune_rows": self.tune_rows,
+            "test_rows": self.test_rows,
+            "chosen": self.chosen,
+            "test_disagreement": round(self.test_rate, 6),
+            "upper_bound": round(self.upper_bound, 6),
+            "test_layer_savings": round(self.test_layer_savings, 4),
+            "path": self.path,
+        }
+
+
+def certify_thresholds(
+    tune: FeedbackWindow,
+    test: FeedbackWindow,
+    costs: CostModel,
+    constraint: float,
+    delta: float = 0.05,
+    active: np.ndarray | Sequence[bool] | None = None,
+    scales: Sequence[float] = tuple(np.round(np.arange(1, 41) / 20, 3)),
+) -> Calibration:
+    """Thresholds whose disagreement is at most `constraint` with probability >= 1 - delta (see the module).
+
+    `scales`: the path, cautious first: point k is 1 - scales[k] * (1 - shape) per ramp (up to 2x the shape's
+    distance from 1.0: a tune split can be pessimistic, and the test decides)."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta={delta} must be in (0, 1), e.g. 0.05")
+    R = costs.num_ramps
+    act = np.ones(R, bool) if active is None else np.asarray(active, bool)
+    n = len(test)
+    path: list[dict[str, Any]] = []
+    best = np.full(R, CLOSED)
+    chosen, wrong_at_best, savings_at_best = -1, 0, 0.0
+    shape = tune_thresholds(tune, costs, constraint, act).thresholds
+    for scale in scales:
+        thr = np.where(shape < CLOSED, np.clip(1.0 - float(scale) * (1.0 - shape), 0.0, CLOSED), CLOSED)
+        out = evaluate(test, costs, thr, act)
+        wrong = n - int(round(out.agreement * n))
+        p_value = binom_cdf(wrong, n, constraint) if n else 1.0
+        passed = p_value <= delta
+        path.append({"scale": float(scale), "thresholds": [round(float(x), 6) for x in thr],
+                     "test_disagreements": wrong, "p_value": round(p_value, 6), "passed": passed,
+                     "test_layer_savings": round(out.layer_savings, 4)})
+        if not passed:
+            break
+        best, chosen, wrong_at_best, savings_at_best = thr, len(path) - 1, wrong, out.layer_savings
+    upper = clopper_pearson(wrong_at_best, n, 1 - 2 * delta)[1] if n else 1.0
+    return Calibration(best, constraint, delta, len(tune), n, chosen, wrong_at_best, upper, savings_at_best, path)
