@@ -94,6 +94,7 @@ import numpy as np
 from .guard import AccuracyGuard, GuardAction, back_off, violating_ramps
 from .ramp_adjust import RampBudget, adjust_ramps, candidate_gains, ramp_utilities
 from .records import CLOSED, CostModel, FeedbackWindow
+from .stats import binom_sf, wilson
 from .tuner import TuneResult, evaluate, evaluate_stretches, tune_thresholds
 
 __all__ = [
@@ -184,6 +185,22 @@ class ControllerConfig:
     """Per-window history rows kept in memory."""
     max_pending_rows: int = 65536
     """Most unprocessed feedback rows held; older rows are dropped beyond this (bounded memory)."""
+    window_output_rows: int | None = None
+    """A window also closes once its feedback covers this many answered rows (reports say how many rows
+    their feedback was drawn from), so the guard decides every this many answers however sparse the
+    feedback. None: windows close on ``window_rows`` feedback rows only."""
+    guard_alpha: float | None = None
+    """The window-end guard's test. None: the window's disagreement against the budget (a short window
+    against a whole window's budget). A value: an exact binomial test, valid at any window size: a
+    violation when that many disagreements in that many rows has probability < alpha at a disagreement of
+    exactly ``constraint``."""
+    feedback_min: float = 0.0
+    """Adaptive feedback, published with the state as ``feedback_fraction``: the share of rows workers
+    also run to the end for the controller. ``feedback_min`` once the Wilson 95% upper bound of the
+    disagreement served since the thresholds last changed is within the budget, ``feedback_max`` before
+    (and after every change). 0 and 0: off."""
+    feedback_max: float = 0.0
+    """See ``feedback_min``."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -216,6 +233,12 @@ class ControllerConfig:
             self.max_pending_rows >= self.window_rows,
             f"max_pending_rows={self.max_pending_rows} must be >= window_rows={self.window_rows}",
         )
+        need(self.window_output_rows is None or self.window_output_rows >= 1,
+             f"window_output_rows={self.window_output_rows} must be >= 1 or None")
+        need(self.guard_alpha is None or 0.0 < self.guard_alpha < 1.0,
+             f"guard_alpha={self.guard_alpha} must be in (0, 1) (e.g. 0.05) or None")
+        need(0.0 <= self.feedback_min <= self.feedback_max <= 1.0,
+             f"need 0 <= feedback_min ({self.feedback_min}) <= feedback_max ({self.feedback_max}) <= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,6 +271,8 @@ class ControllerState:
     restores: int = 0  # times this state was restored from a checkpoint
     warm_windows: int = 0  # windows of warm-start rows processed before any live feedback
     updated_at: float = 0.0  # time.time() of the last version change
+    calibrated: bool = False  # holding certified thresholds (``calibrate``): backs off, never tunes below them
+    feedback_fraction: float = 0.0  # share of rows workers should also run to the end (ControllerConfig.feedback_*)
 
     @classmethod
     def initial(cls, num_ramps: int, active: Sequence[bool] | None = None) -> "ControllerState":
@@ -317,6 +342,9 @@ class ThresholdController:
         self._brakes: list[tuple[int, np.ndarray]] = []
         self._logged = 0  # history rows written so far (their "seq")
         self.checkpoint_errors = 0
+        self._base: np.ndarray | None = None  # certified thresholds held after calibrate()
+        self._pending_output = 0  # answered rows the pending feedback was drawn from
+        self._since_change = [0, 0]  # [disagreements, rows] served at the current thresholds
 
         state = _as_state(initial_state) or ControllerState.initial(R)
         if len(state.thresholds) != R or len(state.active) != R:
@@ -325,6 +353,7 @@ class ThresholdController:
                 f" the cost model has {R} ramps"
             )
         state.thresholds = [CLOSED if not a else float(t) for t, a in zip(state.thresholds, state.active)]
+        state.feedback_fraction = self.config.feedback_max
         self.state = state
         if checkpoint_url and self._restore():
             self.state.restores += 1
@@ -333,9 +362,13 @@ class ThresholdController:
             self._warm_start(warm_start)
 
     # ----- public API (also the actor's methods) -----
-    def report(self, window: FeedbackWindow | dict[str, Any]) -> int:
-        """Add feedback rows; process every full window. Returns the current version. Never raises."""
+    def report(self, window: FeedbackWindow | dict[str, Any], output_rows: int = 0) -> int:
+        """Add feedback rows, drawn from ``output_rows`` answered rows (a dict window may carry it as
+        "output_rows"); process every full window. Returns the current version. Never raises."""
         try:
+            if isinstance(window, dict) and "output_rows" in window:
+                window = dict(window)
+                output_rows = int(window.pop("output_rows"))
             w = self._as_window(window, "window")
         except Exception as exc:  # a bad payload must not take the controller down
             self.state.rejected += 1
@@ -348,16 +381,42 @@ class ThresholdController:
             self._pending_rows += len(w)
         self._trim_pending()
         cfg = self.config
+        self._pending_output += max(0, output_rows)
         while self._pending_rows >= cfg.window_rows:
+            share = cfg.window_rows / self._pending_rows
+            self._pending_output -= int(round(self._pending_output * share))
             self._process(self._take(cfg.window_rows))
-        if cfg.early_guard and len(w) and self._pending_rows >= max(1, cfg.window_rows // 4):
+        if cfg.window_output_rows and self._pending_rows and self._pending_output >= cfg.window_output_rows:
+            self.flush()
+        if (cfg.early_guard and self._base is None and len(w)
+                and self._pending_rows >= max(1, cfg.window_rows // 4)):
             self._early_check()
         return self.state.version
 
     def flush(self) -> dict[str, Any]:
         """Process the pending rows now as a (short) window, e.g. at the end of a job."""
+        self._pending_output = 0
         if self._pending_rows:
             self._process(self._take(self._pending_rows))
+        return self.get_state()
+
+    def calibrate(self, thresholds: Sequence[float], evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Hold ``thresholds`` (certified on the job's own rows, pipeline.control.calibration) from now on:
+        each window is judged by the guard and the ramps that err are backed off, but nothing is ever tuned
+        below them (live windows are far smaller than the calibration sample). Returns the new state."""
+        thr = np.asarray(thresholds, dtype=np.float64)
+        if thr.shape != (self.costs.num_ramps,):
+            raise ValueError(f"calibrate: {thr.shape[0]} thresholds for {self.costs.num_ramps} ramps")
+        self._base = np.where(self.state.active, thr, CLOSED)
+        self._floors = np.zeros(self.costs.num_ramps)
+        self._ok_streak, self._brakes = 0, []
+        self.state.calibrated = True
+        self._set(self._base, np.asarray(self.state.active, bool))
+        self._logged += 1
+        self._history.append({"seq": self._logged, "window": self.state.windows, "action": "calibrated",
+                              "version": self.state.version, "thresholds": list(self.state.thresholds),
+                              "evidence": evidence or {}})
+        self._save()
         return self.get_state()
 
     def get_state(self) -> dict[str, Any]:
@@ -415,22 +474,66 @@ class ThresholdController:
         if full == 0 and len(w):
             self._process(w, warm=True)
 
+    def _violates(self, agreement: float, rows: int) -> bool:
+        """The guard's test on ``rows`` served rows at ``agreement`` (ControllerConfig.guard_alpha)."""
+        cfg = self.config
+        if cfg.guard_alpha is not None:
+            wrong = int(round((1.0 - agreement) * rows))
+            return binom_sf(wrong, rows, cfg.constraint) < cfg.guard_alpha
+        if rows < cfg.window_rows:
+            # A short window (the rows left at a job's end) is judged against a whole window's budget: one
+            # disagreement in 16 rows would otherwise count as a 6% violation and back ramps off for windows.
+            agreement = 1.0 - (1.0 - agreement) * rows / cfg.window_rows
+        return (1.0 - agreement) > cfg.constraint + 1e-12
+
+    def _count_served(self, agreement: float, rows: int) -> None:
+        """Add a window to the evidence at the current thresholds; set the feedback share it calls for."""
+        cfg = self.config
+        self._since_change[0] += int(round((1.0 - agreement) * rows))
+        self._since_change[1] += rows
+        if cfg.feedback_max > 0:
+            upper = wilson(*self._since_change)[1]
+            self.state.feedback_fraction = cfg.feedback_max if upper > cfg.constraint else cfg.feedback_min
+
+    def _hold_window(self, w: FeedbackWindow, t0: float) -> None:
+        """A window while holding certified thresholds: judge it, back off the ramps that erred on a
+        violation, lift the back-off after ``backoff_hold_windows`` good windows."""
+        cfg, st = self.config, self.state
+        thr = np.asarray(st.thresholds, dtype=np.float64)
+        act = np.asarray(st.active, dtype=bool)
+        realized = self._served(w, thr, act)
+        backed_off: list[int] = []
+        if self._violates(realized["agreement"], len(w)):
+            st.violations += 1
+            self._ok_streak = 0
+            backed_off = self._back_off(violating_ramps(w, self.costs, thr, act, cfg.constraint), thr)
+            self._hold = cfg.backoff_hold_windows
+            action = "backoff"
+        else:
+            self._ok_streak += 1
+            if self._ok_streak >= self._hold:
+                self._floors[:] = 0.0
+            action = "ok"
+        self._count_served(realized["agreement"], len(w))
+        self._set(np.maximum(self._base, self._floors), act)
+        st.windows += 1
+        self._log(t0, 0.0, w, action, realized, None, 0, backed_off, None, False)
+
     def _process(self, w: FeedbackWindow, warm: bool = False) -> None:
         t0 = time.perf_counter()
+        if self._base is not None:
+            return self._hold_window(w, t0)
         cfg, st = self.config, self.state
         thr = np.asarray(st.thresholds, dtype=np.float64)
         act = np.asarray(st.active, dtype=bool)
 
         realized = self._served(w, thr, act)
         self._brakes = []
-        judged = realized["agreement"]
-        if len(w) < cfg.window_rows:
-            # A short window (the rows left at a job's end) is judged against a whole window's budget: one
-            # disagreement in 16 rows would otherwise count as a 6% violation and back ramps off for windows.
-            judged = 1.0 - (1.0 - judged) * len(w) / cfg.window_rows
         # Warm rows were never served: they tune, but a miss on them is not a violation to back off from
         # (a back-off holds for windows: a short job would serve most of its rows backed off).
-        action = GuardAction.OK if warm else self._guard.observe(judged)
+        action = GuardAction.OK if warm else self._guard.record(self._violates(realized["agreement"], len(w)))
+        if not warm:
+            self._count_served(realized["agreement"], len(w))
         backed_off: list[int] = []
         self._tune_buf.append(w)
         if action is GuardAction.OK:
@@ -548,13 +651,16 @@ class ThresholdController:
         st = self.state
         if np.array_equal(thresholds, st.thresholds) and np.array_equal(active, st.active):
             return
+        self._since_change = [0, 0]
+        if self.config.feedback_max > 0:
+            st.feedback_fraction = self.config.feedback_max  # new thresholds: no evidence yet
         st.version += 1
         st.thresholds = [float(x) for x in thresholds]
         st.active = [bool(x) for x in active]
         st.updated_at = time.time()
 
     def _log(self, t0: float, tune_ms: float, w: FeedbackWindow, action: str, realized: dict[str, float],
-             tuned: TuneResult, tuned_rows: int, backed_off: list[int], ramp_note: dict[str, Any] | None,
+             tuned: TuneResult | None, tuned_rows: int, backed_off: list[int], ramp_note: dict[str, Any] | None,
              warm: bool) -> None:
         st = self.state
         self._logged += 1
@@ -569,8 +675,8 @@ class ThresholdController:
                 "savings": realized["savings"],
                 "layer_savings": realized["layer_savings"],
                 "tuned_rows": tuned_rows,
-                "tuned_agreement": tuned.agreement,
-                "tuned_savings": tuned.savings,
+                "tuned_agreement": None if tuned is None else tuned.agreement,
+                "tuned_savings": None if tuned is None else tuned.savings,
                 "backed_off": backed_off,
                 "ramp_check": ramp_note,
                 "version": st.version,
@@ -597,6 +703,8 @@ class ThresholdController:
             # tune on its first new window alone.
             "tune_windows": [w.to_dict() for w in self._tune_buf],
             "utilities": [[None if np.isnan(x) else x for x in u.tolist()] for u in self._utils],  # NaN: inactive
+            "base": None if self._base is None else self._base.tolist(),
+            "since_change": list(self._since_change),
         }
 
     def _save(self) -> None:
@@ -647,6 +755,9 @@ class ThresholdController:
                 state, floors, ok_streak, hold, since_check)
             # The violation count travels; the limits come from this run's config (it may have changed).
             self._guard.consecutive = consecutive
+            base = payload.get("base")
+            self._base = None if base is None else np.asarray(base, dtype=np.float64)
+            self._since_change = [int(x) for x in payload.get("since_change", [0, 0])]
             self._tune_buf.extend(windows)
             self._utils.extend(utils)
             return True
@@ -770,6 +881,11 @@ class ControllerClient:
     def active(self) -> np.ndarray | None:
         return None if self._state is None else np.asarray(self._state.active, dtype=bool)
 
+    @property
+    def feedback_fraction(self) -> float:
+        """Share of rows the controller asks to be run to the end as feedback (0 when it asks for none)."""
+        return 0.0 if self._state is None else float(self._state.feedback_fraction)
+
     def stats(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -781,8 +897,9 @@ class ControllerClient:
         }
 
     # ----- calls -----
-    def report(self, window: FeedbackWindow | dict[str, Any]) -> bool:
-        """Send feedback without waiting. Returns False (and counts it) when it could not be sent."""
+    def report(self, window: FeedbackWindow | dict[str, Any], output_rows: int = 0) -> bool:
+        """Send feedback, drawn from ``output_rows`` answered rows, without waiting. Returns False (and counts
+        it) when it could not be sent."""
         try:
             self._reap()
             handle = self._get_handle()
@@ -791,6 +908,8 @@ class ControllerClient:
                 return False
             if isinstance(window, FeedbackWindow):  # numpy arrays travel cheaper than lists
                 window = {"conf": window.conf, "pred": window.pred, "final": window.final}
+            if output_rows:
+                window = {**window, "output_rows": int(output_rows)}
             self._in_flight.append(handle.report.remote(window))
             while len(self._in_flight) > self.max_in_flight:
                 self._in_flight.popleft()

@@ -56,6 +56,10 @@ class AccuracyGuard:
         self.consecutive += 1
         return GuardAction.BACKOFF if self.consecutive >= self.backoff_after else GuardAction.RETUNE
 
+    def record(self, violated: bool) -> GuardAction:
+        """Like ``observe``, for a window already judged (e.g. by a binomial test)."""
+        return self.observe(0.0 if violated else 1.0)
+
     def reset(self) -> None:
         self.consecutive = 0
 

@@ -46,11 +46,13 @@ def initial_state(manifest, thresholds: list[float] | None = None):
     return ControllerState(version=0, thresholds=list(thresholds or manifest.thresholds), active=list(manifest.active))
 
 
-def start_shared_controller(model: str, manifest, settings, thresholds: list[float] | None = None) -> dict | None:
+def start_shared_controller(model: str, manifest, settings, thresholds: list[float] | None = None,
+                            defaults: dict | None = None, warm_start: bool = True) -> dict | None:
     """Create (or find) the named controller actor for `model`; None when `settings.enabled` is off.
 
-    `settings` is a pipeline.config.ControllerSettings. With `settings.warm_start` a fresh controller first
-    tunes on the artifact's validation feedback, when the artifact has it. Returns what workers need to
+    `settings` is a pipeline.config.ControllerSettings; `defaults` are ControllerConfig fields the deployment
+    sets (the user's `settings.tuning` wins). With `settings.warm_start` and `warm_start` a fresh controller
+    first tunes on the artifact's validation feedback, when the artifact has it. Returns what workers need to
     reach it (name, namespace, refresh_every_batches) plus the driver's `handle`.
     """
     if not settings.enabled:
@@ -59,10 +61,10 @@ def start_shared_controller(model: str, manifest, settings, thresholds: list[flo
 
     from pipeline.control.controller import get_or_create_controller
 
-    tuning = {"constraint": controller_constraint(manifest), **settings.tuning}
+    tuning = {"constraint": controller_constraint(manifest), **(defaults or {}), **settings.tuning}
     initial = initial_state(manifest, thresholds)
     name = settings.name or controller_name(model)
-    warm = warm_start_window(model, manifest) if settings.warm_start else None
+    warm = warm_start_window(model, manifest) if settings.warm_start and warm_start else None
     handle = get_or_create_controller(name, cost_model(manifest), tuning, initial, settings.checkpoint_url,
                                       namespace=settings.namespace, warm_start=warm)
     ray.get(handle.ping.remote(), timeout=60)
