@@ -235,6 +235,57 @@ class ActorPoolSpec(_Strict):
         return self
 
 
+class CertifySpec(_Strict):
+    """The accuracy promise of an offline job: at least 1 - constraint of its answered rows agree with the
+    original model. The job calibrates its thresholds on its own rows before the bulk pass, audits the
+    output as it goes, and reports the agreement with an interval (pipeline.offline.certificate)."""
+
+    enabled: bool = True
+    """Off: the artifact's (or the controller's) thresholds, the engine's shadow_fraction as feedback, and a
+    point estimate in the summary, with no promise."""
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Level of the reported two-sided Clopper-Pearson interval; calibration certifies its thresholds with
+    probability >= this (Learn then Test at delta = 1 - confidence)."""
+    calibrate: bool = True
+    """Off: the bulk pass starts from the engine's thresholds (the artifact's, or `engine.thresholds`) and
+    only the audit and the certificate run: a promise checked, not a calibrated one."""
+    calibration_rows: int | None = Field(None, ge=10)
+    """Rows drawn uniformly from the corpus and run to the end before the bulk pass. Default: as many as it
+    takes to certify thresholds whose disagreement is half the budget (1,499 at a 1% budget)."""
+    max_calibration_share: float = Field(0.15, gt=0, le=1)
+    """Calibration never takes more than this share of the job's rows (small jobs certify less boldly)."""
+    audit_fraction: float | None = Field(None, gt=0, le=1)
+    """Share of the bulk rows run to the end for the certificate (a Bernoulli sample by row position).
+    Default: sized after calibration so the interval's lower end can clear the promise at the disagreement
+    calibration measured, within [min_audit_fraction, max_audit_fraction]."""
+    min_audit_fraction: float = Field(0.01, gt=0, le=1)
+    max_audit_fraction: float = Field(0.25, gt=0, le=1)
+    window_output_rows: int = Field(2048, ge=1)
+    """The controller judges the output every this many answered rows (its windows), whatever the feedback
+    rate; its guard is an exact binomial test at level 1 - confidence."""
+    feedback_min: float = Field(0.02, ge=0, le=1)
+    """The controller asks for this share of rows as feedback once its evidence is far from the budget..."""
+    feedback_max: float = Field(0.1, ge=0, le=1)
+    """...and this share while it is thin or near the budget (the audit rows count toward both)."""
+    top_up: bool = True
+    """When the interval's lower end misses the promise but the audit saw disagreement under the budget (an
+    audit too small to tell), re-run a fresh uniform sample of the early-exit rows through the original
+    model and certify on it (pipeline.offline.repair): more work only when the evidence is short."""
+    on_uncertified: Literal["fail", "warn"] = "fail"
+    """When the interval's lower end is under the promise: `fail` exits non-zero (the output is kept and the
+    summary names the parts where disagreements were seen), `warn` only says so."""
+    seed: int = 0
+    """Seeds the calibration sample and the audit's row hash."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "CertifySpec":
+        if self.min_audit_fraction > self.max_audit_fraction:
+            raise ValueError(f"min_audit_fraction={self.min_audit_fraction} > max_audit_fraction={self.max_audit_fraction}")
+        if self.feedback_min > self.feedback_max:
+            raise ValueError(f"feedback_min={self.feedback_min} > feedback_max={self.feedback_max}")
+        return self
+
+
 class LocalRaySpec(_Strict):
     """The embedded Ray started when no --address is given."""
 
@@ -255,6 +306,7 @@ class JobConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     actors: ActorPoolSpec = Field(default_factory=ActorPoolSpec)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    certify: CertifySpec = Field(default_factory=CertifySpec)
     local_ray: LocalRaySpec = Field(default_factory=LocalRaySpec)
     resume: bool = False
     """Finish an interrupted job: keep finished parts, redo the rest."""

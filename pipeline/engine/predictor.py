@@ -73,6 +73,19 @@ def shadow_mask(keys: list, fraction: float) -> np.ndarray:
     return (h / 2**32) < fraction
 
 
+def key_uniforms(keys: list, salt: str = "") -> np.ndarray:
+    """[n] a pseudo-random number in [0, 1) per key, fixed by the key and `salt` (blake2b, not crc32: a
+    CRC of consecutive row numbers is far from uniform). `key_uniforms(keys, s) < f` picks a Bernoulli(f)
+    sample of rows that is the same on every run and in every batch."""
+    import hashlib
+
+    out = np.empty(len(keys), np.float64)
+    for i, k in enumerate(keys):
+        d = hashlib.blake2b(f"{salt}|{k}".encode("utf-8", "replace"), digest_size=8).digest()
+        out[i] = int.from_bytes(d, "little") / 2.0**64
+    return out
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,14 +196,15 @@ class Predictor:
 
     def predict_encoded(self, encoded: Encoded, keys: list, mode: str | None = None,
                         on_result: Callable[[int, Prediction], None] | None = None,
-                        defer_tail: bool = False) -> PredictOutput:
+                        defer_tail: bool = False, shadow: np.ndarray | None = None) -> PredictOutput:
         """Like predict, on rows already tokenized by a TextEncoder (keys pick the shadow rows).
         `defer_tail` (release mode): rows answered at a ramp are not run to the end here; the output's
         `tails` hold them, with the other non-shadow rows' feedback, for `finish_tail` (Serve runs them when
         the replica is idle).
         With `on_result`, a row's prediction is the one announced, even if its micro-batch then failed (it
         stays answered, not an error) or was retried after an OOM (feedback, tails and stats come from the
-        retry, which can differ by float rounding)."""
+        retry, which can differ by float rounding).
+        `shadow` [n] bool: the rows that run to the end as feedback (default: `shadow_fraction` of the keys)."""
         mode = mode or self.config.mode
         n = len(encoded)
         if on_result is not None:
@@ -211,7 +225,8 @@ class Predictor:
             enc = [encoded.input_ids[i] for i in valid]
             truncated = encoded.truncated[valid]
             # Exit mode's feedback rows (and a deferred release tail's; plain release feeds back every row).
-            shadow = shadow_mask([keys[i] for i in valid], self.config.shadow_fraction)
+            shadow = (shadow_mask([keys[i] for i in valid], self.config.shadow_fraction) if shadow is None
+                      else np.asarray(shadow, bool)[valid])
             lengths = np.array([len(e) for e in enc])
             pending = MicroBatchQueue(lengths, self.config.max_batch_rows)
             while pending:

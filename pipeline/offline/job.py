@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import JobConfig
-from pipeline.control.shared import start_shared_controller
+from pipeline.control.shared import controller_constraint, start_shared_controller
 from pipeline.offline import sink
 from pipeline.offline.shards import plan_shards, read_shard
 
@@ -27,7 +27,8 @@ class JobError(RuntimeError):
 
 
 def materialize_builtin(url: str, cache_dir: str = "artifacts/data") -> str:
-    """`builtin:NAME` -> a parquet file with id, text, gold_label (as a string)."""
+    """`builtin:NAME` -> a parquet file with id, text, gold_label (as a string). `builtin:A+B+C`: those
+    datasets one after another, as a corpus of several domains arrives (ids prefixed `A/`, `B/`, ...)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -36,13 +37,17 @@ def materialize_builtin(url: str, cache_dir: str = "artifacts/data") -> str:
     name = url.removeprefix("builtin:")
     path = Path(cache_dir) / f"{name}.parquet"
     if not path.exists():
-        ds = load_dataset(name)
+        parts = name.split("+")
+        tables = []
+        for part in parts:
+            ds = load_dataset(part)
+            ids = ds.ids or [str(i) for i in range(len(ds))]
+            cols = {"id": [f"{part}/{i}" for i in ids] if len(parts) > 1 else ids, "text": ds.texts}
+            if ds.labels is not None:
+                cols["gold_label"] = [ds.label_names[i] for i in ds.labels]
+            tables.append(pa.table(cols))
         path.parent.mkdir(parents=True, exist_ok=True)
-        labels = [ds.label_names[i] for i in ds.labels] if ds.labels is not None else None
-        cols = {"id": ds.ids or [str(i) for i in range(len(ds))], "text": ds.texts}
-        if labels:
-            cols["gold_label"] = labels
-        pq.write_table(pa.table(cols), path)
+        pq.write_table(pa.concat_tables(tables), path)
     return str(path.resolve())
 
 
@@ -80,7 +85,7 @@ def check_inputs(cfg: JobConfig):
             f"input {cfg.input.url!r} has no column {missing[0]!r} (columns: {first.column_names}); "
             "set input.text_column / input.id_column / input.passthrough in the job YAML (or --text-column)"
         )
-    plan = {"input": cfg.input.url, "rows_per_shard": cfg.input.rows_per_shard,
+    plan = {"input": cfg.input.url, "text_column": cfg.input.text_column, "rows_per_shard": cfg.input.rows_per_shard,
             "shards": [s.to_dict() for s in shards]}
     existing = sink.list_parts(cfg.output.url)
     if existing and not cfg.resume:
@@ -114,10 +119,37 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
          + (f" ({len(finished)} already finished, resuming)" if finished else ""))
 
     started = _init_ray(cfg, address)
+    t0 = time.perf_counter()
     try:
-        controller = start_shared_controller(cfg.model, manifest, cfg.controller, cfg.engine.thresholds)
-        summaries = _run_pipeline(cfg, todo, controller) if todo else []
+        constraint = controller_constraint(manifest)
+        c = cfg.certify
+        defaults = None if not c.enabled else {
+            "window_output_rows": c.window_output_rows, "guard_alpha": 1 - c.confidence,
+            "feedback_min": c.feedback_min, "feedback_max": c.feedback_max}
+        controller = start_shared_controller(cfg.model, manifest, cfg.controller, cfg.engine.thresholds,
+                                             defaults=defaults, warm_start=not c.enabled)
+        certify = calibration = None
+        if c.enabled and todo:
+            if c.calibrate:
+                from pipeline.offline.calibrate import calibrate_job
+
+                calibration = calibrate_job(cfg, shards, manifest, constraint, echo)
+                thresholds = calibration.thresholds
+                cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"thresholds": thresholds})})
+                if controller is not None:
+                    ray.get(controller["handle"].calibrate.remote(thresholds, calibration.report), timeout=60)
+            bulk = total_rows - (calibration.rows if calibration else 0)
+            audit = audit_fraction(c, calibration.report if calibration else None, bulk, total_rows, constraint)
+            echo(f"audit: {audit:.1%} of the bulk rows run to the end for the certificate")
+            certify = {"audit_fraction": audit, "seed": c.seed, "calibrated": calibration.answers if calibration else {}}
+        summaries = _run_pipeline(cfg, todo, controller, certify) if todo else []
         summary = _summarize(cfg, shards, finished, summaries, controller, manifest)
+        summary["seconds_total"] = round(time.perf_counter() - t0, 3)
+        if c.enabled:
+            cert = _certificate(cfg, summaries, finished, constraint, calibration, certify, summary)
+            if not cert["certified"] and c.top_up:
+                cert = _top_up(cfg, shards, cert, constraint, summary, echo)
+            summary["certificate"] = cert
     finally:
         if started:
             ray.shutdown()
@@ -125,7 +157,104 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
     return summary
 
 
-def _run_pipeline(cfg: JobConfig, todo, controller) -> list[dict]:
+def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int, constraint: float) -> float:
+    """The audit's rate: enough bulk rows that the certificate's lower end clears the promise when the
+    output disagrees at what calibration measured, plus a quarter of the way to its bound (the estimate of
+    the boldest point that passed is optimistic; planning at the bound itself oversizes the audit ~2x)."""
+    from pipeline.control.stats import rows_to_certify
+
+    if c.audit_fraction is not None:
+        return c.audit_fraction
+    if bulk_rows <= 0:
+        return c.max_audit_fraction
+    if calibration is None:  # nothing measured: plan for half the budget
+        rate = constraint / 2
+    else:
+        rate = calibration["test_disagreement"] + (calibration["upper_bound"] - calibration["test_disagreement"]) / 4
+    # The interval covers the bulk's disagreements, spread over every answered row (calibration's agree).
+    budget = constraint * total_rows / bulk_rows
+    # x1.25: the audit's size is itself random (Bernoulli), and a count just at the need fails half the time
+    need = 1.25 * rows_to_certify(rate, budget, c.confidence)
+    return float(min(c.max_audit_fraction, max(c.min_audit_fraction, need / bulk_rows)))
+
+
+def _certificate(cfg: JobConfig, summaries: list[dict], finished: set[int], constraint: float, calibration,
+                 certify: dict | None, summary: dict) -> dict:
+    """The certificate from this run's parts and, on --resume, the finished parts' stored counts."""
+    from pipeline.offline.certificate import certify as certify_parts
+
+    parts = [json.loads(r["part_stats"]) for r in summaries if r.get("part_stats")]
+    parts += sink.part_stats(cfg.output.url, finished)
+    cert = certify_parts(parts, constraint, cfg.certify.confidence)
+    cert["audit_fraction"] = None if certify is None else round(certify["audit_fraction"], 4)
+    if calibration is not None:
+        cert["calibration_report"] = calibration.report
+    # What the promise cost: the calibration pass's share of the job's time, and the share of layer work
+    # spent running audit and feedback rows past their answer.
+    run = sum(sum(r["layer_rows"]) for r in summaries)
+    answers = sum(r["bulk_answer_layers"] for r in summaries)
+    cert["cost"] = {
+        "calibration_seconds": None if calibration is None else round(calibration.seconds, 2),
+        "calibration_share_of_job_time": (None if calibration is None or not summary.get("seconds_total")
+                                          else round(calibration.seconds / summary["seconds_total"], 4)),
+        "feedback_share_of_bulk_layer_work": round((run - answers) / run, 4) if run else None,
+    }
+    return cert
+
+
+def _top_up(cfg: JobConfig, shards, cert: dict, constraint: float, summary: dict, echo) -> dict:
+    """A fresh audit when the job's own was too small to tell; the new certificate keeps the old one's
+    calibration and cost, and the looks before it."""
+    from pipeline.offline.certificate import describe
+    from pipeline.offline.repair import top_up
+
+    echo(describe(cert))
+    t = time.perf_counter()
+    new = top_up(cfg, shards, cert, constraint, int(summary["layers"]), echo)
+    if new is None:
+        return cert
+    keep = ("audit_fraction", "calibration_report", "cost")
+    looks = [{k: cert.get(k) for k in ("method", "agreement", "interval", "certified", "audit_early",
+                                        "audit_early_disagree")}]
+    new = {**new, **{k: cert[k] for k in keep if k in cert}, "earlier_looks": looks}
+    new["cost"] = {**new.get("cost", {}), "top_up_seconds": round(time.perf_counter() - t, 2)}
+    return new
+
+
+def repair_job(cfg: JobConfig, parts: list[int] | str | None = None, address: str | None = None,
+               echo=print) -> dict:
+    """`offramp run --repair`: re-run the early-exit rows of the parts a job's certificate names (or `parts`)
+    through the original model, top up the audit of the rest, and rewrite the summary."""
+    import ray
+
+    from pipeline.model.artifact import read_manifest
+    from pipeline.offline.repair import repair
+    from pipeline.offline.shards import Shard
+
+    summary = sink.read_json(cfg.output.url, sink.SUMMARY)
+    plan = sink.read_json(cfg.output.url, sink.PLAN)
+    if summary is None or plan is None or "certificate" not in summary:
+        raise JobError(f"--repair: {cfg.output.url!r} holds no finished certified job (no summary with a "
+                       "certificate); run the job first, or --resume it")
+    manifest = read_manifest(cfg.model)
+    shards = [Shard(**s) for s in plan["shards"]]
+    started = _init_ray(cfg, address)
+    t = time.perf_counter()
+    try:
+        cert = repair(cfg, shards, summary["certificate"], controller_constraint(manifest), manifest.num_layers,
+                      parts, echo)
+    finally:
+        if started:
+            ray.shutdown()
+    old = summary["certificate"]
+    summary["certificate"] = {**cert, "repaired": True, "repair_seconds": round(time.perf_counter() - t, 2),
+                              "earlier_looks": old.get("earlier_looks", []) + [
+                                  {k: old.get(k) for k in ("method", "agreement", "interval", "certified")}]}
+    sink.write_json(cfg.output.url, sink.SUMMARY, summary)
+    return summary
+
+
+def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None) -> list[dict]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -152,7 +281,7 @@ def _run_pipeline(cfg: JobConfig, todo, controller) -> list[dict]:
         # and its batch is retried; parts are atomic with deterministic names, so no duplicates.
         fn_constructor_kwargs=dict(model=os.path.abspath(cfg.model) if "://" not in cfg.model else cfg.model,
                                    engine=engine, output_url=cfg.output.url, passthrough=cfg.input.passthrough,
-                                   controller=ctl),
+                                   controller=ctl, certify=certify),
     )
     t = time.perf_counter()
     try:
@@ -185,6 +314,7 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
     agree = int(sum(r["shadow_agree"] for r in rows))
     answered = int(exits[1:].sum())
     budgets = [int(r["token_budget"]) for r in rows]
+    calibrated = sum(json.loads(r["part_stats"])["calibration"] for r in rows if r.get("part_stats"))
     per_worker: dict[str, int] = {}
     busy: dict[str, float] = {}  # seconds each actor spent classifying (the rest: start-up, waiting for input)
     for r in rows:
@@ -197,6 +327,7 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "output": cfg.output.url,
         "rows": n,
         "rows_total": int(sum(s.rows for s in shards)),
+        "layers": L,
         "shards": len(shards),
         "shards_resumed": len(finished),
         "seconds": round(elapsed, 3),
@@ -206,6 +337,10 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "exits_per_layer": {str(i): int(exits[i]) for i in range(1, L + 1)},
         "mean_exit_layer": round(float((exits * np.arange(L + 1)).sum() / answered), 3) if answered else None,
         "layer_compute_saved": round(1 - float((exits * np.arange(L + 1)).sum()) / (answered * L), 4) if answered else None,
+        # The above counts each row at its answer; this counts the layers that ran (calibration, audit and
+        # feedback rows run to the end).
+        "layer_compute_saved_actual": (round(1 - float(sum(sum(r["layer_rows"]) for r in rows) + calibrated * L)
+                                             / (answered * L), 4) if answered else None),
         "shadow_rows": shadow,
         "shadow_agreement": round(agree / shadow, 4) if shadow else None,
         "threshold_versions_seen": sorted({int(r["policy_version"]) for r in rows}),

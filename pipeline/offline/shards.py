@@ -7,6 +7,7 @@ shards so every actor gets work (the new parquet reader makes one block of small
 from __future__ import annotations
 
 import math
+import posixpath
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -73,3 +74,14 @@ def read_shard(shard: Shard) -> pa.Table:
             table = pf.read_row_groups(groups)
         return table.slice(shard.start - first, shard.rows)
     return _read_one(fs, path).slice(shard.start, shard.rows)
+
+
+def row_ids(table: pa.Table, shard: Shard, id_column: str | None, rows=None) -> list:
+    """Each row's id: the id column as strings, or stable `<file name>:<row number>` (the same on every run).
+    `rows`: positions within the shard (default: all of it, in order)."""
+    positions = range(table.num_rows) if rows is None else rows
+    if id_column:
+        col = table.column(id_column)
+        return [None if (v := col[int(i)].as_py()) is None else str(v) for i in positions]
+    base = posixpath.basename(shard.path)
+    return [f"{base}:{shard.start + int(i)}" for i in positions]

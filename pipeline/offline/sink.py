@@ -16,6 +16,7 @@ import pyarrow as pa
 PART = re.compile(r"part-(\d{6})-(\d{6})\.parquet$")
 PLAN = "_offramp_plan.json"
 SUMMARY = "_offramp_summary.json"
+STATS_KEY = b"offramp.part_stats"
 
 
 def part_name(shard: int, first_row: int = 0) -> str:
@@ -28,17 +29,53 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def write_part(table: pa.Table, output_url: str, shard: int, first_row: int = 0) -> str:
+def write_part(table: pa.Table, output_url: str, shard: int, first_row: int = 0, stats: dict | None = None) -> str:
+    """Write a part atomically; `stats` (the part's audit counts) ride in its parquet metadata, so a resumed
+    job's certificate can count the parts it did not write."""
+    if stats is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats)})
+    return write_table(output_url, part_name(shard, first_row), table)
+
+
+def write_table(output_url: str, name: str, table: pa.Table) -> str:
+    """`name` under the output, atomically: a temporary name, then a rename."""
     import pyarrow.parquet as pq
 
     fs, root = _fs(output_url)
     fs.makedirs(root, exist_ok=True)
-    final = f"{root.rstrip('/')}/{part_name(shard, first_row)}"
-    tmp = f"{root.rstrip('/')}/_tmp-{shard:06d}-{first_row:06d}-{uuid.uuid4().hex[:8]}.parquet"
+    final = f"{root.rstrip('/')}/{name}"
+    tmp = f"{root.rstrip('/')}/_tmp-{name.removesuffix('.parquet')}-{uuid.uuid4().hex[:8]}.parquet"
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
     fs.mv(tmp, final)
     return final
+
+
+def read_table(output_url: str, name: str) -> pa.Table | None:
+    import pyarrow.parquet as pq
+
+    fs, root = _fs(output_url)
+    path = f"{root.rstrip('/')}/{name}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def part_stats(output_url: str, shards: set[int]) -> list[dict]:
+    """The audit counts stored in the parts of `shards` (parts written without them are left out)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = _fs(output_url)
+    out = []
+    for shard, paths in list_parts(output_url).items():
+        if shard in shards:
+            for p in paths:
+                with fs.open(p, "rb") as f:
+                    meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+                if STATS_KEY in meta:
+                    out.append(json.loads(meta[STATS_KEY]))
+    return out
 
 
 def list_parts(output_url: str) -> dict[int, list[str]]:

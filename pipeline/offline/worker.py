@@ -7,16 +7,16 @@ one-row summary per shard (rows, exits per layer, shadow agreement, thresholds v
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
-import posixpath
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.offline.shards import Shard, read_shard
+from pipeline.offline.shards import Shard, read_shard, row_ids
 from pipeline.offline.sink import write_part
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,7 @@ def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: st
         if missing:
             raise ValueError(f"{shard.path} has no column {missing[0]!r} (columns: {table.column_names})")
         texts = table.column(text_column).to_pylist()
-        if id_column:
-            ids = [None if v is None else str(v) for v in table.column(id_column).to_pylist()]
-        else:  # stable ids: file name and row number, the same on every run
-            base = posixpath.basename(shard.path)
-            ids = [f"{base}:{shard.start + i}" for i in range(len(texts))]
+        ids = row_ids(table, shard, id_column)
         enc = _encoder(model, max_length).encode(texts)
         cols = {
             "id": pa.array(ids, pa.string()),
@@ -64,7 +60,7 @@ class EarlyExitWorker:
     """Hosts one early-exit model; classifies whole shards and writes their parts."""
 
     def __init__(self, model: str, engine: dict, output_url: str, passthrough: list[str],
-                 controller: dict | None = None):
+                 controller: dict | None = None, certify: dict | None = None):
         from pipeline.config import EngineConfig
         from pipeline.engine.predictor import Predictor
 
@@ -73,6 +69,9 @@ class EarlyExitWorker:
         log.info("worker warmed up in %.1f s", self.predictor.warm_up())  # a compiled model compiles now
         self.output_url = output_url
         self.passthrough = passthrough
+        # Certified jobs: the calibration rows' answers (shard -> position -> output values), the audit's
+        # sampling rate and seed. None: the engine's shadow_fraction alone feeds the controller.
+        self.certify = certify
         import ray
 
         # node id, not host name: several nodes can share one host (ray.cluster_utils.Cluster)
@@ -95,48 +94,73 @@ class EarlyExitWorker:
         if self.client.version > self.predictor.policy.version:
             self.predictor.set_policy(ExitPolicy(self.client.thresholds, self.client.active, self.client.version))
 
+    def _shadow(self, shard: int, positions: list[int]) -> np.ndarray | None:
+        """[n] rows to run to the end: the audit (a fixed-rate sample for the certificate) and the extra rows
+        the controller asks for while its evidence is thin. None: the engine's shadow_fraction."""
+        from pipeline.engine.predictor import key_uniforms
+
+        if self.certify is None:
+            return None
+        keys = [f"{shard}:{r}" for r in positions]
+        seed, audit = self.certify["seed"], self.certify["audit_fraction"]
+        extra = max(0.0, (self.client.feedback_fraction if self.client else 0.0) - audit)
+        self._audit = key_uniforms(keys, f"audit{seed}") < audit
+        return self._audit | (key_uniforms(keys, f"steer{seed}") < extra)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.engine.encoder import Encoded
 
+        L = self.predictor.model.num_layers
         summaries = []
         for shard in sorted(set(batch.column("shard").to_pylist())):
             rows = batch.filter(pc.equal(batch.column("shard"), shard))
             self._maybe_update_policy()
             t = time.perf_counter()
+            positions = rows.column("row").to_pylist()
+            known = (self.certify or {}).get("calibrated", {}).get(int(shard), {})
+            todo = [i for i, r in enumerate(positions) if r not in known]  # calibration rows are answered
+            sub = rows.take(pa.array(todo, pa.int64())) if len(todo) < len(positions) else rows
             enc = Encoded(
-                [list(x) for x in rows.column("input_ids").to_numpy(zero_copy_only=False)],
-                rows.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
-                rows.column("error").to_pylist(),
+                [list(x) for x in sub.column("input_ids").to_numpy(zero_copy_only=False)],
+                sub.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
+                sub.column("error").to_pylist(),
             )
             ids = rows.column("id").to_pylist()
-            out = self.predictor.predict_encoded(enc, keys=ids)
+            shadow = self._shadow(int(shard), [positions[i] for i in todo])
+            out = self.predictor.predict_encoded(enc, keys=[ids[i] for i in todo], shadow=shadow)
             seconds = time.perf_counter() - t
-            preds = out.predictions
+            values = [known[r] if r in known else None for r in positions]  # ANSWER_COLUMNS order
+            for i, p in zip(todo, out.predictions):
+                values[i] = (ids[i], p.label, p.label_id, p.score, p.exit_layer, p.truncated, p.error)
+            cols = list(zip(*values))
             table = {
-                "id": ids,
-                "label": [p.label for p in preds],
-                "label_id": pa.array([p.label_id for p in preds], pa.int32()),
-                "score": pa.array([p.score for p in preds], pa.float32()),
-                "exit_layer": pa.array([p.exit_layer for p in preds], pa.int16()),
-                "truncated": [p.truncated for p in preds],
-                "error": pa.array([p.error for p in preds], pa.string()),
+                "id": list(cols[0]),
+                "label": list(cols[1]),
+                "label_id": pa.array(cols[2], pa.int32()),
+                "score": pa.array(cols[3], pa.float32()),
+                "exit_layer": pa.array(cols[4], pa.int16()),
+                "truncated": list(cols[5]),
+                "error": pa.array(cols[6], pa.string()),
             }
             for c in self.passthrough:
                 table[c] = rows.column(c)
-            first_row = int(pc.min(rows.column("row")).as_py())
-            write_part(pa.table(table), self.output_url, int(shard), first_row)
+            first_row = int(min(positions))
+            stats = self._part_stats(int(shard), first_row, values, out, len(positions) - len(todo), L)
+            write_part(pa.table(table), self.output_url, int(shard), first_row, stats if self.certify else None)
 
             fb = out.feedback
             shadow_agree, _ = out.shadow_agreement()
             if self.client is not None and len(fb):
-                self.client.report(fb)
-            L = self.predictor.model.num_layers
+                self.client.report(fb, output_rows=len(todo))
+            exits = [v[4] for v in values]
             summaries.append({
                 "shard": int(shard),
-                "rows": len(preds),
-                "errors": sum(p.error is not None for p in preds),
-                "truncated": sum(p.truncated for p in preds),
-                "exits": np.bincount([p.exit_layer for p in preds], minlength=L + 1).tolist(),
+                "rows": len(values),
+                "errors": sum(v[6] is not None for v in values),
+                "truncated": sum(bool(v[5]) for v in values),
+                "exits": np.bincount(exits, minlength=L + 1).tolist(),
+                "layer_rows": out.stats["layer_rows"],
+                "bulk_answer_layers": int(sum(p.exit_layer for p in out.predictions)),
                 "shadow_rows": len(fb),
                 "shadow_agree": shadow_agree,
                 "policy_version": int(self.predictor.policy.version),
@@ -144,5 +168,27 @@ class EarlyExitWorker:
                 "token_budget": out.stats["token_budget"],
                 "worker": self.worker,
                 "compression": self.predictor.compression,
+                "part_stats": json.dumps(stats),
             })
         return pa.Table.from_pylist(summaries)
+
+    def _part_stats(self, shard: int, first_row: int, values: list[tuple], out, calibration: int, L: int) -> dict:
+        """The part's counts for the certificate (pipeline.offline.certificate.COUNTS)."""
+        answered = [v for v in values if v[6] is None]
+        early = sum(v[4] < L for v in answered)
+        stats = {"shard": shard, "first_row": first_row, "rows": len(values), "answered": len(answered),
+                 "calibration": int(calibration), "early": int(early), "exact": len(answered) - int(early),
+                 "audit": 0, "audit_disagree": 0, "audit_early": 0, "audit_early_disagree": 0}
+        if self.certify is None or not len(out.feedback):
+            return stats
+        for k, i in enumerate(out.feedback_rows.tolist()):
+            if not self._audit[i]:
+                continue
+            p = out.predictions[i]
+            wrong = int(p.label_id != int(out.feedback.final[k]))
+            stats["audit"] += 1
+            stats["audit_disagree"] += wrong
+            if p.exit_layer < L:
+                stats["audit_early"] += 1
+                stats["audit_early_disagree"] += wrong
+        return stats

@@ -45,6 +45,8 @@ def _cfg(model, inp, out, **kw):
         "controller": {"enabled": True, "name": f"ctl-{os.path.basename(str(out))}",
                        "tuning": {"window_rows": 32}},
         "engine": {"shadow_fraction": 0.25},
+        # Calibration changes the thresholds: tests of the other machinery run without it (its own tests below).
+        "certify": {"enabled": False},
     }
     for k, v in kw.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
@@ -165,3 +167,107 @@ def test_killed_actor_job_still_completes_exactly_once(ray_session, tiny_artifac
     rows = _read_output(tmp_path / "out")
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)) == 3000
+
+
+def test_certified_job_calibrates_on_its_own_rows_audits_the_rest_and_certifies(ray_session, tiny_artifact, tmp_path):
+    """The default job: a uniform sample answered by the original head (and kept as final answers), the bulk
+    at the certified thresholds, a certificate whose counts add up, and --resume reusing the calibration."""
+    import numpy as np
+
+    from pipeline.engine.policy import ExitPolicy
+
+    texts = _write_parquet_dir(tmp_path / "in", 900)
+    cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", controller={"enabled": False},
+               certify={"enabled": True, "calibration_rows": 200, "max_calibration_share": 0.5,
+                        "audit_fraction": 0.3})
+    messages = []
+    summary = run_job(cfg, echo=messages.append)
+    cert = summary["certificate"]
+    cal = pq.read_table(tmp_path / "out" / "_offramp_calibration.parquet").to_pydict()
+    assert len(cal["id"]) == cert["calibration"] == 200 and len(set(cal["id"])) == 200
+    rows = {r["id"]: r for r in _read_output(tmp_path / "out")}
+    assert len(rows) == 900
+    # Calibration rows are final answers from the original head; the bulk ran at the certified thresholds.
+    local = Predictor(tiny_artifact)
+    L = local.model.num_layers
+    local.set_policy(ExitPolicy(np.ones(local.num_ramps), local.policy.active, 0))  # the original head alone
+    full = local.predict(texts, ids=[f"r{i}" for i in range(900)])
+    certified = cert["calibration_report"]["thresholds"]
+    local.set_policy(ExitPolicy(np.asarray(certified), local.policy.active, 0))
+    at_certified = local.predict(texts, ids=[f"r{i}" for i in range(900)])
+    sampled = set(cal["id"])
+    for i in range(900):
+        r = rows[f"r{i}"]
+        if f"r{i}" in sampled:
+            assert r["exit_layer"] == L and r["label_id"] == full.predictions[i].label_id
+        else:
+            assert (r["label_id"], r["exit_layer"]) == (at_certified.predictions[i].label_id,
+                                                        at_certified.predictions[i].exit_layer)
+    assert cert["answered"] == 900 and cert["exact"] + cert["early"] == 900 and cert["calibration"] <= cert["exact"]
+    assert cert["early"] == sum(r["exit_layer"] < L for r in rows.values())
+    assert 0.2 < cert["audit"] / 700 < 0.4  # a 30% Bernoulli sample of the 700 bulk rows
+    assert sum(p["rows"] for p in cert["parts"]) == 900
+    lo, hi = cert["interval"]
+    assert lo <= (cert["agreement"] if cert["agreement"] is not None else hi) <= hi
+    assert any("calibrating on 200 rows" in m for m in messages)
+
+    # --resume: half the parts lost; the calibration sample is reused, and the certificate still counts every part
+    parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))
+    for p in parts[::2]:
+        os.remove(tmp_path / "out" / p)
+    messages.clear()
+    again = run_job(cfg.model_copy(update={"resume": True}), echo=messages.append)
+    assert any("reloaded" in m for m in messages) and not any("calibrating on" in m for m in messages)
+    assert again["certificate"]["rows"] == 900 and again["certificate"]["answered"] == 900
+    assert again["certificate"]["calibration"] == 200
+    assert len({r["id"] for r in _read_output(tmp_path / "out")}) == 900
+
+
+def test_repair_reruns_named_parts_through_the_original_model_and_recertifies(ray_session, tiny_artifact, tmp_path):
+    """An output whose certificate falls short is brought within the promise: the named parts' early-exit rows
+    get the original head's answers, and the certificate rests on a fresh sample of the rest."""
+    import numpy as np
+
+    from pipeline.engine.policy import ExitPolicy
+    from pipeline.offline.job import repair_job
+
+    texts = _write_parquet_dir(tmp_path / "in", 600)
+    # Thresholds opened by hand and no calibration (only the audit and the certificate), an audit far too
+    # small to certify the many early exits, and no automatic top-up: --repair has work to do.
+    cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", controller={"enabled": False},
+               engine={"thresholds": [0.0, 1.0, 1.0]},
+               certify={"enabled": True, "calibrate": False, "audit_fraction": 0.02, "top_up": False})
+    cert = run_job(cfg)["certificate"]
+    assert cert["early"] == 600 and not cert["certified"] and "calibration_report" not in cert
+    parts = sorted({p["shard"] for p in cert["parts"]})[:3]
+    messages = []
+    repaired = repair_job(cfg, parts, echo=messages.append)["certificate"]
+    assert any("re-running" in m for m in messages)
+    local = Predictor(tiny_artifact)
+    local.set_policy(ExitPolicy(np.ones(local.num_ramps), local.policy.active, 0))
+    full = local.predict(texts, ids=[f"r{i}" for i in range(600)])
+    plan = json.loads((tmp_path / "out" / "_offramp_plan.json").read_text())["shards"]
+    rows = pq.read_table(str(tmp_path / "out")).to_pylist()
+    assert len(rows) == 600
+    first = {}  # input file -> its first row's global index
+    for name in sorted({s["path"] for s in plan}):
+        first[name] = len(first) * 200
+    shard_of = {}
+    for s in plan:
+        for k in range(s["start"], s["stop"]):
+            shard_of[f"r{first[s['path']] + k}"] = s["shard"]
+    for r in rows:
+        i = int(r["rid"][1:]) if "rid" in r else int(r["id"][1:])
+        if shard_of[r["id"]] in parts:  # every row of a repaired part carries the original head's answer
+            assert r["exit_layer"] == local.model.num_layers and r["label_id"] == full.predictions[i].label_id
+    assert repaired["repaired"] and repaired["early"] == cert["early"] - sum(
+        s["stop"] - s["start"] for s in plan if s["shard"] in parts)
+    # A random tiny model's ramp disagrees far beyond the budget: no fresh sample can certify the rest, so
+    # the certificate stays short and says so; repairing every part leaves an exact output.
+    assert not repaired["certified"] and repaired["earlier_looks"][-1]["certified"] is False
+    final = repair_job(cfg, "all", echo=messages.append)["certificate"]
+    assert final["certified"] and final["early"] == 0 and final["interval"] == [1.0, 1.0]
+    by_id = {r["id"]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
+    assert [by_id[f"r{i}"]["label_id"] for i in range(600)] == [p.label_id for p in full.predictions]
+    summary = json.loads((tmp_path / "out" / "_offramp_summary.json").read_text())
+    assert summary["certificate"]["repaired"] and len(summary["certificate"]["earlier_looks"]) == 2

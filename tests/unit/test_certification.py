@@ -1,0 +1,222 @@
+"""The statistics behind an offline job's accuracy promise: intervals, calibration, the certificate, the guard."""
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.control.calibration import calibration_rows, certify_thresholds, split_rows
+from pipeline.control.controller import ControllerConfig, ThresholdController
+from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
+from pipeline.control.stats import binom_cdf, binom_sf, clopper_pearson, rows_to_certify, wilson
+from pipeline.control.synthetic import synthetic_window
+from pipeline.control.tuner import evaluate, tune_thresholds
+from pipeline.offline.certificate import certify
+
+SKILLS = [0.45, 0.55, 0.65, 0.8, 0.9]
+COSTS = CostModel.uniform(6, [1, 2, 3, 4, 5], ramp_cost=0.004)
+
+
+def _pmf(k, n, p):
+    return math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                    + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
+def test_binomial_tails_match_the_exact_sum():
+    for n, p in [(50, 0.01), (300, 0.05), (1000, 0.004)]:
+        for k in (0, 1, 3, 10):
+            exact = sum(_pmf(i, n, p) for i in range(k + 1))
+            assert binom_cdf(k, n, p) == pytest.approx(exact, rel=1e-9, abs=1e-15)
+            assert binom_sf(k + 1, n, p) == pytest.approx(1 - exact, rel=1e-9, abs=1e-12)
+
+
+def test_clopper_pearson_known_values():
+    lo, hi = clopper_pearson(50, 100, 0.95)
+    assert (lo, hi) == pytest.approx((0.3983, 0.6017), abs=1e-4)  # textbook values
+    assert clopper_pearson(0, 50, 0.95) == pytest.approx((0.0, 0.07112), abs=1e-5)  # 1 - 0.025 ** (1/50)
+    assert clopper_pearson(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        clopper_pearson(5, 3)
+
+
+@pytest.mark.parametrize("n", [60, 400, 1500])
+@pytest.mark.parametrize("p", [0.002, 0.01, 0.05, 0.3])
+def test_clopper_pearson_covers_at_the_stated_rate_exactly(n, p):
+    """Coverage summed over every outcome (no simulation): at least the confidence, for any true rate."""
+    cover = 0.0
+    sd = math.sqrt(n * p * (1 - p))
+    for k in range(max(0, int(n * p - 12 * sd - 5)), min(n, int(n * p + 12 * sd + 5)) + 1):
+        pmf = _pmf(k, n, p)
+        if pmf < 1e-15:
+            continue
+        lo, hi = clopper_pearson(k, n, 0.95)
+        cover += pmf * (lo <= p <= hi)
+    assert cover >= 0.95 - 1e-9
+
+
+def test_wilson_brackets_the_estimate():
+    lo, hi = wilson(5, 1000)
+    assert lo < 0.005 < hi and hi < 0.012
+
+
+def test_rows_to_certify_grows_as_the_rate_nears_the_budget():
+    sizes = [rows_to_certify(r, 0.01) for r in (0.002, 0.004, 0.006, 0.008)]
+    assert sizes == sorted(sizes) and sizes[-1] > 4 * sizes[1]
+    n = sizes[2]
+    assert clopper_pearson(math.floor(0.006 * n), n)[1] <= 0.01
+    assert rows_to_certify(0.01, 0.01) == 1_000_000  # a rate at the budget can never be told apart from it
+    assert calibration_rows(0.01) > calibration_rows(0.02)
+
+
+def _sample(rows, seed, shift=0.0):
+    return synthetic_window(rows, SKILLS, seed=seed, shift=shift)
+
+
+def test_calibration_keeps_the_true_disagreement_within_the_budget_with_the_stated_probability():
+    """Learn then Test: over independent calibration samples, the certified thresholds break the budget on the
+    whole population in at most ~delta of runs (binomial slack for 120 runs), and they save most of what
+    thresholds fitted to the population itself at the full budget save (an oracle no job has)."""
+    population = _sample(200_000, seed=1)
+    n = calibration_rows(0.01, 0.05)
+    failures, savings = 0, []
+    for run in range(120):
+        w = population.take(np.random.default_rng(100 + run).choice(len(population), n, replace=False))
+        tune, test = split_rows(len(w), seed=run)
+        cal = certify_thresholds(w.take(tune), w.take(test), COSTS, 0.01, 0.05)
+        true = evaluate(population, COSTS, cal.thresholds)
+        failures += (1 - true.agreement) > 0.01
+        savings.append(true.layer_savings)
+    assert failures <= binom_ppf_upper(120, 0.05)
+    oracle = evaluate(population, COSTS, tune_thresholds(population, COSTS, 0.01).thresholds).layer_savings
+    assert np.median(savings) > 0.6 * oracle
+
+
+def binom_ppf_upper(n, p, level=0.999):
+    """The count a Binomial(n, p) stays under with probability `level`."""
+    k = 0
+    while binom_cdf(k, n, p) < level:
+        k += 1
+    return k
+
+
+def test_calibration_closes_every_ramp_when_nothing_can_be_certified():
+    w = _sample(300, seed=2, shift=0.9)  # ramps nearly always wrong, and only 210 test rows
+    tune, test = split_rows(len(w))
+    cal = certify_thresholds(w.take(tune), w.take(test), COSTS, 0.01, 0.05)
+    assert cal.chosen == -1 and np.all(cal.thresholds == CLOSED)
+    assert cal.path and not cal.path[-1]["passed"]
+
+
+def _parts(rng, early_rate, wrong_rate, audit, rows=1000, n_parts=10):
+    """Synthetic parts: each row exits early with `early_rate`; an early row disagrees with `wrong_rate`;
+    the audit samples rows at rate `audit`. Returns (parts, true agreement)."""
+    parts, wrong_total = [], 0
+    for s in range(n_parts):
+        early = rng.uniform(size=rows) < early_rate
+        wrong = early & (rng.uniform(size=rows) < wrong_rate)
+        audited = rng.uniform(size=rows) < audit
+        wrong_total += int(wrong.sum())
+        parts.append({"shard": s, "first_row": 0, "rows": rows, "answered": rows, "calibration": 0,
+                      "exact": int((~early).sum()), "early": int(early.sum()),
+                      "audit": int(audited.sum()), "audit_disagree": int((audited & wrong).sum()),
+                      "audit_early": int((audited & early).sum()),
+                      "audit_early_disagree": int((audited & wrong).sum())})
+    return parts, 1 - wrong_total / (rows * n_parts)
+
+
+def test_the_certificate_interval_covers_the_true_agreement_at_the_stated_rate():
+    rng = np.random.default_rng(3)
+    covered, runs = 0, 300
+    for _ in range(runs):
+        parts, truth = _parts(rng, early_rate=0.7, wrong_rate=0.01, audit=0.1)
+        lo, hi = certify(parts, 0.01, 0.95)["interval"]
+        covered += lo <= truth <= hi
+    # 95% nominal; Clopper-Pearson is conservative. 300 runs: below 0.92 would be a real miss.
+    assert covered / runs >= 0.92
+
+
+def test_the_certificate_fails_loudly_when_the_lower_end_is_under_the_promise():
+    rng = np.random.default_rng(4)
+    parts, truth = _parts(rng, early_rate=0.7, wrong_rate=0.03, audit=0.2)
+    cert = certify(parts, 0.01, 0.95)
+    assert truth < 0.99 and not cert["certified"]
+    assert cert["parts_with_disagreements"] and set(cert["parts_with_disagreements"]) <= set(range(10))
+    good, _ = _parts(rng, early_rate=0.7, wrong_rate=0.001, audit=0.2)
+    assert certify(good, 0.01, 0.95)["certified"]
+
+
+def test_rows_answered_by_the_original_head_are_exact_and_an_unaudited_stratum_is_vacuous():
+    part = {"shard": 0, "rows": 100, "answered": 100, "calibration": 20, "exact": 60, "early": 40,
+            "audit": 0, "audit_disagree": 0, "audit_early": 0, "audit_early_disagree": 0}
+    cert = certify([part], 0.01)
+    assert cert["interval"] == pytest.approx([0.6, 1.0]) and cert["agreement"] is None
+    assert not cert["certified"]
+    exact = dict(part, exact=100, early=0)
+    assert certify([exact], 0.01)["interval"] == pytest.approx([1.0, 1.0])
+
+
+def _held(constraint=0.01, **kw):
+    cfg = ControllerConfig(constraint=constraint, window_rows=100_000, window_output_rows=2000, guard_alpha=0.05,
+                           feedback_min=0.02, feedback_max=0.2, max_pending_rows=100_000, **kw)
+    ctl = ThresholdController(COSTS, cfg)
+    cal_rows = _sample(calibration_rows(constraint), seed=5)
+    tune, test = split_rows(len(cal_rows))
+    cal = certify_thresholds(cal_rows.take(tune), cal_rows.take(test), COSTS, constraint)
+    ctl.calibrate(cal.thresholds)
+    return ctl, cal.thresholds
+
+
+def _confidently_wrong(w: FeedbackWindow, share: float, seed: int) -> FeedbackWindow:
+    """A domain where the ramps stay as confident but err on `share` of the rows (what hurt on unseen domains)."""
+    flip = np.random.default_rng(seed).uniform(size=len(w)) < share
+    pred = np.where(flip[:, None], 1 - w.final[:, None], w.pred)
+    return FeedbackWindow(w.conf, pred, w.final)
+
+
+def test_a_sudden_drift_is_caught_within_one_window_of_output_rows():
+    """A calibrated controller fed 10% of each 2,000-row window: a drift to rows where the ramps are confidently
+    wrong on 20% of rows (~4% disagreement at the certified thresholds) is backed off in the first drifted
+    window, for every seed tried."""
+    for seed in range(8):
+        ctl, base = _held()
+        for k in range(3):  # in-domain windows: held
+            ctl.report(_sample(200, seed=1000 * seed + k), output_rows=2000)
+        assert np.array_equal(ctl.get_state()["thresholds"], base)
+        drifted = _confidently_wrong(_sample(200, seed=1000 * seed + 50), 0.2, seed)
+        assert 1 - evaluate(drifted, COSTS, base).agreement > 0.02
+        ctl.report(drifted, output_rows=2000)
+        h = ctl.history()[-1]
+        assert h["action"] == "backoff", (seed, h)
+        assert np.all(np.array(ctl.get_state()["thresholds"]) >= base)
+
+
+def test_stationary_windows_hold_the_certified_thresholds_and_feedback_falls_to_its_minimum():
+    ctl, base = _held()
+    assert ctl.get_state()["feedback_fraction"] == 0.2  # no evidence yet at these thresholds
+    actions = []
+    for k in range(12):
+        ctl.report(_sample(200, seed=k), output_rows=2000)
+        actions.append(ctl.history()[-1]["action"])
+    assert actions.count("backoff") <= 1  # a test at alpha 0.05 per window: a rare false alarm, lifted later
+    assert ctl.get_state()["calibrated"]
+    assert ctl.get_state()["feedback_fraction"] == 0.02
+    assert ctl.get_state()["windows"] == 12
+
+
+def test_windows_close_on_output_rows_however_sparse_the_feedback():
+    ctl, _ = _held()
+    ctl.report(_sample(30, seed=1), output_rows=1500)
+    assert ctl.get_state()["windows"] == 0
+    ctl.report({**_sample(30, seed=2).to_dict(), "output_rows": 600})  # as the client sends it
+    assert ctl.get_state()["windows"] == 1 and ctl.history()[-1]["rows"] == 60
+
+
+def test_a_restarted_controller_keeps_holding_its_certified_thresholds(tmp_path):
+    url = str(tmp_path / "ckpt.json")
+    cfg = ControllerConfig(window_output_rows=500, guard_alpha=0.05)
+    ctl = ThresholdController(COSTS, cfg, checkpoint_url=url)
+    base = np.array([CLOSED, CLOSED, 0.9, 0.8, 0.7])
+    ctl.calibrate(base)
+    again = ThresholdController(COSTS, cfg, checkpoint_url=url)
+    assert again.get_state()["calibrated"] and np.array_equal(again.get_state()["thresholds"], base)
+    again.report(FeedbackWindow.concat([_sample(100, seed=9)]), output_rows=600)
+    assert np.all(np.array(again.get_state()["thresholds"]) >= base)
