@@ -163,16 +163,77 @@ def _job_config(config, **overrides):
 @click.option("--model", "model", default=None, help="Override model.")
 @click.option("--address", default=None, help="Join this Ray cluster (e.g. ray://head:10001 or auto); default: embedded local Ray.")
 @click.option("--resume", is_flag=True, default=None, help="Finish an interrupted job: keep finished parts.")
-def run(config, input_url, output_url, model, address, resume):
-    """Run an offline batch-inference job on Ray (embedded local Ray unless --address)."""
-    from pipeline.offline.job import JobError, format_summary, run_job
+@click.option("--allow-uncertified", is_flag=True, help="Exit 0 even when the agreement interval's lower end "
+              "is under the promise (certify.on_uncertified: warn).")
+@click.option("--repair", is_flag=True, help="Bring a finished job's output within its promise: re-run the "
+              "early-exit rows of the parts its certificate names through the original model, then audit the rest afresh.")
+@click.option("--repair-parts", default=None, help="With --repair: these parts (shard numbers, e.g. 3,7, or all) instead.")
+def run(config, input_url, output_url, model, address, resume, allow_uncertified, repair, repair_parts):
+    """Run an offline batch-inference job on Ray (embedded local Ray unless --address).
 
-    cfg = _job_config(config, **{"input.url": input_url, "output.url": output_url, "model": model, "resume": resume})
+    Exit status 3: the job finished but its output's agreement with the original model is not certified
+    (the interval's lower end is under 1 - constraint); the summary names the parts where it fell short."""
+    from pipeline.offline.job import JobError, format_summary, repair_job, run_job
+
+    overrides = {"input.url": input_url, "output.url": output_url, "model": model, "resume": resume,
+                 "certify.on_uncertified": "warn" if allow_uncertified else None}
+    cfg = _job_config(config, **overrides)
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
     try:
-        summary = run_job(cfg, address=address, echo=lambda m: click.echo(m, err=True))
+        if repair or repair_parts:
+            parts = (repair_parts if repair_parts in (None, "all") else
+                     [int(x) for x in repair_parts.split(",") if x.strip()])
+            summary = repair_job(cfg, parts, address=address, echo=echo)
+        else:
+            summary = run_job(cfg, address=address, echo=echo)
     except (JobError, ValueError, FileNotFoundError) as e:
         _fail(e)
     click.echo(format_summary(summary))
+    _check_certificate(summary, cfg.certify.on_uncertified)
+
+
+def _check_certificate(summary: dict, on_uncertified: str) -> None:
+    """Say what the certificate says; exit 3 when the promise is not certified and the user did not allow it."""
+    from pipeline.offline.certificate import describe
+
+    cert = summary.get("certificate")
+    if not cert:
+        return
+    click.echo(describe(cert), err=True)
+    if cert["certified"]:
+        return
+    parts = cert.get("parts_with_disagreements") or []
+    click.secho(
+        f"offramp: the output of {summary['job']!r} is NOT certified to agree with the original model on >= "
+        f"{cert['promise']:.2%} of rows (interval {cert['interval'][0]:.2%}..{cert['interval'][1]:.2%}). "
+        f"Disagreements were seen in parts {parts[:20]}. The output is complete; audit it with `offramp verify "
+        f"{summary['output']}`, or bring it within the promise with `offramp run CONFIG --repair` (re-runs the "
+        "early-exit rows of those parts through the original model).",
+        err=True, fg="red", bold=True)
+    if on_uncertified == "fail":
+        sys.exit(3)
+
+
+@main.command()
+@click.argument("output_url")
+@click.option("--sample", default=None, type=int, help="Check N answered rows drawn uniformly (default: every row).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--text-column", default=None, help="Input text column (default: the job's).")
+@click.option("--model", default=None, help="Early-exit artifact whose original model to run (default: the job's).")
+@click.option("--json", "json_out", default=None, help="Also write the report as JSON to this path.")
+def verify(output_url, sample, seed, text_column, model, json_out):
+    """Audit a finished job: run the original model plainly over its rows and print the true agreement
+    beside what the job's summary claimed, per part and per exit layer."""
+    from pipeline.offline.verify import format_report, verify as run, write_report
+
+    try:
+        report = run(output_url, sample=sample, seed=seed, text_column=text_column, model=model,
+                     echo=lambda m: click.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(format_report(report))
+    if json_out:
+        write_report(report, json_out)
 
 
 @main.command()
@@ -251,6 +312,19 @@ def bench_offline(model_dir, config, rows, dtype, quantize, skip_baseline, out_j
     run_offline_bench(model_dir, config, rows, out_json, skip_baseline, overrides, echo=click.echo)
 
 
+@bench.command("accuracy")
+@click.option("--model", "model_dir", default="artifacts/minilm-movie-ee", show_default=True)
+@click.option("--config", default="configs/jobs/movie_reviews.yaml", show_default=True, help="Job YAML to run.")
+@click.option("--corpora", default=None, help="Comma-separated built-in datasets; A+B+C = those in order. "
+              "Default: movie-reviews and the three other domains, alone and mixed.")
+@click.option("--out", "out_json", default="bench_results/accuracy.json", show_default=True)
+def bench_accuracy(model_dir, config, corpora, out_json):
+    """(a) the job without certification vs (b) the certified job, per corpus, each audited by `verify`."""
+    from pipeline.bench.accuracy_bench import CORPORA, run_accuracy_bench
+
+    run_accuracy_bench(model_dir, config, corpora or CORPORA, out_json, echo=click.echo)
+
+
 @main.command()
 @click.option("--workdir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo model and artifact are cached between runs.")
@@ -260,9 +334,10 @@ def demo(workdir):
     from pipeline.demo import run_demo
 
     try:
-        run_demo(Path(workdir), echo=click.echo, progress=_progress)
+        summary = run_demo(Path(workdir), echo=click.echo, progress=_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
+    _check_certificate(summary, "fail")
 
 
 def _register_commands() -> None:

@@ -43,6 +43,8 @@ def run_demo(workdir: Path, echo=print, progress=None, config: str = "configs/jo
     cfg = JobConfig.from_yaml(config, model=str(ee_dir))
     if "://" not in cfg.output.url:
         shutil.rmtree(cfg.output.url, ignore_errors=True)  # the demo's own output: start clean
+        if cfg.controller.checkpoint_url and "://" not in cfg.controller.checkpoint_url:
+            Path(cfg.controller.checkpoint_url).unlink(missing_ok=True)  # and its controller: no stale state
     echo(f"[3/3] offramp run {config}: the movie-review corpus through the early-exit actor pool on a local Ray")
     t = time.perf_counter()
     summary = run_job(cfg, echo=echo)

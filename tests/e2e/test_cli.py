@@ -48,3 +48,41 @@ def test_errors_are_clear_and_nonzero(tmp_path):
     assert out.returncode != 0 and "offramp bootstrap" in out.stderr
     out = offramp("finetune", "--dataset", "nope", "--out", tmp_path / "y", check=False)
     assert out.returncode != 0 and "built-in" in out.stderr
+
+
+def _job_yaml(tmp_path, ee_dir, rows, **certify):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.datasets import load_dataset
+
+    ds = load_dataset("movie-reviews").sample(rows, seed=1)
+    pq.write_table(pa.table({"id": ds.ids, "text": ds.texts}), tmp_path / "in.parquet")
+    lines = [f"model: {ee_dir}", f"input: {{url: {tmp_path / 'in.parquet'}, id_column: id, rows_per_shard: 100}}",
+             f"output: {{url: {tmp_path / 'out'}}}", "controller: {enabled: false}",
+             "actors: {min_actors: 1, max_actors: 1, num_cpus: 0.5}", "local_ray: {num_cpus: 2}",
+             "engine: {thresholds: [0.0, 1.0, 1.0]}",
+             "certify: {" + ", ".join(f"{k}: {v}" for k, v in certify.items()) + "}"]
+    (tmp_path / "job.yaml").write_text("\n".join(lines) + "\n")
+    return tmp_path / "job.yaml"
+
+
+def test_an_uncertified_job_exits_3_names_the_fix_and_verify_audits_it(ee_dir, tmp_path):
+    """Ramps opened by hand, no calibration, a tiny audit: the certificate falls short, the job says so and
+    exits 3 (0 with --allow-uncertified); `offramp verify` runs the original model over every row and the
+    claimed interval contains the true agreement."""
+    job = _job_yaml(tmp_path, ee_dir, 400, calibrate="false", audit_fraction=0.05, top_up="false")
+    out = offramp("run", job, check=False)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "NOT certified" in out.stderr and "--repair" in out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["certificate"]["certified"] is False and summary["rows"] == 400
+    again = offramp("run", job, "--output", tmp_path / "out2", "--allow-uncertified", check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    report = offramp("verify", tmp_path / "out", "--json", tmp_path / "verify.json")
+    assert "true agreement with the original model" in report.stdout
+    assert "the claimed interval contains the truth: yes" in report.stdout
+    checked = json.loads((tmp_path / "verify.json").read_text())
+    assert checked["rows_checked"] == 400 and checked["per_exit_layer"]
+    sample = offramp("verify", tmp_path / "out", "--sample", "100").stdout
+    assert "Clopper-Pearson 95%, 100 rows" in sample
