@@ -148,7 +148,12 @@ def build_app(args: "dict | ServeAppConfig", **deployment_options):
 
     cfg = resolve_config(args.model_dump() if isinstance(args, ServeAppConfig) else args)
     manifest = read_manifest(cfg.model)  # fails here, with advice, if the artifact is missing
-    controller = start_shared_controller(cfg.model, manifest, cfg.controller, cfg.engine.thresholds)
+    # exit mode feeds back only a share of texts: judge windows by an exact binomial test, close them on
+    # answered texts, and ask for more feedback while the evidence is thin (release mode feeds back every text)
+    defaults = None if cfg.engine.mode != "exit" else {
+        "guard_alpha": 0.05, "window_output_rows": 2048,
+        "feedback_min": cfg.engine.shadow_fraction, "feedback_max": max(cfg.engine.shadow_fraction, 0.2)}
+    controller = start_shared_controller(cfg.model, manifest, cfg.controller, cfg.engine.thresholds, defaults=defaults)
     if controller is not None:
         controller = {k: v for k, v in controller.items() if k != "handle"}
     deployment = EarlyExitDeployment.options(**deployment_options) if deployment_options else EarlyExitDeployment

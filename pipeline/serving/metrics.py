@@ -5,6 +5,7 @@ different replicas (through Serve's proxy) stay separate series.
 """
 from __future__ import annotations
 
+from pipeline.control.stats import wilson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -37,6 +38,10 @@ class ServingMetrics:
         self.agreement = Gauge("offramp_realized_agreement",
                                "Realized agreement with the original model on feedback texts (replica, cumulative)",
                                lab, registry=r)
+        self.agreement_bounds = Gauge(
+            "offramp_realized_agreement_bound",
+            "Wilson 95% interval of the realized agreement on feedback texts (replica, cumulative): bound=lower|upper",
+            [*lab, "bound"], registry=r)
         self.policy_version = Gauge("offramp_threshold_version", "Version of the thresholds in use", lab, registry=r)
         self.queue_rows = Gauge("offramp_queue_texts", "Texts waiting for a batch", lab, registry=r)
         self.batches = Counter("offramp_batches", "Batches run, by engine mode",
@@ -94,6 +99,9 @@ class ServingMetrics:
         self.feedback_rows.labels(rep).inc(total)
         self.feedback_agree.labels(rep).inc(agree)
         self.agreement.labels(rep).set(self._agree / self._fb)
+        lo, hi = wilson(self._fb - self._agree, self._fb)  # of disagreement
+        self.agreement_bounds.labels(rep, "lower").set(1 - hi)
+        self.agreement_bounds.labels(rep, "upper").set(1 - lo)
 
     def tail(self, rows: int, finished: bool) -> None:
         self.tail_rows.labels(self.replica, "finished" if finished else "dropped").inc(rows)

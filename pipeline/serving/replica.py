@@ -82,6 +82,7 @@ class ReplicaEngine:
         self._ctl_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offramp-controller")
         self._ctl_busy = False
         self._feedback: deque[FeedbackWindow] = deque()  # from both threads; drained by the controller sync
+        self._answered = 0  # texts answered since feedback was last handed over (event loop)
 
     # -- requests ---------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> Encoded:
@@ -92,8 +93,15 @@ class ReplicaEngine:
         return await self.queue.submit(encoded, keys)
 
     def _run(self, encoded: Encoded, keys: list, on_result) -> object:  # worker thread
+        shadow = None
+        if self.config.engine.mode == "exit" and self.client is not None and self.client.feedback_fraction:
+            from pipeline.engine.predictor import key_uniforms
+
+            # the controller asks for more feedback while its evidence is thin (ControllerConfig.feedback_*)
+            share = max(self.config.engine.shadow_fraction, self.client.feedback_fraction)
+            shadow = key_uniforms(keys, "shadow") < share
         return self.predictor.predict_encoded(encoded, keys, self.config.engine.mode, on_result=on_result,
-                                              defer_tail=self._defer)
+                                              defer_tail=self._defer, shadow=shadow)
 
     def _finish_tails(self, busy: Callable[[], bool]) -> bool:  # worker thread, queue empty
         """Run the oldest waiting release tail to the end and send its feedback to the controller. Dropped
@@ -124,8 +132,10 @@ class ReplicaEngine:
                 self._tails.append(tail)
         if self.client is None:
             return
-        if report.output is not None and len(report.output.feedback):
-            self._feedback.append(report.output.feedback)
+        if report.output is not None:
+            self._answered += len(report.output.predictions)
+            if len(report.output.feedback):
+                self._feedback.append(report.output.feedback)
         self._flush_feedback(batch_done=True)
 
     def _flush_feedback(self, batch_done: bool = False) -> None:  # event loop
@@ -133,20 +143,23 @@ class ReplicaEngine:
         thresholds refresh every few batches), unless it is still busy (then the next flush takes it)."""
         if not self._ctl_busy and (batch_done or self._feedback):
             windows = [self._feedback.popleft() for _ in range(len(self._feedback))]
+            answered = self._answered if windows else 0  # counted with the next feedback otherwise
+            self._answered -= answered
             self._ctl_busy = True
-            fut = self._ctl_executor.submit(self._sync_controller, windows)
+            fut = self._ctl_executor.submit(self._sync_controller, windows, answered)
             fut.add_done_callback(self._ctl_done)
 
     def _ctl_done(self, _fut) -> None:
         self._ctl_busy = False
 
-    def _sync_controller(self, windows: list[FeedbackWindow]) -> None:  # controller thread
+    def _sync_controller(self, windows: list[FeedbackWindow], answered: int = 0) -> None:  # controller thread
         """Report feedback (fire-and-forget), refresh thresholds when due, swap them in. Never raises."""
         from pipeline.engine.policy import ExitPolicy
 
         try:
             if windows:
-                self.client.report(windows[0] if len(windows) == 1 else FeedbackWindow.concat(windows))
+                self.client.report(windows[0] if len(windows) == 1 else FeedbackWindow.concat(windows),
+                                   output_rows=answered)
             self.client.maybe_refresh()
             if self.client.version > self.predictor.policy.version:
                 self.predictor.set_policy(ExitPolicy(self.client.thresholds, self.client.active, self.client.version))

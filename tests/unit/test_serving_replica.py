@@ -98,15 +98,18 @@ def test_a_ramp1_exit_is_answered_before_its_batch_finishes(tiny_artifact):
 class FakeClient:
     """ControllerClient stand-in: records reports; after the first one, hands out version 1 thresholds."""
 
-    def __init__(self, thresholds, fail=False):
+    def __init__(self, thresholds, fail=False, feedback_fraction=0.0):
         self.reports, self.fail = [], fail
         self.version, self.thresholds, self.active = 0, None, None
         self._next = np.asarray(thresholds)
+        self.feedback_fraction = feedback_fraction
+        self.answered = 0
 
-    def report(self, window):
+    def report(self, window, output_rows=0):
         if self.fail:
             raise ConnectionError("controller unreachable")
         self.reports.append(window)
+        self.answered += output_rows
         return True
 
     def maybe_refresh(self):
@@ -141,6 +144,20 @@ def test_feedback_reaches_the_controller_and_new_thresholds_are_used(tiny_artifa
     assert outs[0].exit_layer == 4  # before the update: all ramps closed
     assert eng.predictor.policy.version == 1 and outs[-1].exit_layer == 1
     assert eng.health()["threshold_version"] == 1
+
+
+def test_exit_mode_feeds_back_the_share_the_controller_asks_for_and_counts_answers(tiny_artifact):
+    """Online exit mode has sparse feedback: the controller's feedback_fraction raises the shadow share, and
+    reports say how many texts were answered, so its windows close on answers, not feedback rows."""
+    cfg = app_config(tiny_artifact, [1.0, 1.0, 1.0])
+    cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"mode": "exit", "shadow_fraction": 0.0})})
+    for share, expect_all in ((1.0, True), (0.0, False)):
+        client = FakeClient([1.0, 1.0, 1.0], feedback_fraction=share)
+        eng = ReplicaEngine(cfg, client=client)
+        _ask_many(eng, CANDIDATES[:4])
+        fed = sum(len(w) for w in client.reports)
+        assert fed == (4 if expect_all else 0)
+        assert client.answered == (4 if expect_all else 0)  # answers travel with the next feedback
 
 
 def test_a_dead_controller_never_stops_serving(tiny_artifact):
