@@ -41,7 +41,7 @@ def certify(parts: list[dict], constraint: float, confidence: float = 0.95) -> d
         per_part.append({"shard": p["shard"], "first_row": p.get("first_row", 0),
                          **{k: int(p.get(k, 0)) for k in COUNTS}, **_interval(p, confidence)})
     out = {
-        "method": f"Clopper-Pearson {confidence:.0%} two-sided over the audited early-exit rows; rows answered "
+        "method": f"Clopper-Pearson {100 * confidence:g}% two-sided over the audited early-exit rows; rows answered "
                   "by the original head count as agreeing",
         "constraint": constraint,
         "promise": 1 - constraint,

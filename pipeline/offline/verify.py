@@ -112,7 +112,7 @@ def verify(output_url: str, sample: int | None = None, seed: int = 0, text_colum
         "rows_answered": int(len(answered)),
         "rows_checked": int(len(pick)),
         "sample": None if exact else {"rows": int(len(pick)), "seed": seed,
-                                      "interval": f"Clopper-Pearson {confidence:.0%}"},
+                                      "interval": f"Clopper-Pearson {100 * confidence:g}%"},
         "agreement": float(ok.mean()) if len(ok) else None,
         "disagreements": int((~ok).sum()),
     }
