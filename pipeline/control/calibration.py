@@ -3,10 +3,11 @@
 The greedy tuner fits thresholds to the rows it sees, so its agreement on those rows says little about new
 rows. Calibration splits a uniform sample of the corpus, every ramp recorded, in two:
 
-- the tune split fixes a shape: the greedy search's thresholds at the full budget. The path scales every
-  ramp's distance from 1.0 by the same factor, from nearly closed to past the shape (a greedy search at a
-  small target is no cautious start: it takes every move that costs nothing on the tune rows, and such
-  moves overfit); all of it is fixed before the test split is looked at;
+- the tune split (with any other rows independent of the test split, e.g. the artifact's validation
+  feedback) fixes a shape: the greedy search's thresholds at the full budget. The path scales every ramp's
+  distance from 1.0 by the same factor, in steps of 0.025 from nearly closed to twice the shape. (A greedy
+  search at a small target is no cautious start: it takes every move that costs nothing on the tune rows,
+  and such moves overfit.) All of it is fixed before the test split is looked at;
 - the test split walks the path in that order. At each point the null hypothesis is "this threshold set
   disagrees with the original model on more than `constraint` of the corpus"; it is rejected when the test
   split's disagreements are too few for that (exact binomial tail <= delta). The walk stops at the first
@@ -100,7 +101,7 @@ def certify_thresholds(
     constraint: float,
     delta: float = 0.05,
     active: np.ndarray | Sequence[bool] | None = None,
-    scales: Sequence[float] = tuple(np.round(np.arange(1, 41) / 20, 3)),
+    scales: Sequence[float] = tuple(np.round(np.arange(1, 81) / 40, 4)),
 ) -> Calibration:
     """Thresholds whose disagreement is at most `constraint` with probability >= 1 - delta (see the module).
 

@@ -140,7 +140,8 @@ def feedback_of(table: pa.Table, num_ramps: int):
 def calibrate_job(cfg, shards: list[Shard], manifest, constraint: float, echo=print) -> JobCalibration:
     """Draw (or, on --resume, reload) the calibration sample, run it, certify thresholds on it."""
     from pipeline.control.calibration import calibration_rows, certify_thresholds, split_rows
-    from pipeline.control.shared import cost_model
+    from pipeline.control.records import FeedbackWindow
+    from pipeline.control.shared import cost_model, warm_start_window
     from pipeline.offline import sink
 
     c = cfg.certify
@@ -160,8 +161,16 @@ def calibrate_job(cfg, shards: list[Shard], manifest, constraint: float, echo=pr
         echo(f"calibration sample of {table.num_rows} rows reloaded from the output (--resume)")
     window = feedback_of(table, len(manifest.ramps))
     tune_idx, test_idx = split_rows(len(window), c.seed)
-    cal = certify_thresholds(window.take(tune_idx), window.take(test_idx), cost_model(manifest), constraint,
-                             delta, active=manifest.active)
+    tune = window.take(tune_idx)
+    # The artifact's validation feedback shapes the path too: it is independent of the test split, so the
+    # guarantee holds whatever it looks like, and in-domain it makes a better shape than 450 rows alone
+    # (30 simulated calibrations of the movie-review corpus: 35.8% vs 34.1% layer work saved; nyt-editorials
+    # 25.3% vs 24.7%).
+    warm = warm_start_window(cfg.model, manifest)
+    if warm is not None:
+        tune = FeedbackWindow.concat([tune, warm])
+    cal = certify_thresholds(tune, window.take(test_idx), cost_model(manifest), constraint, delta,
+                             active=manifest.active)
     seconds = time.perf_counter() - t
     report = {**cal.to_dict(), "rows": table.num_rows, "rows_wanted": wanted, "seconds": round(seconds, 2)}
     echo(f"calibration: thresholds {[round(x, 4) for x in cal.thresholds.tolist()]} certified "
