@@ -343,9 +343,9 @@ def demo(workdir):
 def _register_commands() -> None:
     """Commands that live next to their subsystem (each module imports only click at top level)."""
     from pipeline.bench.online_bench import bench_online
-    from pipeline.compression.commands import bench_compression, distill, quantize
-    from pipeline.control.replay_commands import replay
-    from pipeline.serving.commands import serve
+    from pipeline.commands.compression import bench_compression, distill, quantize
+    from pipeline.commands.replay import replay
+    from pipeline.commands.serve import serve
 
     for command in (serve, distill, quantize, replay):
         main.add_command(command)

@@ -4,12 +4,16 @@ Every field carries a docstring; every check names the bad value and the fix.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Mode = Literal["exit", "release"]
+COMPRESSION_METHODS = ("int8-dynamic", "fp16", "bf16")
+"""The compression registry's methods (pipeline.compression.methods(); a test keeps the two equal), named here
+so that config, the lowest layer, checks them without importing the registry."""
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -61,12 +65,9 @@ class EngineConfig(_Strict):
     @field_validator("quantize")
     @classmethod
     def _quantize(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        from pipeline.compression.registry import methods
-
-        if v not in methods():
-            raise ValueError(f"quantize={v!r} is not a compression method; use one of {methods()} or leave it unset")
+        if v is not None and v not in COMPRESSION_METHODS:
+            raise ValueError(f"quantize={v!r} is not a compression method; use one of {list(COMPRESSION_METHODS)} "
+                             "or leave it unset")
         return v
 
     @field_validator("device")
@@ -133,6 +134,107 @@ class BootstrapConfig(_Strict):
     seed: int = 0
 
 
+def default_window_rows(constraint: float) -> int:
+    """Feedback rows per controller window: 512 at a 1% budget or more (5 disagreements of budget a window),
+    scaled up as 1/constraint below it (a compressed artifact's smaller budget), at most 8192. A window's
+    budget in rows is the guard's resolution: at 0.5%, 512 rows allow 2.6 disagreements, and one unlucky row
+    reads as a violation."""
+    if constraint <= 0.0 or constraint >= 0.01:
+        return 512
+    return min(8192, math.ceil(512 * 0.01 / constraint))
+
+
+class ControllerConfig(_Strict):
+    """How the threshold controller tunes and guards (pipeline.control.controller); the defaults follow
+    Apparate's artifact or the measurements in docs/controller.md. Set in the job / Serve YAML under
+    `controller.tuning`; unset fields keep these defaults (`constraint`: the artifact's)."""
+
+    constraint: float = Field(0.01, ge=0.0, lt=1.0)
+    """Accuracy budget: largest allowed 1 - agreement with the original model, per window."""
+    window_rows: int | None = Field(None, ge=1)
+    """Feedback rows per window; the guard and the tuner run once per full window. None: 512 at a 1% budget
+    or more, and as many more below it as keep the budget at ~5 disagreements a window
+    (``default_window_rows``)."""
+    tune_windows: int = Field(8, ge=1)
+    """The tuner sees the last this many windows (Apparate: the last 4 batches; more rows overfit less)."""
+    recent_windows: int = Field(2, ge=0)
+    """The thresholds must also meet the tuning target on the newest this many windows alone: per ramp,
+    the higher of the thresholds tuned on all ``tune_windows`` and on these (0 = off). A buffer that
+    straddles a change of inputs otherwise averages the new rows' disagreement away."""
+    tune_headroom: float = Field(0.3, gt=0.0, le=1.0)
+    """Share of the constraint the tuner may spend; the rest absorbs overfitting and window noise
+    (measured on the MiniLM replay: 0.5 broke 19/60 windows, 0.3 with ``backoff_after=1`` 9/60)."""
+    init_step: float = Field(0.01, gt=0.0)
+    """Greedy search: initial threshold step."""
+    min_step: float = Field(0.001, gt=0.0)
+    """Greedy search: stop once steps fall below this."""
+    ramp_check_windows: int = Field(10, ge=1)
+    """Run ramp adjustment every this many windows (Apparate NLP: every 100 batches)."""
+    utility_windows: int = Field(20, ge=1)
+    """Per-window ramp utilities kept for ramp adjustment (Apparate: last 20 batches)."""
+    negative_share: float = Field(0.6, ge=0.0, lt=1.0)
+    """Drop a ramp when more than this share of its recent utilities are negative (Apparate NLP)."""
+    max_active: int | None = Field(None, ge=0)
+    """Most active ramps (Apparate: 2 NLP, 3 CV); None = no count limit, only the tail budget."""
+    max_tail_overhead: float = Field(0.05, ge=0.0)
+    """Most extra cost the active ramps add to a row that never exits, as a share of the model."""
+    adjust_ramps: bool = True
+    """Turn ramp adjustment on or off (off: the active set never changes)."""
+    backoff_after: int = Field(1, ge=1)
+    """Consecutive violating windows that trigger a back-off (Apparate: 2; 1 = back off at once)."""
+    backoff_factor: float = Field(0.1, ge=0.0, lt=1.0)
+    """Back-off: thr = 1 - (1 - thr) * factor for violating ramps (Apparate's x0.1 cut)."""
+    backoff_hold_windows: int = Field(4, ge=1)
+    """Good windows in a row after which back-off floors are lifted."""
+    early_guard: bool = True
+    """Also check within a window, on every report once a quarter window is in: when the rows so far and
+    the rest (forecast, see ``early_guard_prior_rows``) would break the window's budget, back off at once.
+    Again on later reports in the same window if the rows since still break it."""
+    early_guard_prior_rows: int = Field(96, ge=0)
+    """The early guard forecasts the rest of a window at the disagreement rate of the rows so far, shrunk
+    toward the tuner's target rate as if this many rows at that rate had been seen first (0 = forecast at
+    the target rate alone: it then reacts only once the budget is nearly spent)."""
+    early_hold_windows: int = Field(1, ge=0)
+    """Good windows after which an early back-off's floors are lifted (a window-end back-off holds for
+    ``backoff_hold_windows``): an early back-off acts on fewer rows, so it is more often noise."""
+    history_limit: int = Field(1000, ge=1)
+    """Per-window history rows kept in memory."""
+    max_pending_rows: int = Field(65536, ge=1)
+    """Most unprocessed feedback rows held; older rows are dropped beyond this (bounded memory)."""
+    window_output_rows: int | None = Field(None, ge=1)
+    """A window also closes once its feedback covers this many answered rows (reports say how many rows
+    their feedback was drawn from), so the guard decides every this many answers however sparse the
+    feedback. None: windows close on ``window_rows`` feedback rows only."""
+    guard_alpha: float | None = Field(None, gt=0.0, lt=1.0)
+    """The window-end guard's test. None: the window's disagreement against the budget (a short window
+    against a whole window's budget). A value: an exact binomial test, valid at any window size: a
+    violation when that many disagreements in that many rows has probability < alpha at a disagreement of
+    exactly ``constraint``."""
+    feedback_min: float = Field(0.0, ge=0.0, le=1.0)
+    """Adaptive feedback, published with the state as ``feedback_fraction``: the share of rows workers
+    also run to the end for the controller. ``feedback_min`` once the Wilson 95% upper bound of the
+    disagreement served since the thresholds last changed is within the budget, ``feedback_max`` before
+    (and after every change). 0 and 0: off."""
+    feedback_max: float = Field(0.0, ge=0.0, le=1.0)
+    """See ``feedback_min``."""
+
+    def resolved(self) -> "ControllerConfig":
+        """This config with `window_rows` filled in when unset (from `constraint`, within `max_pending_rows`)."""
+        if self.window_rows is not None:
+            return self
+        return self.model_copy(update={"window_rows": min(default_window_rows(self.constraint), self.max_pending_rows)})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ControllerConfig":
+        if self.min_step > self.init_step:
+            raise ValueError(f"need min_step ({self.min_step}) <= init_step ({self.init_step})")
+        if self.window_rows is not None and self.max_pending_rows < self.window_rows:
+            raise ValueError(f"max_pending_rows={self.max_pending_rows} must be >= window_rows={self.window_rows}")
+        if self.feedback_min > self.feedback_max:
+            raise ValueError(f"need feedback_min ({self.feedback_min}) <= feedback_max ({self.feedback_max})")
+        return self
+
+
 class ControllerSettings(_Strict):
     """How workers and replicas share the threshold controller (pipeline.control.controller)."""
 
@@ -148,24 +250,9 @@ class ControllerSettings(_Strict):
     warm_start: bool = True
     """A fresh controller (no checkpoint to restore) first tunes on the artifact's validation feedback
     (`validation_feedback.safetensors`, written by `offramp bootstrap`), when the artifact has it."""
-    tuning: dict[str, Any] = Field(default_factory=dict)
-    """Algorithm settings: fields of pipeline.control.controller.ControllerConfig (constraint [the
-    artifact's], window_rows [512 at a 1% budget, more below it], tune_headroom 0.3, backoff_after 1,
-    max_active None, ...), checked when the config is built; unset fields keep ControllerConfig's defaults."""
-
-    @field_validator("tuning")
-    @classmethod
-    def _tuning(cls, v: dict[str, Any]) -> dict[str, Any]:
-        import dataclasses
-
-        from pipeline.control.controller import ControllerConfig
-
-        known = {f.name for f in dataclasses.fields(ControllerConfig)}
-        unknown = sorted(set(v) - known)
-        if unknown:
-            raise ValueError(f"unknown controller tuning setting(s) {unknown}; known: {sorted(known)}")
-        ControllerConfig(**v)  # raises with the offending value named
-        return v
+    tuning: ControllerConfig = Field(default_factory=ControllerConfig)
+    """The controller's algorithm settings (ControllerConfig); the fields set here override the
+    deployment's (`constraint` defaults to the artifact's)."""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -43,8 +43,8 @@ def _same_source(path: Path, key: tuple[str, ...], expect: str) -> bool:
 def prepare_models(teacher: str, workdir: str, artifact: str | None = None, distill_epochs: float = 3.0,
                    dataset: str = "movie-reviews", echo=print) -> dict[str, str]:
     """Build (or reuse) the four early-exit artifacts; returns name -> artifact dir."""
-    from pipeline.compression.distill import REPORT, DistillConfig, distill
-    from pipeline.compression.quantize import quantize
+    from pipeline.training.distill import REPORT, DistillConfig, distill
+    from pipeline.training.quantize import quantize
     from pipeline.config import BootstrapConfig
     from transformers import AutoConfig
 
@@ -81,8 +81,8 @@ def prepare_models(teacher: str, workdir: str, artifact: str | None = None, dist
 def run_compression_bench(teacher: str, artifact: str | None = None, workdir: str = "artifacts/compression",
                           dataset: str = "movie-reviews", limit: int | None = None, reps: int = 3,
                           distill_epochs: float = 3.0, out_json: str | None = None, echo=print) -> dict:
-    from pipeline.compression.distill import REPORT
-    from pipeline.compression.quantize import heldout_texts
+    from pipeline.training.distill import REPORT
+    from pipeline.training.quantize import heldout_texts
     from pipeline.config import EngineConfig
     from pipeline.engine.policy import ExitPolicy
     from pipeline.engine.predictor import Predictor

@@ -87,21 +87,21 @@ import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
+
+from pipeline.config import ControllerConfig
 from typing import Any, Sequence
 
 import numpy as np
 
 from .guard import AccuracyGuard, GuardAction, back_off, violating_ramps
 from .ramp_adjust import RampBudget, adjust_ramps, candidate_gains, ramp_utilities
-from .records import CLOSED, CostModel, FeedbackWindow
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from .stats import binom_sf, wilson
 from .tuner import TuneResult, evaluate, evaluate_stretches, tune_thresholds
 
 __all__ = [
     "DEFAULT_NAMESPACE",
-    "ControllerConfig",
     "ControllerState",
-    "default_window_rows",
     "ThresholdController",
     "ControllerClient",
     "get_or_create_controller",
@@ -111,146 +111,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "offramp"
 _CHECKPOINT_FORMAT = 1
-
-
-def default_window_rows(constraint: float) -> int:
-    """512 rows at a 1% budget or more (5 disagreements allowed a window: the setting every default here was
-    measured at), scaled up as 1/constraint below it, at most 8192.
-
-    Why: a window's budget in rows is the guard's resolution. A compressed artifact leaves the controller
-    ~0.5%: 2.7 disagreements in 512 rows, so one unlucky row reads as a violation and the back-off holds
-    for windows. MiniLM int8 replay on the job's corpus (0.53% budget, 9,511 rows in 20 orders, warm windows
-    only tuning): 512-row windows saved 30.3% of the latency at 99.80% agreement, 973-row windows 36.2% at
-    99.80%. The cost: an early back-off now holds for the rest of a longer window.
-
-    The default never exceeds ``max_pending_rows`` (a window must fit in the rows held)."""
-    if constraint <= 0.0 or constraint >= 0.01:
-        return 512
-    return min(8192, math.ceil(512 * 0.01 / constraint))
-
-
-@dataclass
-class ControllerConfig:
-    """Controller settings; every field has a default that follows Apparate's artifact or DESIGN.md."""
-
-    constraint: float = 0.01
-    """Accuracy budget: largest allowed 1 - agreement with the original model, per window."""
-    window_rows: int | None = None
-    """Feedback rows per window; the guard and the tuner run once per full window. None: 512 at a 1% budget
-    or more, and as many more below it as keep the budget at ~5 disagreements a window
-    (``default_window_rows``)."""
-    tune_windows: int = 8
-    """The tuner sees the last this many windows (Apparate: the last 4 batches; more rows overfit less)."""
-    recent_windows: int = 2
-    """The thresholds must also meet the tuning target on the newest this many windows alone: per ramp,
-    the higher of the thresholds tuned on all ``tune_windows`` and on these (0 = off). A buffer that
-    straddles a change of inputs otherwise averages the new rows' disagreement away."""
-    tune_headroom: float = 0.3
-    """Share of the constraint the tuner may spend; the rest absorbs overfitting and window noise
-    (measured on the MiniLM replay: 0.5 broke 19/60 windows, 0.3 with ``backoff_after=1`` 9/60)."""
-    init_step: float = 0.01
-    """Greedy search: initial threshold step."""
-    min_step: float = 0.001
-    """Greedy search: stop once steps fall below this."""
-    ramp_check_windows: int = 10
-    """Run ramp adjustment every this many windows (Apparate NLP: every 100 batches)."""
-    utility_windows: int = 20
-    """Per-window ramp utilities kept for ramp adjustment (Apparate: last 20 batches)."""
-    negative_share: float = 0.6
-    """Drop a ramp when more than this share of its recent utilities are negative (Apparate NLP)."""
-    max_active: int | None = None
-    """Most active ramps (Apparate: 2 NLP, 3 CV); None = no count limit, only the tail budget."""
-    max_tail_overhead: float = 0.05
-    """Most extra cost the active ramps add to a row that never exits, as a share of the model."""
-    adjust_ramps: bool = True
-    """Turn ramp adjustment on or off (off: the active set never changes)."""
-    backoff_after: int = 1
-    """Consecutive violating windows that trigger a back-off (Apparate: 2; 1 = back off at once)."""
-    backoff_factor: float = 0.1
-    """Back-off: thr = 1 - (1 - thr) * factor for violating ramps (Apparate's x0.1 cut)."""
-    backoff_hold_windows: int = 4
-    """Good windows in a row after which back-off floors are lifted."""
-    early_guard: bool = True
-    """Also check within a window, on every report once a quarter window is in: when the rows so far and
-    the rest (forecast, see ``early_guard_prior_rows``) would break the window's budget, back off at once.
-    Again on later reports in the same window if the rows since still break it."""
-    early_guard_prior_rows: int = 96
-    """The early guard forecasts the rest of a window at the disagreement rate of the rows so far, shrunk
-    toward the tuner's target rate as if this many rows at that rate had been seen first (0 = forecast at
-    the target rate alone: it then reacts only once the budget is nearly spent)."""
-    early_hold_windows: int = 1
-    """Good windows after which an early back-off's floors are lifted (a window-end back-off holds for
-    ``backoff_hold_windows``): an early back-off acts on fewer rows, so it is more often noise."""
-    history_limit: int = 1000
-    """Per-window history rows kept in memory."""
-    max_pending_rows: int = 65536
-    """Most unprocessed feedback rows held; older rows are dropped beyond this (bounded memory)."""
-    window_output_rows: int | None = None
-    """A window also closes once its feedback covers this many answered rows (reports say how many rows
-    their feedback was drawn from), so the guard decides every this many answers however sparse the
-    feedback. None: windows close on ``window_rows`` feedback rows only."""
-    guard_alpha: float | None = None
-    """The window-end guard's test. None: the window's disagreement against the budget (a short window
-    against a whole window's budget). A value: an exact binomial test, valid at any window size: a
-    violation when that many disagreements in that many rows has probability < alpha at a disagreement of
-    exactly ``constraint``."""
-    feedback_min: float = 0.0
-    """Adaptive feedback, published with the state as ``feedback_fraction``: the share of rows workers
-    also run to the end for the controller. ``feedback_min`` once the Wilson 95% upper bound of the
-    disagreement served since the thresholds last changed is within the budget, ``feedback_max`` before
-    (and after every change). 0 and 0: off."""
-    feedback_max: float = 0.0
-    """See ``feedback_min``."""
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"ControllerConfig: {msg}")
-
-        need(0.0 <= self.constraint < 1.0, f"constraint={self.constraint} must be in [0, 1), e.g. 0.01")
-        if self.window_rows is None:
-            self.window_rows = min(default_window_rows(self.constraint), max(1, self.max_pending_rows))
-        need(self.window_rows >= 1, f"window_rows={self.window_rows} must be >= 1 (e.g. 512)")
-        need(self.tune_windows >= 1, f"tune_windows={self.tune_windows} must be >= 1")
-        need(self.recent_windows >= 0, f"recent_windows={self.recent_windows} must be >= 0 (0 = off)")
-        need(0.0 < self.tune_headroom <= 1.0, f"tune_headroom={self.tune_headroom} must be in (0, 1]")
-        need(
-            0.0 < self.min_step <= self.init_step,
-            f"need 0 < min_step ({self.min_step}) <= init_step ({self.init_step})",
-        )
-        need(self.ramp_check_windows >= 1, f"ramp_check_windows={self.ramp_check_windows} must be >= 1")
-        need(self.utility_windows >= 1, f"utility_windows={self.utility_windows} must be >= 1")
-        need(0.0 <= self.negative_share < 1.0, f"negative_share={self.negative_share} must be in [0, 1)")
-        need(self.max_active is None or self.max_active >= 0, f"max_active={self.max_active} must be >= 0 or None")
-        need(self.max_tail_overhead >= 0.0, f"max_tail_overhead={self.max_tail_overhead} must be >= 0")
-        need(self.backoff_after >= 1, f"backoff_after={self.backoff_after} must be >= 1")
-        need(0.0 <= self.backoff_factor < 1.0, f"backoff_factor={self.backoff_factor} must be in [0, 1)")
-        need(self.backoff_hold_windows >= 1, f"backoff_hold_windows={self.backoff_hold_windows} must be >= 1")
-        need(self.early_guard_prior_rows >= 0, f"early_guard_prior_rows={self.early_guard_prior_rows} must be >= 0")
-        need(self.early_hold_windows >= 0, f"early_hold_windows={self.early_hold_windows} must be >= 0")
-        need(self.history_limit >= 1, f"history_limit={self.history_limit} must be >= 1")
-        need(
-            self.max_pending_rows >= self.window_rows,
-            f"max_pending_rows={self.max_pending_rows} must be >= window_rows={self.window_rows}",
-        )
-        need(self.window_output_rows is None or self.window_output_rows >= 1,
-             f"window_output_rows={self.window_output_rows} must be >= 1 or None")
-        need(self.guard_alpha is None or 0.0 < self.guard_alpha < 1.0,
-             f"guard_alpha={self.guard_alpha} must be in (0, 1) (e.g. 0.05) or None")
-        need(0.0 <= self.feedback_min <= self.feedback_max <= 1.0,
-             f"need 0 <= feedback_min ({self.feedback_min}) <= feedback_max ({self.feedback_max}) <= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "ControllerConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ControllerConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -322,7 +182,8 @@ class ThresholdController:
         warm_start: FeedbackWindow | dict[str, Any] | None = None,
     ) -> None:
         self.costs = costs if isinstance(costs, CostModel) else CostModel.from_dict(costs)
-        self.config = config if isinstance(config, ControllerConfig) else ControllerConfig.from_dict(config)
+        config = config if isinstance(config, ControllerConfig) else ControllerConfig.model_validate(config or {})
+        self.config = config.resolved()
         self.checkpoint_url = checkpoint_url
         R = self.costs.num_ramps
         cfg = self.config
@@ -430,7 +291,7 @@ class ThresholdController:
         return rows if last is None else rows[-last:]
 
     def get_config(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "costs": self.costs.to_dict(), "checkpoint_url": self.checkpoint_url}
+        return {"config": self.config.model_dump(), "costs": self.costs.to_dict(), "checkpoint_url": self.checkpoint_url}
 
     def ping(self) -> bool:
         return True
@@ -799,7 +660,7 @@ def get_or_create_controller(
     """
     cls = _actor_class()
     c = costs.to_dict() if isinstance(costs, CostModel) else dict(costs)
-    cfg = config.to_dict() if isinstance(config, ControllerConfig) else dict(config or {})
+    cfg = config.model_dump() if isinstance(config, ControllerConfig) else dict(config or {})
     init = initial_state.to_dict() if isinstance(initial_state, ControllerState) else initial_state
     return cls.options(
         name=name,

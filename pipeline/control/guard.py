@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .records import CLOSED, CostModel, FeedbackWindow
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from .tuner import evaluate
 
 __all__ = ["GuardAction", "AccuracyGuard", "is_violation", "violating_ramps", "back_off"]

@@ -26,9 +26,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .controller import ControllerConfig, ControllerState, ThresholdController, _as_state
+from pipeline.config import ControllerConfig
+
+from .controller import ControllerState, ThresholdController, _as_state
 from .guard import is_violation
-from .records import CLOSED, CostModel, FeedbackWindow
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from .tuner import evaluate, evaluate_stretches, exit_costs, static_threshold_search, tune_thresholds
 
 __all__ = [
@@ -67,7 +69,7 @@ def record(
     final head): a difficulty measure for building drift streams.
     Texts that cannot be classified (empty, not strings) are refused up front: drop them first.
     """
-    from pipeline.engine.encoder import validate_text
+    from pipeline.data.texts import validate_text
     from pipeline.engine.policy import ExitPolicy
     from pipeline.engine.predictor import Predictor
 
@@ -315,7 +317,7 @@ def _controller_config(constraint: float, window_rows: int, ramp_budget: int | N
     base: dict[str, Any] = {"constraint": constraint, "window_rows": window_rows}
     if ramp_budget is not None:
         base["max_active"] = ramp_budget
-    return ControllerConfig.from_dict({**base, **(overrides or {})})
+    return ControllerConfig.model_validate({**base, **(overrides or {})})
 
 
 def replay(
@@ -426,7 +428,7 @@ def replay(
         bounds=bounds,
         methods=series,
         static_threshold=float(static_thr[0]) if static_thr[0] < CLOSED else CLOSED,
-        controller_config=cfg.to_dict(),
+        controller_config=cfg.resolved().model_dump(),
         controller_history=history,
         tuner_ms=tuner_ms,
         window_ms=window_ms,

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from pipeline.control.records import CostModel, FeedbackWindow
+from pipeline.feedback import CostModel, FeedbackWindow
 
 
 def cost_model(manifest) -> CostModel:
@@ -61,7 +61,8 @@ def start_shared_controller(model: str, manifest, settings, thresholds: list[flo
 
     from pipeline.control.controller import get_or_create_controller
 
-    tuning = {"constraint": controller_constraint(manifest), **(defaults or {}), **settings.tuning}
+    tuning = {"constraint": controller_constraint(manifest), **(defaults or {}),
+              **settings.tuning.model_dump(exclude_unset=True)}
     initial = initial_state(manifest, thresholds)
     name = settings.name or controller_name(model)
     warm = warm_start_window(model, manifest) if settings.warm_start and warm_start else None

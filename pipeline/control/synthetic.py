@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .records import FeedbackWindow
+from pipeline.feedback import FeedbackWindow
 
 __all__ = ["synthetic_window"]
 

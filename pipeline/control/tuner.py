@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .records import CLOSED, CostModel, FeedbackWindow
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 
 __all__ = [
     "Outcome",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.control.records import CLOSED
+from pipeline.feedback import CLOSED
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.config import EngineConfig
-from pipeline.control.records import FeedbackWindow
+from pipeline.feedback import FeedbackWindow
 from pipeline.engine.encoder import Encoded, TextEncoder
 from pipeline.engine.executor import Tail, execute, finish_tail
 from pipeline.engine.microbatch import MicroBatchQueue, TokenBudget, plan_microbatches
@@ -123,7 +123,8 @@ class Predictor:
     """Loads an early-exit artifact once and classifies batches of texts."""
 
     def __init__(self, artifact: str, config: EngineConfig | None = None):
-        from pipeline.model.artifact import load_artifact, model_max_length
+        from pipeline.engine.loader import load_artifact
+        from pipeline.model.artifact import model_max_length
 
         self.config = config or EngineConfig()
         if self.config.num_threads:

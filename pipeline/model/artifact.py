@@ -14,7 +14,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -196,11 +196,10 @@ def read_manifest(path: str | Path) -> Manifest:
     return Manifest.model_validate(data)
 
 
-def load_artifact(path: str | Path, device: str = "cpu", dtype=None,
-                  slow_compression: Literal["skip", "apply"] = "skip"):
-    """(EarlyExitModel, tokenizer, manifest) on `device`, weights from safetensors only. A recorded compression
-    is re-applied; `slow_compression` "skip" keeps the float weights where its kernels are slow (see
-    pipeline.compression.registry.apply_where_fast), "apply" compresses anyway."""
+def load_float_artifact(path: str | Path, device: str = "cpu", dtype=None):
+    """(EarlyExitModel, tokenizer, manifest) with the float weights on `device`, from safetensors only. A
+    compression recorded in the manifest is not applied here: `pipeline.engine.loader.load_artifact` is the
+    one loader that does (model never depends on compression)."""
     import torch
     from safetensors.torch import load_file
 
@@ -224,8 +223,4 @@ def load_artifact(path: str | Path, device: str = "cpu", dtype=None,
         ) from e
     model = EarlyExitModel(hf, ramps)
     model.to(device=torch.device(device), dtype=dtype or torch.float32)
-    if manifest.compression:  # re-applied from the float weights: deterministic, no packed tensors on disk
-        from pipeline.compression import apply_where_fast
-
-        apply_where_fast(model, manifest.compression, slow_compression)
     return model.eval(), tokenizer, manifest

@@ -124,7 +124,7 @@ def answers_by_shard(table: pa.Table) -> dict[int, dict[int, tuple]]:
 
 def feedback_of(table: pa.Table, num_ramps: int):
     """The sample's ramp records as a FeedbackWindow (error rows left out)."""
-    from pipeline.control.records import FeedbackWindow
+    from pipeline.feedback import FeedbackWindow
 
     final = np.asarray(table.column("final").to_pylist(), np.int64)
     keep = np.flatnonzero(final >= 0)
@@ -140,7 +140,7 @@ def feedback_of(table: pa.Table, num_ramps: int):
 def calibrate_job(cfg, shards: list[Shard], manifest, constraint: float, echo=print) -> JobCalibration:
     """Draw (or, on --resume, reload) the calibration sample, run it, certify thresholds on it."""
     from pipeline.control.calibration import calibration_rows, certify_thresholds, split_rows
-    from pipeline.control.records import FeedbackWindow
+    from pipeline.feedback import FeedbackWindow
     from pipeline.control.shared import cost_model, warm_start_window
     from pipeline.offline import sink
 

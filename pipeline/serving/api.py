@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pipeline.engine.encoder import validate_text
+from pipeline.data.texts import validate_text
 
 __all__ = ["ApiError", "PredictRequest", "error_body", "parse_predict_request", "prediction_body"]
 

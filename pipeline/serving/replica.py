@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from pipeline.control.records import FeedbackWindow
+from pipeline.feedback import FeedbackWindow
 from pipeline.engine.encoder import Encoded
 from pipeline.engine.microbatch import TokenBudget
 from pipeline.engine.predictor import Prediction

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from pipeline.config import BootstrapConfig
-from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
-from pipeline.engine.encoder import validate_text
+from pipeline.data.datasets import TextDataset, load_dataset
+from pipeline.data.splits import split_data
+from pipeline.engine.loader import load_artifact
 from pipeline.model.artifact import (
     Manifest,
     RampInfo,
-    load_artifact,
     load_classifier,
     load_tokenizer,
     model_max_length,
@@ -104,29 +104,8 @@ def ramp_outputs(ramps: RampSet, pooled: torch.Tensor) -> tuple[np.ndarray, np.n
     return torch.stack(conf, 1).numpy(), torch.stack(pred, 1).numpy()
 
 
-def split_data(data: str, cfg: BootstrapConfig) -> tuple[TextDataset, TextDataset]:
-    ds = load_dataset(data, text_column=cfg.text_column, label_column=None)
-    bad = [i for i, t in enumerate(ds.texts) if validate_text(t)]
-    if bad:
-        log.warning("bootstrap: skipping %d unusable rows (first: row %d: %s)", len(bad), bad[0],
-                    validate_text(ds.texts[bad[0]]))
-        ds = ds.take([i for i in range(len(ds)) if i not in set(bad)])
-    if data in BUILTIN:  # the shared deterministic split keeps test rows unseen
-        fit, val = ds.split("train", cfg.seed), ds.split("validation", cfg.seed)
-    else:
-        order = np.random.default_rng(cfg.seed).permutation(len(ds))
-        k = max(1, int(round(len(ds) * cfg.validation_fraction)))
-        fit, val = ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))
-    if cfg.limit:
-        fit = fit.sample(cfg.limit, cfg.seed)
-        val = val.sample(max(1, int(cfg.limit * cfg.validation_fraction / (1 - cfg.validation_fraction))), cfg.seed)
-    if len(fit) < 2 or len(val) < 1:
-        raise ValueError(f"bootstrap data {data!r} has too few usable rows ({len(fit)} train, {len(val)} validation)")
-    return fit, val
-
-
 def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, progress=None) -> Manifest:
-    from pipeline.control.records import CostModel, FeedbackWindow
+    from pipeline.feedback import CostModel, FeedbackWindow
     from pipeline.control.tuner import evaluate, tune_thresholds
 
     cfg = cfg or BootstrapConfig()

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import FinetuneConfig
 from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
-from pipeline.engine.encoder import validate_text
+from pipeline.data.texts import validate_text
 from pipeline.model.artifact import resolve_base
 from pipeline.training.loop import train_steps
 

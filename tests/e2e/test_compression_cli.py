@@ -10,7 +10,7 @@ from tests.e2e.cli import offramp
 
 def _fragile_dir(path: Path) -> Path:
     """A tiny random classifier with its bias set so real text sits on the decision boundary."""
-    from pipeline.compression.quantize import heldout_texts, run_classifier
+    from pipeline.training.quantize import heldout_texts, run_classifier
     from pipeline.model.artifact import load_classifier, load_tokenizer
     from tests.tiny import save_tiny
 

@@ -15,7 +15,7 @@ def _command() -> list[str]:
 
     if "replay" in getattr(main, "commands", {}):
         return [sys.executable, "-m", "pipeline.cli", "replay"]
-    return [sys.executable, "-m", "pipeline.control.replay_commands"]
+    return [sys.executable, "-m", "pipeline.commands.replay"]
 
 
 def test_replay_prints_both_tables_and_writes_json_and_png(tiny_artifact, tmp_path):

@@ -5,13 +5,13 @@ import uuid
 import numpy as np
 import pytest
 
+from pipeline.config import ControllerConfig
 from pipeline.control.controller import (
     ControllerClient,
-    ControllerConfig,
     ControllerState,
     get_or_create_controller,
 )
-from pipeline.control.records import CostModel
+from pipeline.feedback import CostModel
 from pipeline.control.synthetic import synthetic_window
 
 NS = "offramp-tests"

@@ -77,7 +77,7 @@ def _split(artifact):
 def serve_env(ray_session, tiny_artifact, tmp_path_factory):
     from ray import serve
 
-    from pipeline.serving.commands import deploy
+    from pipeline.commands.serve import deploy
 
     early, late, thresholds = _split(tiny_artifact)
     controller = f"ctl-serve-{uuid.uuid4().hex[:8]}"

@@ -7,7 +7,8 @@ import torch
 
 from pipeline.engine.executor import execute
 from pipeline.engine.policy import ExitPolicy
-from pipeline.model.artifact import load_artifact, load_classifier, read_manifest
+from pipeline.engine.loader import load_artifact
+from pipeline.model.artifact import load_classifier, read_manifest
 from tests.tiny import save_tiny
 
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from pipeline.control.calibration import calibration_rows, certify_thresholds, split_rows
-from pipeline.control.controller import ControllerConfig, ThresholdController
-from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
+from pipeline.config import ControllerConfig
+from pipeline.control.controller import ThresholdController
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.stats import binom_cdf, binom_sf, clopper_pearson, rows_to_certify, wilson
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import evaluate, tune_thresholds

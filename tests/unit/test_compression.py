@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline.compression import apply, compression_of, make_config, methods, to_record
-from pipeline.compression.distill import DistillConfig, choose_layers, distill, kd_loss, make_student
+from pipeline.training.distill import DistillConfig, choose_layers, distill, kd_loss, make_student
 from pipeline.compression.int8_onednn import available as onednn_available
-from pipeline.compression.quantize import BudgetExceeded, quantize, sqnr_db
+from pipeline.training.quantize import BudgetExceeded, quantize, sqnr_db
 from pipeline.compression.registry import encoder_layers
 from tests.tiny import tiny_classifier
 
@@ -130,7 +130,8 @@ def test_onednn_backend_where_it_cannot_run(tiny_artifact, tmp_path, monkeypatch
     import shutil
 
     from pipeline.compression import compression_status, slow_here
-    from pipeline.model.artifact import load_artifact, read_manifest
+    from pipeline.engine.loader import load_artifact
+    from pipeline.model.artifact import read_manifest
 
     rec = to_record("int8-dynamic", make_config("int8-dynamic", **ONEDNN_INT8))
     assert slow_here(rec, "cpu") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
@@ -157,7 +158,7 @@ def test_quantize_picks_onednn_without_vnni(tiny_artifact, tmp_path, monkeypatch
     """`offramp quantize --method int8-dynamic` with no backend on a CPU without AVX512-VNNI records onednn
     (torchao would be skipped at load there); a backend given explicitly is kept."""
     from pipeline.compression import compression_status
-    from pipeline.model.artifact import load_artifact
+    from pipeline.engine.loader import load_artifact
 
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False)
     rec = quantize(tiny_artifact, str(tmp_path / "auto"), "int8-dynamic", limit=20, allow_loss=True)
@@ -229,8 +230,9 @@ def test_distill_saves_a_loadable_student_with_report(tiny_model_dir, tmp_path):
                                          pytest.param("int8-dynamic", ONEDNN_INT8, marks=NEEDS_ONEDNN),
                                          ("bf16", {}), ("fp16", {})])
 def test_artifact_round_trip_reapplies_method(tiny_artifact, tmp_path, method, opts):
-    from pipeline.compression.quantize import run_early_exit
-    from pipeline.model.artifact import load_artifact, read_manifest
+    from pipeline.training.quantize import run_early_exit
+    from pipeline.engine.loader import load_artifact
+    from pipeline.model.artifact import read_manifest
 
     out = tmp_path / method
     rec = quantize(tiny_artifact, str(out), method, limit=40, allow_loss=True, options=opts)
@@ -253,7 +255,7 @@ def test_artifact_round_trip_reapplies_method(tiny_artifact, tmp_path, method, o
 
 def _fragile_classifier_dir(path):
     """A tiny random classifier whose decision margins are ~0 on real text: any perturbation flips some."""
-    from pipeline.compression.quantize import heldout_texts, run_classifier
+    from pipeline.training.quantize import heldout_texts, run_classifier
     from pipeline.model.artifact import load_tokenizer
     from tests.tiny import save_tiny
 
@@ -278,7 +280,7 @@ def test_quantize_budget_refuses_then_allow_loss_writes(tmp_path):
     rec = quantize(src, str(out), "bf16", limit=120, budget=0.0, allow_loss=True)
     saved = json.loads((out / "compression.json").read_text())
     assert saved["check"]["within_budget"] is False and saved == json.loads(json.dumps(rec))
-    from pipeline.compression.quantize import load_compressed_classifier
+    from pipeline.training.quantize import load_compressed_classifier
 
     assert compression_of(load_compressed_classifier(str(out)))["method"] == "bf16"
     with pytest.raises(ValueError, match="already compressed"):
@@ -300,7 +302,7 @@ def test_engine_config_quantize_field():
 
 def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
     """Agreement with the float model on movie reviews (tiny random model: a loose bound, the bench has the real one)."""
-    from pipeline.compression.quantize import heldout_texts, run_classifier
+    from pipeline.training.quantize import heldout_texts, run_classifier
     from pipeline.model.artifact import load_classifier, load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir)
@@ -315,8 +317,8 @@ def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
 def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
     """The default int8 (torchao + torch.compile) re-applied by load_artifact from a manifest record (one compile)."""
     pytest.importorskip("torchao")
-    from pipeline.compression.quantize import run_early_exit
-    from pipeline.model.artifact import load_artifact
+    from pipeline.training.quantize import run_early_exit
+    from pipeline.engine.loader import load_artifact
 
     cfg = make_config("int8-dynamic")
     assert cfg.backend == "torchao" and cfg.compile
@@ -351,10 +353,11 @@ def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_
     import shutil
 
     from pipeline.compression import apply_at_load, compression_status, slow_here
-    from pipeline.compression.quantize import run_early_exit
+    from pipeline.training.quantize import run_early_exit
     from pipeline.config import EngineConfig
     from pipeline.engine.predictor import Predictor
-    from pipeline.model.artifact import load_artifact, read_manifest
+    from pipeline.engine.loader import load_artifact
+    from pipeline.model.artifact import read_manifest
 
     out = tmp_path / "int8-eager"  # eager torchao: the same kernels as compiled, without the compile time
     shutil.copytree(tiny_artifact, out)
@@ -429,9 +432,11 @@ def test_apply_at_load_for_engine_config():
 
 
 def test_cli_method_choices_match_registry():
-    from pipeline.compression import commands, registry
+    from pipeline.commands import compression as commands
+    from pipeline.compression import registry
+    from pipeline.config import COMPRESSION_METHODS
 
-    assert set(commands.METHODS) == set(methods())
+    assert set(commands.METHODS) == set(methods()) == set(COMPRESSION_METHODS)
     assert commands.INT8_BACKENDS == registry.INT8_BACKENDS
 
 
@@ -461,7 +466,7 @@ def test_quantize_retunes_artifact_thresholds_against_the_float_source(tiny_arti
 
 def test_controller_spends_only_the_budget_compression_left(tiny_artifact):
     """The controller sees the compressed model's own final head: it gets the constraint less the check's loss."""
-    from pipeline.control.controller import ControllerConfig
+    from pipeline.config import ControllerConfig
     from pipeline.control.shared import controller_constraint
     from pipeline.model.artifact import read_manifest
 

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from pipeline.control.controller import ControllerConfig, ThresholdController
-from pipeline.control.records import CostModel, FeedbackWindow
+from pipeline.config import ControllerConfig
+from pipeline.control.controller import ThresholdController
+from pipeline.feedback import CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import tune_thresholds
 

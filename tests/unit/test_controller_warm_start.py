@@ -4,8 +4,9 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.control.controller import ControllerConfig, ControllerState, ThresholdController
-from pipeline.control.records import CostModel, FeedbackWindow
+from pipeline.config import ControllerConfig
+from pipeline.control.controller import ControllerState, ThresholdController
+from pipeline.feedback import CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
 from pipeline.model.artifact import VALIDATION_FEEDBACK, load_validation_feedback, save_validation_feedback
 

@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.control.controller import ControllerConfig, ControllerState, ThresholdController
+from pipeline.config import ControllerConfig
+from pipeline.control.controller import ControllerState, ThresholdController
 from pipeline.control.guard import AccuracyGuard, GuardAction, back_off, is_violation, violating_ramps
-from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import evaluate
 
@@ -262,8 +263,8 @@ def test_a_short_flushed_window_is_judged_against_a_whole_windows_budget(wrong, 
 def test_config_checks_name_the_field():
     with pytest.raises(ValueError, match="window_rows"):
         ControllerConfig(window_rows=0)
-    with pytest.raises(ValueError, match="unknown field"):
-        ControllerConfig.from_dict({"windo_rows": 5})
+    with pytest.raises(ValueError, match="windo_rows"):
+        ControllerConfig.model_validate({"windo_rows": 5})
     with pytest.raises(ValueError, match="ramps"):
         ThresholdController(CostModel.uniform(3, [1, 2], 0.01), initial_state=ControllerState.initial(3))
 
@@ -271,17 +272,18 @@ def test_config_checks_name_the_field():
 @pytest.mark.parametrize("constraint,rows", [(0.01, 512), (0.05, 512), (0.0, 512), (0.005, 1024),
                                              (0.00527, 972), (0.0001, 8192)])
 def test_the_default_window_keeps_about_five_disagreements_of_budget(constraint, rows):
-    from pipeline.control.controller import default_window_rows
+    from pipeline.config import default_window_rows
 
     assert default_window_rows(constraint) == rows
-    assert ControllerConfig(constraint=constraint).window_rows == rows
-    assert ControllerConfig(constraint=constraint, window_rows=64).window_rows == 64  # an explicit size stands
+    assert ControllerConfig(constraint=constraint).resolved().window_rows == rows
+    assert ControllerConfig(constraint=constraint, window_rows=64).resolved().window_rows == 64  # explicit stands
     # the resolved size travels with the config (checkpoints, the actor's get_config)
-    assert ControllerConfig.from_dict(ControllerConfig(constraint=constraint).to_dict()).window_rows == rows
+    resolved = ControllerConfig(constraint=constraint).resolved()
+    assert ControllerConfig.model_validate(resolved.model_dump()).window_rows == rows
 
 
 def test_the_default_window_fits_in_the_rows_the_controller_holds():
     # A YAML's tuning is checked at the 1% default budget; the artifact's smaller one must not break it later.
-    assert ControllerConfig(constraint=0.005, max_pending_rows=800).window_rows == 800
+    assert ControllerConfig(constraint=0.005, max_pending_rows=800).resolved().window_rows == 800
     with pytest.raises(ValueError, match="max_pending_rows"):
         ControllerConfig(constraint=0.005, window_rows=1024, max_pending_rows=800)

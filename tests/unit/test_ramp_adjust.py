@@ -9,7 +9,7 @@ from pipeline.control.ramp_adjust import (
     ramp_utilities,
     tail_overhead,
 )
-from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import tune_thresholds
 
@@ -113,7 +113,8 @@ def test_a_controller_starting_closed_keeps_useful_ramps_at_its_first_check():
     # Every ramp starts closed (ControllerState.initial): served closed, each one costs without saving, so
     # its realized utility is negative. Judged that way the first check (at once: 5 active break max_active=3)
     # dropped every ramp; judged by what it saves once tuned, the three best stay and open.
-    from pipeline.control.controller import ControllerConfig, ThresholdController
+    from pipeline.config import ControllerConfig
+    from pipeline.control.controller import ThresholdController
 
     costs = CostModel.uniform(6, [1, 2, 3, 4, 5], 0.004)
     ctl = ThresholdController(costs, ControllerConfig(window_rows=512, max_active=3))

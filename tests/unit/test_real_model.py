@@ -11,7 +11,8 @@ from pipeline.data.datasets import load_dataset
 from pipeline.engine.executor import execute
 from pipeline.engine.policy import ExitPolicy
 from pipeline.engine.predictor import Predictor
-from pipeline.model.artifact import load_artifact, load_classifier
+from pipeline.engine.loader import load_artifact
+from pipeline.model.artifact import load_classifier
 
 pytestmark = pytest.mark.real_model
 CACHE = Path(os.environ.get("OFFRAMP_TEST_CACHE", Path.home() / ".cache" / "offramp-tests")) / "minilm-movie-v1"

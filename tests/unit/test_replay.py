@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.control.controller import ControllerState
-from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.replay import (
     METHODS,
     aggregate,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import EngineConfig
-from pipeline.control.records import FeedbackWindow
+from pipeline.feedback import FeedbackWindow
 from pipeline.engine.predictor import Predictor, shadow_mask
 from pipeline.serving.config import ServeAppConfig
 from pipeline.serving.replica import ReplicaEngine

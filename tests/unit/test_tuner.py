@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.control.records import CLOSED, CostModel, FeedbackWindow
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import evaluate, evaluate_stretches, exit_costs, static_threshold_search, tune_thresholds
 

@@ -9,8 +9,9 @@ import json
 
 import click
 
-METHODS = ("int8-dynamic", "fp16", "bf16")  # pipeline.compression.registry.methods(); listed here to keep imports light
-INT8_BACKENDS = ("torchao", "onednn", "torch-ao")  # registry.INT8_BACKENDS, likewise
+from pipeline.config import COMPRESSION_METHODS as METHODS  # light: config imports no torch
+
+INT8_BACKENDS = ("torchao", "onednn", "torch-ao")  # registry.INT8_BACKENDS (a test keeps them equal)
 
 
 def _progress(label: str):
@@ -58,8 +59,8 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
     its agreement with the teacher and gold accuracy on held-out data."""
     from pydantic import ValidationError
 
-    from pipeline.compression.distill import REPORT, DistillConfig
-    from pipeline.compression.distill import distill as run
+    from pipeline.training.distill import REPORT, DistillConfig
+    from pipeline.training.distill import distill as run
 
     if (keep_layers is None) == (num_layers is None):
         raise click.UsageError("give exactly one of --keep-layers (e.g. 0,2,4) or --num-layers (e.g. 3)")
@@ -105,8 +106,8 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
 def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, backend, text_column, label_column, retune):
     """Compress a model (int8-dynamic, fp16, bf16), check it against the uncompressed source on held-out
     data, and record the check. Exits non-zero when agreement loss > --budget (unless --allow-loss)."""
-    from pipeline.compression.quantize import BudgetExceeded
-    from pipeline.compression.quantize import quantize as run
+    from pipeline.training.quantize import BudgetExceeded
+    from pipeline.training.quantize import quantize as run
 
     if backend and method != "int8-dynamic":
         raise click.UsageError(f"--backend applies to int8-dynamic only, not --method {method}")

@@ -25,9 +25,9 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict:
     """`key=value` pairs -> ControllerConfig overrides (values parsed as JSON when they parse)."""
     import json
 
-    from pipeline.control.controller import ControllerConfig
+    from pipeline.config import ControllerConfig
 
-    known = set(ControllerConfig.__dataclass_fields__)
+    known = set(ControllerConfig.model_fields)
     out = {}
     for p in pairs:
         key, sep, raw = p.partition("=")
@@ -44,7 +44,7 @@ def _texts(ds, seed: int, limit: int | None) -> list[str]:
     """Usable texts in a deterministic shuffled order (built-in files are sorted), at most ``limit``."""
     import numpy as np
 
-    from pipeline.engine.encoder import validate_text
+    from pipeline.data.texts import validate_text
 
     order = np.random.default_rng(seed).permutation(len(ds))
     texts = [ds.texts[i] for i in order if validate_text(ds.texts[i]) is None]
@@ -57,7 +57,7 @@ def _splits(data: str, text_column: str, seed: int, limit: int | None, manifest)
     data it was bootstrapped on). Built-ins stream their test split; files/URLs the rest of the rows."""
     from pipeline.config import BootstrapConfig
     from pipeline.data.datasets import BUILTIN, load_dataset
-    from pipeline.training.bootstrap import split_data
+    from pipeline.data.splits import split_data
 
     same = manifest.bootstrap.get("data") == data
     split = {k: manifest.bootstrap[k] for k in ("seed", "validation_fraction") if same and k in manifest.bootstrap}
@@ -89,7 +89,7 @@ def _recorded(predictor_fn, model_fp: str, texts: list[str], label: str, cache_d
 
     import numpy as np
 
-    from pipeline.control.records import FeedbackWindow
+    from pipeline.feedback import FeedbackWindow
     from pipeline.control.replay import record
 
     key = hashlib.sha1((model_fp + "\x00" + "\x1f".join(texts)).encode("utf-8")).hexdigest()[:16]
@@ -193,8 +193,8 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
 
     import numpy as np
 
-    from pipeline.control.controller import ControllerConfig
-    from pipeline.control.records import FeedbackWindow
+    from pipeline.config import ControllerConfig
+    from pipeline.feedback import FeedbackWindow
     from pipeline.control.shared import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.replay import (
         aggregate,
@@ -217,7 +217,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
         # As deployed: a compressed artifact's controller holds what compression left of the budget.
         constraint = controller_constraint(manifest) if constraint is None else constraint
         # the controller's own window for this budget (a --set constraint / window_rows wins, as in the controller)
-        window_rows = window_rows or ControllerConfig.from_dict({"constraint": constraint, **overrides}).window_rows
+        window_rows = window_rows or ControllerConfig.model_validate({"constraint": constraint, **overrides}).resolved().window_rows
         costs = cost_model(manifest)
         boot_texts, stream_texts, desc = _splits(data, text_column, seed, limit, manifest)
         domains = [d for d in DOMAINS if d != data] if drift == "hard" else [] if drift == "none" else [drift]
@@ -384,5 +384,5 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
     click.echo(msg)
 
 
-if __name__ == "__main__":  # pragma: no cover - until the CLI registers it: python -m pipeline.control.replay_commands
+if __name__ == "__main__":  # pragma: no cover - until the CLI registers it: python -m pipeline.commands.replay
     replay()

@@ -128,7 +128,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 def _splits(cfg: DistillConfig):
     from pipeline.data.datasets import BUILTIN, load_dataset
-    from pipeline.engine.encoder import validate_text
+    from pipeline.data.texts import validate_text
 
     ds = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
     bad = [i for i, t in enumerate(ds.texts) if validate_text(t)]

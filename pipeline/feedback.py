@@ -1,4 +1,5 @@
-"""Feedback records and the cost model: the data the controller's algorithms work on.
+"""Feedback records and the cost model: the contract between the engine, which produces them, and the
+controller, which tunes on them (so they belong to neither).
 
 The model engine produces a :class:`FeedbackWindow` from rows that ran to the end of the model
 (every row in release mode, the shadow rows in exit mode). A window carries every ramp's

@@ -56,7 +56,7 @@ def is_artifact(path: str | Path) -> bool:
 def heldout_texts(data: str, limit: int | None = None, text_column: str = "text", label_column: str = "label"):
     """(name, texts, labels or None): a built-in dataset's test split, or every row of a file / URL."""
     from pipeline.data.datasets import BUILTIN, load_dataset
-    from pipeline.engine.encoder import validate_text
+    from pipeline.data.texts import validate_text
 
     ds = load_dataset(data, text_column, label_column)
     ds = ds.split("test") if data in BUILTIN else ds
@@ -160,9 +160,9 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
     and not `allow_loss`. For an artifact with `retune`, the exit thresholds are re-tuned for the
     compressed model (see `retune_thresholds`).
     """
+    from pipeline.engine.loader import load_artifact
     from pipeline.model.artifact import (
         VALIDATION_FEEDBACK,
-        load_artifact,
         load_classifier,
         load_tokenizer,
         read_manifest,
@@ -257,7 +257,7 @@ def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts
     updated record.
     """
     from pipeline.config import EngineConfig
-    from pipeline.control.records import FeedbackWindow
+    from pipeline.feedback import FeedbackWindow
     from pipeline.control.replay import record as record_ramps
     from pipeline.control.shared import cost_model
     from pipeline.control.tuner import evaluate, tune_thresholds
