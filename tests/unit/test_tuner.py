@@ -1,5 +1,4 @@
 """Threshold tuner: exit-rule cost math, Apparate's greedy search, the static baseline."""
-import time
 
 import numpy as np
 import pytest
@@ -297,23 +296,14 @@ def test_static_threshold_search_picks_lowest_feasible_grid_value():
     assert none.thresholds.tolist() == [CLOSED] * 5 or 1 - none.agreement == 0.0
 
 
-def test_tuner_speed_is_printed(capsys):
-    """12 ramps x 4096 rows: prints the time (no timed assertion)."""
+def test_many_ramps_keep_the_constraint_and_beat_one_shared_threshold():
+    """12 ramps x 4096 rows (its speed is in `offramp replay`'s tuner timings, not in a test)."""
     w = synthetic_window(4096, np.linspace(0.3, 1.1, 12), seed=1)
     costs = _costs(12)
-    tune_thresholds(w, costs, 0.01)  # warm caches
-    t0 = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        res = tune_thresholds(w, costs, 0.01)
-    ms = (time.perf_counter() - t0) / reps * 1e3
+    res = tune_thresholds(w, costs, 0.01)
     static = static_threshold_search(w, costs, 0.01)
-    with capsys.disabled():
-        print(
-            f"\n[tuner] 12 ramps x 4096 rows: {ms:.1f} ms/tune, {res.rounds} rounds, {res.moves} moves,"
-            f" savings {res.savings:.3f} (static {static.savings:.3f}), agreement {res.agreement:.4f}"
-        )
     assert 1 - res.agreement <= 0.01 + 1e-12
+    assert res.savings > static.savings > 0
 
 
 # ----------------------------------------------------------------------------- a reference other than the final head
