@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.bench import write_result
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,13 @@ def _same_source(path: Path, key: tuple[str, ...], expect: str) -> bool:
 def prepare_models(teacher: str, workdir: str, artifact: str | None = None, distill_epochs: float = 3.0,
                    dataset: str = "movie-reviews", echo=print) -> dict[str, str]:
     """Build (or reuse) the four early-exit artifacts; returns name -> artifact dir."""
-    from pipeline.training.distill import REPORT, DistillConfig, distill
-    from pipeline.training.quantize import quantize
-    from pipeline.config import BootstrapConfig
     from transformers import AutoConfig
 
+    from pipeline.config import BootstrapConfig
     from pipeline.model.artifact import resolve_base
     from pipeline.training.bootstrap import bootstrap
+    from pipeline.training.distill import REPORT, DistillConfig, distill
+    from pipeline.training.quantize import quantize
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -81,11 +81,11 @@ def prepare_models(teacher: str, workdir: str, artifact: str | None = None, dist
 def run_compression_bench(teacher: str, artifact: str | None = None, workdir: str = "artifacts/compression",
                           dataset: str = "movie-reviews", limit: int | None = None, reps: int = 3,
                           distill_epochs: float = 3.0, out_json: str | None = None, echo=print) -> dict:
-    from pipeline.training.distill import REPORT
-    from pipeline.training.quantize import heldout_texts
     from pipeline.config import EngineConfig
     from pipeline.engine.policy import ExitPolicy
     from pipeline.engine.predictor import Predictor
+    from pipeline.training.distill import REPORT
+    from pipeline.training.quantize import heldout_texts
 
     models = prepare_models(teacher, workdir, artifact, distill_epochs, dataset, echo)
     data_name, texts, gold = heldout_texts(dataset, limit)

@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from pipeline.bench import write_result
 import torch
 
+from pipeline.bench import write_result
 from pipeline.config import EngineConfig
 
 

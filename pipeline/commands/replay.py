@@ -89,8 +89,8 @@ def _recorded(predictor_fn, model_fp: str, texts: list[str], label: str, cache_d
 
     import numpy as np
 
-    from pipeline.feedback import FeedbackWindow
     from pipeline.control.replay import record
+    from pipeline.feedback import FeedbackWindow
 
     key = hashlib.sha1((model_fp + "\x00" + "\x1f".join(texts)).encode("utf-8")).hexdigest()[:16]
     path = cache_dir / f"{label}-{key}.npz"
@@ -194,8 +194,6 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
     import numpy as np
 
     from pipeline.config import ControllerConfig
-    from pipeline.feedback import FeedbackWindow
-    from pipeline.control.shared import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.replay import (
         aggregate,
         drift_stream,
@@ -205,8 +203,10 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
         write_json,
     )
     from pipeline.control.replay import replay as run_replay
+    from pipeline.control.shared import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.tuner import static_threshold_search, tune_thresholds
     from pipeline.data.datasets import load_dataset
+    from pipeline.feedback import FeedbackWindow
     from pipeline.model.artifact import read_manifest
 
     if window_rows is not None and window_rows < 1:

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
+
 from .stats import binom_cdf, clopper_pearson, rows_to_certify
 from .tuner import evaluate, tune_thresholds
 

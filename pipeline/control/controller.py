@@ -1,162 +1,33 @@
-"""The threshold controller: one named Ray actor per deployment/job, and the client workers use.
+"""The threshold controller's logic: windows of feedback in, versioned thresholds and active ramps out.
 
-``ThresholdController`` is a plain class (testable without Ray). It gathers feedback rows into windows
-of ``window_rows``; for each full window it
-
-1. measures realized agreement under the thresholds in force and asks the accuracy guard what to do;
-2. after ``backoff_after`` violating windows in a row (default: the first), backs off the violating
-   ramps (their thresholds become tuning floors until the guard has seen ``backoff_hold_windows`` good
-   windows);
-3. every ``ramp_check_windows`` windows (or at once when the active set breaks the ramp budget) runs
-   ramp adjustment (a ramp that was served closed is judged by what it saves at the re-tuned thresholds,
-   not by its cost alone: a controller starting all closed would otherwise drop every ramp at once);
-4. re-tunes the thresholds from scratch (all ramps closed) on the last ``tune_windows`` windows and,
-   no ramp below that, on the newest ``recent_windows``; bumps the version
-   when thresholds or the active set change, checkpoints its state (fsspec URL; with the tuning windows and
-   ramp utilities, so a restart does not change what it tunes on) and logs a history row.
-
-Why re-tune from scratch rather than from the current thresholds: the greedy search only ever lowers
-thresholds, so starting from the current ones would ratchet them down window after window and could
-never raise them when inputs get harder. From scratch, thresholds are a function of recent data only
-and move both ways; it costs milliseconds.
-
-Why tune on several windows under ``constraint * tune_headroom``: the greedy search fits each ramp's
-threshold to the rows it sees, so its agreement on fresh rows is worse than on the tuning rows
-(measured on synthetic ramps, 1% budget: 2.0% real disagreement when tuned on 512 rows, 1.4% on 2,048,
-1.1% on 8,192). A stationary stream tuned on 4 windows with the full budget broke the constraint in
-~35% of 512-row windows; on 8 windows at half the budget in ~12% (about the Poisson noise of judging
-512 rows at 0.65% true disagreement) with the same savings, since overfit moves do not save on fresh
-rows either. On the real MiniLM movie-review ramps (``offramp replay``, 20 orders of the test split)
-half the budget still broke 19/60 windows; 0.3 of it with a back-off on the first violation broke 9/60
-at 36.2% savings (vs 41.5%): those are the defaults. The guard judges each window against the full
-constraint. A violating window joins the buffer and the re-tune follows at once; shrinking the buffer
-to the newest window on a violation was tried and made things worse (more overfitting, more
-violations). A violation also backs off (``backoff_after=1``; Apparate waits for a second one): the
-violating ramps' cut thresholds become floors for the tuner until ``backoff_hold_windows`` good
-windows pass.
-
-Why also tune on the newest ``recent_windows`` windows alone: a buffer that straddles a change of
-inputs averages the new rows' disagreement with the old rows' (measured under drift to hard reviews:
-windows served at ~1% disagreement while the 8-window buffer tuned to 0.3%). Each ramp gets the higher
-of the two tunes' thresholds. When inputs are stationary the short tune overfits toward lower
-thresholds, so the buffer's mostly stand (MiniLM replay: 35.8% savings instead of 36.4%, the same 2/60
-violating windows); after a drift the newest rows hold the line at once (violating windows after the
-first drifted one: 9/100 -> 4/100).
-
-Why an early guard within a window: the first window after a change of inputs is served with
-thresholds tuned before it, and the window-end guard only learns of it when the window is over. On every
-report once a quarter window is in, the controller checks the rows so far: their disagreement as served,
-plus the rest of the window forecast at the current thresholds' rate on those rows, shrunk toward the
-tuner's target as if ``early_guard_prior_rows`` rows at that target had come first (two disagreements in
-the first 128 rows are a signal, one is noise; three in 256). When the forecast breaks the window's budget it backs off
-every open ramp (a few rows cannot say which ramps will err next) and re-tunes at once; again later in
-the window if newer rows break it again. Its floors lift after ``early_hold_windows`` good window, so a
-false alarm costs little. The window-end guard judges each stretch of rows at the thresholds then in
-force. MiniLM replay, state refreshed every 128 rows, 100 stream orders, 3 active ramps at most:
-violating windows after the drift 62/600 -> 17/600, in-domain 5/300 -> 0/300, at 43% of the oracle's
-savings instead of 45% (the old rule, the rest forecast at the target rate once per window and only the
-violating ramps backed off, fired when the budget was already spent).
-
-Warm start: a fresh controller (no checkpoint to restore) given ``warm_start`` rows — an artifact's
-``validation_feedback.safetensors``, every ramp's output on the bootstrap validation split — processes
-whole windows of them like live feedback before any live row arrives, so its first live
-re-tunes see ~1k more rows than a single 512-row window (the first windows are where a cold controller
-overfits most). On the MiniLM replay: 2/60 violating windows instead of 9/60, at the same savings.
-A warm window never backs off: none of its rows was served, and a back-off holds for windows (the MiniLM
-int8 artifact's second warm window missed its 0.53% budget by one row, and two ramps stayed nearly closed
-for most of a 50k-row job; int8 replay on the job's corpus, 512-row windows: 28.2% -> 30.3% latency saved).
-Warm windows are counted in ``warm_windows``, not ``windows``, and marked ``warm`` in the history.
-
-Why no cap on active ramps by default (``max_active=None``; the tail budget still holds): the cap was
-there because every active ramp is another threshold fitted to the same rows, and before the early
-guard above the cap bought safety (12 synthetic ramps: 32% of windows broke the constraint all active,
-16% capped at 3). With it, more ramps save more for a little more risk under drift. MiniLM replay
-(5 ramps, 100 orders): capped at 3, 0/300 violating in-domain at 43% of the oracle's savings and 17/600
-after the drift; uncapped, 0/300 at 46% and 30/600. Synthetic 11 ramps: 0/110 either way, 8.8% savings
-capped at 3 vs 11.5% uncapped.
-
-``get_or_create_controller`` starts (or finds) the detached actor; ``ControllerClient`` is what
-workers and replicas hold: fire-and-forget reports, periodic state fetches with a short timeout, and
-the last good state kept whenever the controller is unreachable.
+A plain class, testable without Ray (pipeline.control.actor runs it as the one named actor of a deployment;
+pipeline.control.client is what workers hold). What it does per window and why: docs/controller.md.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields, replace
-
-from pipeline.config import ControllerConfig
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.config import ControllerConfig
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
+
 from .guard import AccuracyGuard, GuardAction, back_off, violating_ramps
 from .ramp_adjust import RampBudget, adjust_ramps, candidate_gains, ramp_utilities
-from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
+from .state import ControllerState, as_state
 from .stats import binom_sf, wilson
 from .tuner import TuneResult, evaluate, evaluate_stretches, tune_thresholds
 
-__all__ = [
-    "DEFAULT_NAMESPACE",
-    "ControllerState",
-    "ThresholdController",
-    "ControllerClient",
-    "get_or_create_controller",
-]
+__all__ = ["ThresholdController"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NAMESPACE = "offramp"
 _CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class ControllerState:
-    """The versioned state workers fetch, plus counters. JSON-serialisable via ``to_dict``."""
-
-    version: int
-    thresholds: list[float]
-    active: list[bool]
-    windows: int = 0  # full windows processed
-    rows: int = 0  # feedback rows received
-    reports: int = 0  # report() calls accepted
-    rejected: int = 0  # report() calls refused (malformed payload)
-    dropped_rows: int = 0  # rows dropped because the pending buffer was full
-    violations: int = 0  # windows whose realized agreement broke the constraint
-    backoffs: int = 0  # back-offs applied
-    ramp_changes: int = 0  # ramp adjustments that changed the active set
-    restores: int = 0  # times this state was restored from a checkpoint
-    warm_windows: int = 0  # windows of warm-start rows processed before any live feedback
-    updated_at: float = 0.0  # time.time() of the last version change
-    calibrated: bool = False  # holding certified thresholds (``calibrate``): backs off, never tunes below them
-    feedback_fraction: float = 0.0  # share of rows workers should also run to the end (ControllerConfig.feedback_*)
-
-    @classmethod
-    def initial(cls, num_ramps: int, active: Sequence[bool] | None = None) -> "ControllerState":
-        """All ramps closed; all active unless ``active`` says otherwise."""
-        act = [True] * num_ramps if active is None else [bool(a) for a in active]
-        return cls(version=0, thresholds=[CLOSED] * num_ramps, active=act, updated_at=time.time())
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ControllerState":
-        known = {f.name for f in fields(cls)}
-        s = cls(**{k: v for k, v in d.items() if k in known})
-        s.thresholds = [float(x) for x in s.thresholds]
-        s.active = [bool(x) for x in s.active]
-        return s
-
-
-def _as_state(x: ControllerState | dict[str, Any] | None) -> ControllerState | None:
-    """A private copy (callers' objects are never mutated)."""
-    if x is None:
-        return None
-    return ControllerState.from_dict(x.to_dict() if isinstance(x, ControllerState) else x)
 
 
 class ThresholdController:
@@ -207,7 +78,7 @@ class ThresholdController:
         self._pending_output = 0  # answered rows the pending feedback was drawn from
         self._since_change = [0, 0]  # [disagreements, rows] served at the current thresholds
 
-        state = _as_state(initial_state) or ControllerState.initial(R)
+        state = as_state(initial_state) or ControllerState.initial(R)
         if len(state.thresholds) != R or len(state.active) != R:
             raise ValueError(
                 f"initial_state has {len(state.thresholds)} thresholds / {len(state.active)} active flags;"
@@ -625,248 +496,3 @@ class ThresholdController:
         except Exception as exc:
             logger.warning("could not restore checkpoint %s: %s; starting fresh", self.checkpoint_url, exc)
             return False
-
-
-# ----------------------------------------------------------------------------- Ray wrappers
-_ACTOR_CLASS = None
-
-
-def _actor_class():
-    global _ACTOR_CLASS
-    if _ACTOR_CLASS is None:
-        import ray
-
-        _ACTOR_CLASS = ray.remote(ThresholdController)
-    return _ACTOR_CLASS
-
-
-def get_or_create_controller(
-    name: str,
-    costs: CostModel | dict[str, Any],
-    config: ControllerConfig | dict[str, Any] | None = None,
-    initial_state: ControllerState | dict[str, Any] | None = None,
-    checkpoint_url: str | None = None,
-    namespace: str = DEFAULT_NAMESPACE,
-    warm_start: FeedbackWindow | dict[str, Any] | None = None,
-):
-    """Start the named detached controller actor, or return the running one (its args then ignored).
-
-    The actor takes no CPU (``num_cpus=0``: it must never starve Ray Data on a small machine), restarts
-    forever (``max_restarts=-1``; its ``__init__`` restores the checkpoint), and does not retry calls
-    that were in flight when it died (``max_task_retries=0``): reports are best-effort feedback and a
-    restart loses the partial window anyway, while a state fetch is simply asked again later. Calls made
-    while it restarts are queued by Ray and delivered once it is back. ``warm_start`` rows travel with the
-    actor's arguments, so a restart with no checkpoint to restore warm-starts again.
-    """
-    cls = _actor_class()
-    c = costs.to_dict() if isinstance(costs, CostModel) else dict(costs)
-    cfg = config.model_dump() if isinstance(config, ControllerConfig) else dict(config or {})
-    init = initial_state.to_dict() if isinstance(initial_state, ControllerState) else initial_state
-    return cls.options(
-        name=name,
-        namespace=namespace,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_task_retries=0,
-        num_cpus=0,
-    ).remote(c, cfg, init, checkpoint_url, warm_start)
-
-
-class ControllerClient:
-    """Worker-side view of the controller. Never raises: the last good state always stands.
-
-    ``report`` is fire-and-forget (failures are counted when their replies come back, or when the
-    actor cannot be found); ``maybe_refresh`` fetches the state every ``refresh_every`` batches, or
-    sooner when a report reply shows a newer version, waiting at most ``timeout_s``. A fetch that times
-    out stays pending and is collected by a later call, so a restarting controller sees one request per
-    client, not a pile. A lost handle is looked up again by name, at most every ``reconnect_every_s``.
-
-    Args:
-        name, namespace: the controller actor's name and namespace.
-        initial_state: state to use until the first fetch (else one fetch is tried at construction).
-        refresh_every: batches between fetches for ``maybe_refresh``.
-        timeout_s: longest wait for a state fetch.
-        reconnect_every_s: least time between name look-ups after a failure.
-        max_in_flight: reports whose replies are tracked (older ones are forgotten, not failed).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        namespace: str = DEFAULT_NAMESPACE,
-        initial_state: ControllerState | dict[str, Any] | None = None,
-        refresh_every: int = 8,
-        timeout_s: float = 2.0,
-        reconnect_every_s: float = 5.0,
-        max_in_flight: int = 256,
-        handle: Any = None,
-    ) -> None:
-        if refresh_every < 1:
-            raise ValueError(f"refresh_every={refresh_every} must be >= 1")
-        self.name = name
-        self.namespace = namespace
-        self.refresh_every = refresh_every
-        self.timeout_s = timeout_s
-        self.reconnect_every_s = reconnect_every_s
-        self.max_in_flight = max_in_flight
-        self._handle = handle
-        self._last_lookup = float("-inf")
-        self._state = _as_state(initial_state)
-        self._pending_get: Any = None
-        self._in_flight: deque = deque()
-        self._batches = 0
-        self._seen_version = -1
-        self.reports_sent = 0
-        self.reports_failed = 0
-        self.refreshes = 0
-        self.refresh_failures = 0
-        if self._state is None:
-            self.refresh()
-
-    # ----- state -----
-    @property
-    def state(self) -> ControllerState | None:
-        return self._state
-
-    @property
-    def version(self) -> int:
-        """Version of the state in use; -1 before any state was obtained."""
-        return -1 if self._state is None else self._state.version
-
-    @property
-    def thresholds(self) -> np.ndarray | None:
-        return None if self._state is None else np.asarray(self._state.thresholds, dtype=np.float64)
-
-    @property
-    def active(self) -> np.ndarray | None:
-        return None if self._state is None else np.asarray(self._state.active, dtype=bool)
-
-    @property
-    def feedback_fraction(self) -> float:
-        """Share of rows the controller asks to be run to the end as feedback (0 when it asks for none)."""
-        return 0.0 if self._state is None else float(self._state.feedback_fraction)
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "reports_sent": self.reports_sent,
-            "reports_failed": self.reports_failed,
-            "refreshes": self.refreshes,
-            "refresh_failures": self.refresh_failures,
-            "connected": self._handle is not None,
-        }
-
-    # ----- calls -----
-    def report(self, window: FeedbackWindow | dict[str, Any], output_rows: int = 0) -> bool:
-        """Send feedback, drawn from ``output_rows`` answered rows, without waiting. Returns False (and counts
-        it) when it could not be sent."""
-        try:
-            self._reap()
-            handle = self._get_handle()
-            if handle is None:
-                self.reports_failed += 1
-                return False
-            if isinstance(window, FeedbackWindow):  # numpy arrays travel cheaper than lists
-                window = {"conf": window.conf, "pred": window.pred, "final": window.final}
-            if output_rows:
-                window = {**window, "output_rows": int(output_rows)}
-            self._in_flight.append(handle.report.remote(window))
-            while len(self._in_flight) > self.max_in_flight:
-                self._in_flight.popleft()
-            self.reports_sent += 1
-            return True
-        except Exception as exc:
-            self.reports_failed += 1
-            self._handle = None
-            logger.debug("report to controller %s failed: %s", self.name, exc)
-            return False
-
-    def maybe_refresh(self, every_n_batches: int | None = None) -> bool:
-        """Count one batch; fetch the state when due (or a newer version was seen). True if updated.
-
-        Between due calls a fetch left pending by a timeout is only polled, never waited for, so an
-        unreachable controller costs a worker at most ``timeout_s`` every ``every_n_batches`` batches.
-        """
-        self._batches += 1
-        n = every_n_batches or self.refresh_every
-        try:
-            self._reap()
-        except Exception:
-            pass
-        due = self._batches % n == 0 or self._seen_version > self.version
-        if due:
-            return self.refresh()
-        if self._pending_get is not None:
-            return self.refresh(timeout_s=0.0)
-        return False
-
-    def refresh(self, timeout_s: float | None = None) -> bool:
-        """Fetch the state now, waiting at most ``timeout_s`` (default: the client's). True if received."""
-        import ray
-        from ray.exceptions import GetTimeoutError
-
-        wait = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            if self._pending_get is None:
-                handle = self._get_handle()
-                if handle is None:
-                    self.refresh_failures += 1
-                    return False
-                self._pending_get = handle.get_state.remote()
-            d = ray.get(self._pending_get, timeout=wait)
-            self._pending_get = None
-            self._state = ControllerState.from_dict(d)
-            self.refreshes += 1
-            return True
-        except GetTimeoutError:
-            if wait > 0:
-                self.refresh_failures += 1  # keep the request pending; a later call collects it
-            return False
-        except Exception as exc:
-            self._pending_get = None
-            self._handle = None
-            self.refresh_failures += 1
-            logger.debug("state fetch from controller %s failed: %s", self.name, exc)
-            return False
-
-    # ----- internals -----
-    def _get_handle(self):
-        if self._handle is not None:
-            return self._handle
-        now = time.monotonic()
-        if now - self._last_lookup < self.reconnect_every_s:
-            return None
-        self._last_lookup = now
-        try:
-            import ray
-
-            self._handle = ray.get_actor(self.name, namespace=self.namespace)
-        except Exception as exc:
-            logger.debug("controller %s/%s not found: %s", self.namespace, self.name, exc)
-            self._handle = None
-        return self._handle
-
-    def _reap(self) -> None:
-        """Collect finished report replies: count failures, note the newest version seen."""
-        if not self._in_flight:
-            return
-        import ray
-
-        refs = list(self._in_flight)
-        ready, rest = ray.wait(refs, num_returns=len(refs), timeout=0)
-        for ref in ready:
-            try:
-                self._seen_version = max(self._seen_version, int(ray.get(ref, timeout=0)))
-            except Exception:
-                self.reports_failed += 1
-        self._in_flight = deque(rest)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Handles and object refs are tied to one process; a copied client looks the actor up again.
-        d = self.__dict__.copy()
-        d["_handle"] = None
-        d["_pending_get"] = None
-        d["_in_flight"] = deque()
-        d["_last_lookup"] = float("-inf")
-        return d

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
+
 from .tuner import evaluate
 
 __all__ = ["GuardAction", "AccuracyGuard", "is_violation", "violating_ramps", "back_off"]

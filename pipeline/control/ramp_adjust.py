@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
+
 from .tuner import evaluate, exit_costs, tune_thresholds
 
 __all__ = [

@@ -27,10 +27,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from pipeline.config import ControllerConfig
-
-from .controller import ControllerState, ThresholdController, _as_state
-from .guard import is_violation
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
+
+from .controller import ThresholdController
+from .guard import is_violation
+from .state import ControllerState, as_state
 from .tuner import evaluate, evaluate_stretches, exit_costs, static_threshold_search, tune_thresholds
 
 __all__ = [
@@ -438,7 +439,7 @@ def replay(
               "warm_start_windows": warm_windows,
               "refresh_rows": refresh,
               "early_backoffs": early,
-              "initial_state": _as_state(initial_state).to_dict(),
+              "initial_state": as_state(initial_state).to_dict(),
               **(meta or {})},
     )
 

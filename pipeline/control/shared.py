@@ -41,7 +41,7 @@ def controller_constraint(manifest) -> float:
 
 def initial_state(manifest, thresholds: list[float] | None = None):
     """A fresh controller's state: the artifact's thresholds (or `thresholds`) and active ramps, version 0."""
-    from pipeline.control.controller import ControllerState
+    from pipeline.control.state import ControllerState
 
     return ControllerState(version=0, thresholds=list(thresholds or manifest.thresholds), active=list(manifest.active))
 
@@ -59,7 +59,7 @@ def start_shared_controller(model: str, manifest, settings, thresholds: list[flo
         return None
     import ray
 
-    from pipeline.control.controller import get_or_create_controller
+    from pipeline.control.actor import get_or_create_controller
 
     tuning = {"constraint": controller_constraint(manifest), **(defaults or {}),
               **settings.tuning.model_dump(exclude_unset=True)}

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from pipeline.config import EngineConfig
-from pipeline.feedback import FeedbackWindow
 from pipeline.engine.encoder import Encoded, TextEncoder
 from pipeline.engine.executor import Tail, execute, finish_tail
 from pipeline.engine.microbatch import MicroBatchQueue, TokenBudget, plan_microbatches
 from pipeline.engine.policy import ExitPolicy
+from pipeline.feedback import FeedbackWindow
 
 log = logging.getLogger(__name__)
 

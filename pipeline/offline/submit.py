@@ -18,11 +18,11 @@ def _absolute(value: str | None) -> str | None:
 
 def submit_job(config: str, address: str, input_url: str | None = None, output_url: str | None = None,
                resume: bool = False, model: str | None = None) -> str:
+    import base64
+
     from ray.job_submission import JobSubmissionClient
 
     from pipeline.config import JobConfig
-
-    import base64
 
     cfg = JobConfig.from_yaml(config, **{"input.url": input_url, "output.url": output_url, "model": model})
     cfg = cfg.model_copy(update={

@@ -78,7 +78,7 @@ class EarlyExitWorker:
         self.worker = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
         self.client = None
         if controller:
-            from pipeline.control.controller import ControllerClient
+            from pipeline.control.client import ControllerClient
             from pipeline.control.shared import initial_state
 
             initial = initial_state(self.predictor.manifest, list(self.predictor.policy.thresholds))

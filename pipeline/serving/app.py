@@ -143,8 +143,8 @@ def resolve_config(args: dict) -> ServeAppConfig:
 def build_app(args: "dict | ServeAppConfig", **deployment_options):
     """The bound application; `deployment_options` (num_replicas, ray_actor_options, ...) as in
     `serve.deployment` (a config file's `deployments:` section overrides them)."""
-    from pipeline.model.artifact import read_manifest
     from pipeline.control.shared import start_shared_controller
+    from pipeline.model.artifact import read_manifest
 
     cfg = resolve_config(args.model_dump() if isinstance(args, ServeAppConfig) else args)
     manifest = read_manifest(cfg.model)  # fails here, with advice, if the artifact is missing

@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.engine.encoder import Encoded
-from pipeline.engine.predictor import PredictOutput, Prediction
+from pipeline.engine.predictor import Prediction, PredictOutput
 from pipeline.serving.config import BatchingSettings
 
 __all__ = ["AdaptiveBatchPolicy", "BatchFailed", "BatchQueue", "BatchReport", "QueueFull"]

@@ -5,9 +5,10 @@ different replicas (through Serve's proxy) stay separate series.
 """
 from __future__ import annotations
 
-from pipeline.control.stats import wilson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pipeline.control.stats import wilson
 
 disable_created_metrics()  # no `*_created` series per counter: they only add noise to a scrape
 

@@ -17,10 +17,10 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from pipeline.feedback import FeedbackWindow
 from pipeline.engine.encoder import Encoded
 from pipeline.engine.microbatch import TokenBudget
 from pipeline.engine.predictor import Prediction
+from pipeline.feedback import FeedbackWindow
 from pipeline.serving.batcher import BatchQueue, BatchReport
 from pipeline.serving.config import ServeAppConfig
 from pipeline.serving.metrics import ServingMetrics
@@ -73,7 +73,8 @@ class ReplicaEngine:
                                 idle=self._finish_tails if self._defer else None)
         self.client = client
         if self.client is None and controller:
-            from pipeline.control.controller import ControllerClient, ControllerState
+            from pipeline.control.client import ControllerClient
+            from pipeline.control.state import ControllerState
 
             initial = ControllerState(version=p.policy.version, thresholds=list(p.policy.thresholds),
                                       active=list(p.policy.active))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config import BootstrapConfig
-from pipeline.data.datasets import TextDataset, load_dataset
+from pipeline.data.datasets import TextDataset
 from pipeline.data.splits import split_data
 from pipeline.engine.loader import load_artifact
 from pipeline.model.artifact import (
@@ -105,8 +105,8 @@ def ramp_outputs(ramps: RampSet, pooled: torch.Tensor) -> tuple[np.ndarray, np.n
 
 
 def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, progress=None) -> Manifest:
-    from pipeline.feedback import CostModel, FeedbackWindow
     from pipeline.control.tuner import evaluate, tune_thresholds
+    from pipeline.feedback import CostModel, FeedbackWindow
 
     cfg = cfg or BootstrapConfig()
     t0 = time.perf_counter()

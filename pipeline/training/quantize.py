@@ -257,11 +257,11 @@ def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts
     updated record.
     """
     from pipeline.config import EngineConfig
-    from pipeline.feedback import FeedbackWindow
     from pipeline.control.replay import record as record_ramps
     from pipeline.control.shared import cost_model
     from pipeline.control.tuner import evaluate, tune_thresholds
     from pipeline.engine.predictor import Predictor
+    from pipeline.feedback import FeedbackWindow
     from pipeline.model.artifact import load_validation_feedback, read_manifest, save_validation_feedback
     from pipeline.training.bootstrap import validation_split
 

@@ -10,8 +10,8 @@ from tests.e2e.cli import offramp
 
 def _fragile_dir(path: Path) -> Path:
     """A tiny random classifier with its bias set so real text sits on the decision boundary."""
-    from pipeline.training.quantize import heldout_texts, run_classifier
     from pipeline.model.artifact import load_classifier, load_tokenizer
+    from pipeline.training.quantize import heldout_texts, run_classifier
     from tests.tiny import save_tiny
 
     save_tiny(path, "bert", num_layers=2)

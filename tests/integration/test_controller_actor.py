@@ -6,13 +6,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import ControllerConfig
-from pipeline.control.controller import (
-    ControllerClient,
-    ControllerState,
-    get_or_create_controller,
-)
-from pipeline.feedback import CostModel
+from pipeline.control.actor import get_or_create_controller
+from pipeline.control.client import ControllerClient
+from pipeline.control.state import ControllerState
 from pipeline.control.synthetic import synthetic_window
+from pipeline.feedback import CostModel
 
 NS = "offramp-tests"
 SKILLS = [0.45, 0.6, 0.75, 0.9, 0.97]

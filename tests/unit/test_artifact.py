@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline.engine.executor import execute
-from pipeline.engine.policy import ExitPolicy
 from pipeline.engine.loader import load_artifact
+from pipeline.engine.policy import ExitPolicy
 from pipeline.model.artifact import load_classifier, read_manifest
 from tests.tiny import save_tiny
 

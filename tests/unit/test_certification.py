@@ -4,13 +4,13 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.control.calibration import calibration_rows, certify_thresholds, split_rows
 from pipeline.config import ControllerConfig
+from pipeline.control.calibration import calibration_rows, certify_thresholds, split_rows
 from pipeline.control.controller import ThresholdController
-from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.stats import binom_cdf, binom_sf, clopper_pearson, rows_to_certify, wilson
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import evaluate, tune_thresholds
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.offline.certificate import certify
 
 SKILLS = [0.45, 0.55, 0.65, 0.8, 0.9]

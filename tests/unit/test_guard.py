@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import ControllerConfig
-from pipeline.control.controller import ControllerState, ThresholdController
+from pipeline.control.controller import ThresholdController
 from pipeline.control.guard import AccuracyGuard, GuardAction, back_off, is_violation, violating_ramps
-from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
+from pipeline.control.state import ControllerState
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import evaluate
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 
 
 # ----------------------------------------------------------------------------- state machine

@@ -9,9 +9,9 @@ from pipeline.control.ramp_adjust import (
     ramp_utilities,
     tail_overhead,
 )
-from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import tune_thresholds
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 
 
 def test_utility_hand_computed():

@@ -9,9 +9,9 @@ import torch
 from pipeline.config import BootstrapConfig, EngineConfig, FinetuneConfig
 from pipeline.data.datasets import load_dataset
 from pipeline.engine.executor import execute
+from pipeline.engine.loader import load_artifact
 from pipeline.engine.policy import ExitPolicy
 from pipeline.engine.predictor import Predictor
-from pipeline.engine.loader import load_artifact
 from pipeline.model.artifact import load_classifier
 
 pytestmark = pytest.mark.real_model

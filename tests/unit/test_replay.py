@@ -4,8 +4,6 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.control.controller import ControllerState
-from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.replay import (
     METHODS,
     aggregate,
@@ -19,7 +17,9 @@ from pipeline.control.replay import (
     window_bounds,
     write_json,
 )
+from pipeline.control.state import ControllerState
 from pipeline.control.synthetic import synthetic_window
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 
 COSTS = CostModel.uniform(6, [1, 2, 3, 4, 5], ramp_cost=0.004)
 SKILLS = [0.45, 0.55, 0.65, 0.8, 0.9]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.engine.encoder import Encoded
-from pipeline.engine.predictor import PredictOutput, Prediction
+from pipeline.engine.predictor import Prediction, PredictOutput
 from pipeline.serving.batcher import AdaptiveBatchPolicy, BatchFailed, BatchQueue, QueueFull
 from pipeline.serving.config import BatchingSettings
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import EngineConfig
-from pipeline.feedback import FeedbackWindow
 from pipeline.engine.predictor import Predictor, shadow_mask
+from pipeline.feedback import FeedbackWindow
 from pipeline.serving.config import ServeAppConfig
 from pipeline.serving.replica import ReplicaEngine
 

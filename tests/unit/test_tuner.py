@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import evaluate, evaluate_stretches, exit_costs, static_threshold_search, tune_thresholds
+from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 
 
 def _window(conf, pred, final) -> FeedbackWindow:
