@@ -133,6 +133,20 @@ def _print_inspect(path: str) -> None:
     click.echo(inspect_table(path))
 
 
+@main.command("validation-feedback")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", default=None, help="Bootstrap data (default: the manifest's).")
+def validation_feedback(artifact, data):
+    """Add validation_feedback.safetensors (every ramp's output on the bootstrap validation split, a fresh
+    controller's first tuning rows) to an artifact made before `offramp bootstrap` wrote it."""
+    from pipeline.training.bootstrap import write_validation_feedback
+
+    try:
+        click.echo(json.dumps(write_validation_feedback(artifact, data), indent=1))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
 def inspect(artifact):

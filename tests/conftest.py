@@ -26,3 +26,13 @@ def tiny_artifact(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-ee")
     bootstrap(tiny_model_dir, str(out), BootstrapConfig(limit=300, epochs=5))
     return str(out)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow`: what a fast developer loop (`pytest -m "not slow"`) leaves to CI: every test that starts Ray
+    (integration, e2e), trains or fine-tunes the real model, or compiles with torch.compile."""
+    for item in items:
+        path = str(item.fspath)
+        if ("/integration/" in path or "/e2e/" in path or item.get_closest_marker("real_model")
+                or item.get_closest_marker("compiles")):
+            item.add_marker(pytest.mark.slow)

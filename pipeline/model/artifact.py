@@ -180,7 +180,7 @@ def load_validation_feedback(path: str | Path, num_ramps: int | None = None):
                              f"{num_ramps if num_ramps is not None else 'the'} ramps")
         return conf.astype("float32", copy=False), pred.astype("int64", copy=False), final.astype("int64", copy=False)
     except Exception as e:
-        log.warning("ignoring %s: %s; re-create it with `python -m pipeline.training.bootstrap %s`", f, e, path)
+        log.warning("ignoring %s: %s; re-create it with `offramp validation-feedback %s`", f, e, path)
         return None
 
 

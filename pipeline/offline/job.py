@@ -70,11 +70,14 @@ def check_inputs(cfg: JobConfig):
     """(manifest, shards, already finished shards) — everything checked before any model work."""
     from pipeline.model.artifact import read_manifest
 
-    if "://" not in cfg.model and not Path(cfg.model).exists():
+    if "://" in cfg.model:
+        raise JobError(f"model {cfg.model!r}: artifacts on URLs are not supported yet; copy the artifact to a path "
+                       "every node sees (a shared filesystem) and give that path")
+    if not Path(cfg.model).exists():
         raise JobError(f"model {cfg.model!r} does not exist; create it with `offramp bootstrap` (or `offramp demo`)")
     manifest = read_manifest(cfg.model)
     try:
-        shards, _ = plan_shards(cfg.input.url, cfg.input.rows_per_shard, min_shards=2 * cfg.actors.max_actors)
+        shards = plan_shards(cfg.input.url, cfg.input.rows_per_shard, min_shards=2 * cfg.actors.max_actors)
     except (FileNotFoundError, ValueError) as e:
         raise JobError(f"cannot read input: {e}") from e
     first = read_shard(shards[0])
@@ -268,7 +271,7 @@ def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None)
     ds = ray.data.from_items([s.to_dict() for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=a.tokenize_cpus,
-        fn_kwargs=dict(model=os.path.abspath(cfg.model) if "://" not in cfg.model else cfg.model,
+        fn_kwargs=dict(model=os.path.abspath(cfg.model),
                        text_column=cfg.input.text_column, id_column=cfg.input.id_column,
                        passthrough=cfg.input.passthrough, max_length=cfg.engine.max_length),
     )
@@ -279,7 +282,7 @@ def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None)
         num_cpus=a.num_cpus, num_gpus=a.num_gpus or None,
         # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: a killed actor restarts
         # and its batch is retried; parts are atomic with deterministic names, so no duplicates.
-        fn_constructor_kwargs=dict(model=os.path.abspath(cfg.model) if "://" not in cfg.model else cfg.model,
+        fn_constructor_kwargs=dict(model=os.path.abspath(cfg.model),
                                    engine=engine, output_url=cfg.output.url, passthrough=cfg.input.passthrough,
                                    controller=ctl, certify=certify),
     )

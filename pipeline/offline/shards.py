@@ -39,8 +39,8 @@ def _count_rows(fs, path: str) -> int:
     return _read_one(fs, path).num_rows
 
 
-def plan_shards(url: str, rows_per_shard: int, min_shards: int = 1) -> tuple[list[Shard], str]:
-    """(shards in input order, protocol-qualified base for reading them back)."""
+def plan_shards(url: str, rows_per_shard: int, min_shards: int = 1) -> list[Shard]:
+    """The input's shards, in input order (paths protocol-qualified for reading them back anywhere)."""
     fs, files = expand(url)
     counts = [_count_rows(fs, f) for f in files]
     total = sum(counts)
@@ -51,7 +51,7 @@ def plan_shards(url: str, rows_per_shard: int, min_shards: int = 1) -> tuple[lis
     for path, n in zip(files, counts):
         for start in range(0, n, size):
             shards.append(Shard(len(shards), fs.unstrip_protocol(path), start, min(n, start + size)))
-    return shards, url
+    return shards
 
 
 def read_shard(shard: Shard) -> pa.Table:

@@ -132,8 +132,10 @@ class EarlyExitDeployment:
 def resolve_config(args: dict) -> ServeAppConfig:
     """Validate the app args; the model path becomes absolute (replicas may run elsewhere)."""
     cfg = ServeAppConfig.model_validate(args or {})
-    if "://" not in cfg.model:
-        cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
+    if "://" in cfg.model:
+        raise ValueError(f"model {cfg.model!r}: artifacts on URLs are not supported yet; copy the artifact to a path "
+                         "every node sees and give that path")
+    cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
     if cfg.controller.enabled and not cfg.controller.name:
         name = controller_name(cfg.model, "offramp-serve-controller")
         cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"name": name})})

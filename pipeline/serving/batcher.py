@@ -181,10 +181,6 @@ class BatchQueue:
         return self._queued_rows
 
     @property
-    def queued_requests(self) -> int:
-        return len(self._queue)
-
-    @property
     def healthy(self) -> bool:
         return not self._closed and (self._task is None or not self._task.done())
 

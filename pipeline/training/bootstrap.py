@@ -6,7 +6,7 @@ of its layer at the same time, which makes training seconds, not minutes.
 
 Besides the ramps, the artifact gets every ramp's output on the validation split
 (``validation_feedback.safetensors``): a fresh controller tunes on it before its first live window.
-For an artifact made before that file existed, ``python -m pipeline.training.bootstrap EE_DIR`` runs the
+For an artifact made before that file existed, ``offramp validation-feedback EE_DIR`` runs the
 saved model over the validation split once more and writes only that file.
 """
 from __future__ import annotations
@@ -224,14 +224,3 @@ def write_validation_feedback(artifact_dir: str, data: str | None = None, batch_
         "manifest_agreement": [r.val_agreement for r in manifest.ramps],
         "seconds": round(time.perf_counter() - t0, 2),
     }
-
-
-if __name__ == "__main__":  # pragma: no cover - a one-off for artifacts made before the file existed
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(description="Add validation_feedback.safetensors to an existing artifact.")
-    ap.add_argument("artifact")
-    ap.add_argument("--data", default=None, help="bootstrap data (default: the manifest's)")
-    args = ap.parse_args()
-    print(json.dumps(write_validation_feedback(args.artifact, args.data), indent=1))

@@ -315,6 +315,7 @@ def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
     assert np.isfinite(sqnr_db(ref, out))
 
 
+@pytest.mark.compiles
 def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
     """The default int8 (torchao + torch.compile) re-applied by load_artifact from a manifest record (one compile)."""
     pytest.importorskip("torchao")
@@ -396,6 +397,7 @@ def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_
     assert compression_status(fresh) == "none"
 
 
+@pytest.mark.compiles
 @pytest.mark.parametrize("opts", [{}, pytest.param(ONEDNN_INT8, marks=NEEDS_ONEDNN)])
 def test_warm_up_compiles_every_graph_real_batches_need(tiny_artifact, tmp_path, opts):
     """After Predictor.warm_up, micro-batches of any size and length (one row included) compile nothing."""
