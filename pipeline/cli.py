@@ -9,21 +9,10 @@ from pathlib import Path
 
 import click
 
+from pipeline.commands.progress import progress
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def _progress(label: str):
-    """A one-line progress printer for long local work (stderr, so stdout stays parseable)."""
-
-    def show(done: int, total: int, *extra) -> None:
-        tail = f" loss {extra[0]:.3f}" if extra else ""
-        end = "\n" if done >= total else ""
-        click.echo(f"\r{label}: {done}/{total}{tail}   ", nl=False, err=True)
-        if end:
-            click.echo("", err=True)
-
-    return show
 
 
 def _fail(e: Exception) -> None:
@@ -61,7 +50,7 @@ def finetune(base, dataset, out, text_column, label_column, epochs, batch_size, 
     try:
         cfg = FinetuneConfig(base=base, dataset=dataset, text_column=text_column, label_column=label_column,
                              epochs=epochs, batch_size=batch_size, max_steps=max_steps, limit=limit)
-        report = run(out, cfg, progress=_progress("finetune step"))
+        report = run(out, cfg, progress=progress("finetune step"))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     click.echo(json.dumps(report, indent=2))
@@ -84,7 +73,7 @@ def bootstrap(model_dir, data, out, text_column, pooling, constraint, epochs, li
     try:
         cfg = BootstrapConfig(data=data, text_column=text_column, pooling=pooling, constraint=constraint,
                               epochs=epochs, limit=limit)
-        run(model_dir, out, cfg, progress=_progress("caching features"))
+        run(model_dir, out, cfg, progress=progress("caching features"))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     _print_inspect(out)
@@ -349,7 +338,7 @@ def demo(workdir):
     from pipeline.demo import run_demo
 
     try:
-        summary = run_demo(Path(workdir), echo=click.echo, progress=_progress)
+        summary = run_demo(Path(workdir), echo=click.echo, progress=progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     _check_certificate(summary, "fail")

@@ -9,19 +9,10 @@ import json
 
 import click
 
+from pipeline.commands.progress import progress
 from pipeline.config import COMPRESSION_METHODS as METHODS  # light: config imports no torch
 
 INT8_BACKENDS = ("torchao", "onednn", "torch-ao")  # registry.INT8_BACKENDS (a test keeps them equal)
-
-
-def _progress(label: str):
-    def show(done: int, total: int, *extra) -> None:
-        tail = f" loss {extra[0]:.3f}" if extra else ""
-        click.echo(f"\r{label}: {done}/{total}{tail}   ", nl=False, err=True)
-        if done >= total:
-            click.echo("", err=True)
-
-    return show
 
 
 def _layers(value: str | None) -> list[int] | None:
@@ -69,7 +60,7 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
                             text_column=text_column, label_column=label_column, temperature=temperature,
                             alpha=alpha, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                             max_steps=max_steps, limit=limit, eval_limit=eval_limit)
-        report = run(teacher, out, cfg, progress=_progress("distill step"))
+        report = run(teacher, out, cfg, progress=progress("distill step"))
     except ValidationError as e:
         raise click.ClickException(f"bad distill option: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
     except (ValueError, FileNotFoundError, RuntimeError) as e:

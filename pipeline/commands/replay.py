@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import click
 
+from pipeline.commands.progress import progress
+
 DOMAINS = ("amazon-reviews", "tweets", "nyt-editorials")
 DRIFTS = ("hard", *DOMAINS, "none")
 HARD_SHARE = 0.25
 """`--drift hard`: the share of each other domain's rows, by the original model's confidence, that streams."""
-
-
-def _progress(label: str):
-    def show(done: int, total: int) -> None:
-        click.echo(f"\r{label}: {done}/{total}   ", nl=False, err=True)
-        if done >= total:
-            click.echo("", err=True)
-
-    return show
 
 
 def _parse_sets(pairs: tuple[str, ...]) -> dict:
@@ -102,7 +95,7 @@ def _recorded(predictor_fn, model_fp: str, texts: list[str], label: str, cache_d
     import time
 
     t = time.perf_counter()
-    w, score = record(predictor_fn(), texts, progress=_progress(f"recording {label}"), return_confidence=True)
+    w, score = record(predictor_fn(), texts, progress=progress(f"recording {label}"), return_confidence=True)
     secs = time.perf_counter() - t
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, conf=w.conf, pred=w.pred, final=w.final, score=score)
