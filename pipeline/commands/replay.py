@@ -187,6 +187,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
     import numpy as np
 
     from pipeline.config import ControllerConfig
+    from pipeline.control.deployment import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.replay import (
         aggregate,
         drift_stream,
@@ -196,7 +197,6 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
         write_json,
     )
     from pipeline.control.replay import replay as run_replay
-    from pipeline.control.shared import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.tuner import static_threshold_search, tune_thresholds
     from pipeline.data.datasets import load_dataset
     from pipeline.feedback import FeedbackWindow
@@ -249,7 +249,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
                       f"{', '.join(drift_texts)}" if drift == "hard" else f"all of {drift}")
 
     initial = initial_state(manifest)
-    # Warm start as deployments do it (pipeline.control.shared): the artifact's own validation feedback.
+    # Warm start as deployments do it (pipeline.control.deployment): the artifact's own validation feedback.
     artifact_warm = warm_start_window(model_dir, manifest) if warm_start is not False else None
     warm = artifact_warm if artifact_warm is not None else bool(warm_start)
     warm_desc = ("the artifact's validation feedback (warm start, as deployments do)" if artifact_warm is not None

@@ -140,7 +140,7 @@ def feedback_of(table: pa.Table, num_ramps: int):
 def calibrate_job(cfg, shards: list[Shard], manifest, constraint: float, echo=print) -> JobCalibration:
     """Draw (or, on --resume, reload) the calibration sample, run it, certify thresholds on it."""
     from pipeline.control.calibration import calibration_rows, certify_thresholds, split_rows
-    from pipeline.control.shared import cost_model, warm_start_window
+    from pipeline.control.deployment import cost_model, warm_start_window
     from pipeline.feedback import FeedbackWindow
     from pipeline.offline import sink
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import JobConfig
-from pipeline.control.shared import controller_constraint, start_shared_controller
+from pipeline.control.deployment import controller_constraint, start_shared_controller
 from pipeline.offline import sink
 from pipeline.offline.shards import plan_shards, read_shard
 

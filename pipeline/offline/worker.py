@@ -79,7 +79,7 @@ class EarlyExitWorker:
         self.client = None
         if controller:
             from pipeline.control.client import ControllerClient
-            from pipeline.control.shared import initial_state
+            from pipeline.control.deployment import initial_state
 
             initial = initial_state(self.predictor.manifest, list(self.predictor.policy.thresholds))
             self.client = ControllerClient(controller["name"], controller["namespace"], initial_state=initial,

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from pipeline.control.shared import controller_name
+from pipeline.control.deployment import controller_name
 from pipeline.serving.api import ApiError, error_body, parse_predict_request, prediction_body
 from pipeline.serving.batcher import BatchFailed, QueueFull
 from pipeline.serving.config import ServeAppConfig
@@ -145,7 +145,7 @@ def resolve_config(args: dict) -> ServeAppConfig:
 def build_app(args: "dict | ServeAppConfig", **deployment_options):
     """The bound application; `deployment_options` (num_replicas, ray_actor_options, ...) as in
     `serve.deployment` (a config file's `deployments:` section overrides them)."""
-    from pipeline.control.shared import start_shared_controller
+    from pipeline.control.deployment import start_shared_controller
     from pipeline.model.artifact import read_manifest
 
     cfg = resolve_config(args.model_dump() if isinstance(args, ServeAppConfig) else args)

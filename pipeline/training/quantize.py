@@ -257,8 +257,8 @@ def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts
     updated record.
     """
     from pipeline.config import EngineConfig
+    from pipeline.control.deployment import cost_model
     from pipeline.control.replay import record as record_ramps
-    from pipeline.control.shared import cost_model
     from pipeline.control.tuner import evaluate, tune_thresholds
     from pipeline.engine.predictor import Predictor
     from pipeline.feedback import FeedbackWindow

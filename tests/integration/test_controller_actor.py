@@ -156,7 +156,7 @@ def test_client_without_a_controller_never_raises(ray_session):
 
 def test_shared_controller_warm_starts_from_the_artifact_and_again_after_a_restart(ray_session, tiny_artifact):
     from pipeline.config import ControllerSettings
-    from pipeline.control.shared import start_shared_controller
+    from pipeline.control.deployment import start_shared_controller
     from pipeline.model.artifact import read_manifest
 
     ray = ray_session

@@ -470,7 +470,7 @@ def test_quantize_retunes_artifact_thresholds_against_the_float_source(tiny_arti
 def test_controller_spends_only_the_budget_compression_left(tiny_artifact):
     """The controller sees the compressed model's own final head: it gets the constraint less the check's loss."""
     from pipeline.config import ControllerConfig
-    from pipeline.control.shared import controller_constraint
+    from pipeline.control.deployment import controller_constraint
     from pipeline.model.artifact import read_manifest
 
     m = read_manifest(tiny_artifact)

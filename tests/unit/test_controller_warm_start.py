@@ -118,7 +118,7 @@ def test_feedback_file_that_does_not_fit_is_ignored_with_a_warning(tmp_path, cap
 def test_bootstrap_writes_the_feedback_and_it_can_be_recomputed(tiny_artifact, tmp_path):
     import shutil
 
-    from pipeline.control.shared import warm_start_window
+    from pipeline.control.deployment import warm_start_window
     from pipeline.model.artifact import read_manifest
     from pipeline.training.bootstrap import write_validation_feedback
 

@@ -1,4 +1,4 @@
-"""Starting the one shared controller for a deployed model (offline job or Serve app)."""
+"""Deployment glue: starting the one controller of a deployment (offline job or Serve app) from its artifact."""
 from __future__ import annotations
 
 import hashlib
