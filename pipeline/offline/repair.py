@@ -36,7 +36,7 @@ def early_rows(output_url: str, num_layers: int) -> dict[int, np.ndarray]:
     """shard -> positions of its rows answered at a ramp (no error)."""
     import pyarrow.parquet as pq
 
-    fs, _ = sink._fs(output_url)
+    fs, _ = sink.filesystem(output_url)
     out: dict[int, list] = {}
     for shard, first, path in _parts(output_url):
         with fs.open(path, "rb") as f:
@@ -60,7 +60,7 @@ def rerun(cfg, shards: list[Shard], targets: dict[int, np.ndarray], num_layers: 
     table = run_sample(cfg, shards, targets, cfg.actors.max_actors)
     new = {(s, r): (lab, lid, sc) for s, r, lab, lid, sc in zip(
         *(table.column(c).to_pylist() for c in ("shard", "row", "label", "label_id", "score")))}
-    fs, _ = sink._fs(cfg.output.url)
+    fs, _ = sink.filesystem(cfg.output.url)
     counts: dict[int, dict] = {}
     for shard, first, path in _parts(cfg.output.url):
         if shard not in targets:

@@ -23,7 +23,8 @@ def part_name(shard: int, first_row: int = 0) -> str:
     return f"part-{shard:06d}-{first_row:06d}.parquet"
 
 
-def _fs(url: str):
+def filesystem(url: str):
+    """(fsspec filesystem, path) of an output URL."""
     import fsspec
 
     return fsspec.core.url_to_fs(url)
@@ -41,7 +42,7 @@ def write_table(output_url: str, name: str, table: pa.Table) -> str:
     """`name` under the output, atomically: a temporary name, then a rename."""
     import pyarrow.parquet as pq
 
-    fs, root = _fs(output_url)
+    fs, root = filesystem(output_url)
     fs.makedirs(root, exist_ok=True)
     final = f"{root.rstrip('/')}/{name}"
     tmp = f"{root.rstrip('/')}/_tmp-{name.removesuffix('.parquet')}-{uuid.uuid4().hex[:8]}.parquet"
@@ -54,7 +55,7 @@ def write_table(output_url: str, name: str, table: pa.Table) -> str:
 def read_table(output_url: str, name: str) -> pa.Table | None:
     import pyarrow.parquet as pq
 
-    fs, root = _fs(output_url)
+    fs, root = filesystem(output_url)
     path = f"{root.rstrip('/')}/{name}"
     if not fs.exists(path):
         return None
@@ -66,7 +67,7 @@ def part_stats(output_url: str, shards: set[int]) -> list[dict]:
     """The audit counts stored in the parts of `shards` (parts written without them are left out)."""
     import pyarrow.parquet as pq
 
-    fs, _ = _fs(output_url)
+    fs, _ = filesystem(output_url)
     out = []
     for shard, paths in list_parts(output_url).items():
         if shard in shards:
@@ -80,7 +81,7 @@ def part_stats(output_url: str, shards: set[int]) -> list[dict]:
 
 def list_parts(output_url: str) -> dict[int, list[str]]:
     """shard -> its part paths"""
-    fs, root = _fs(output_url)
+    fs, root = filesystem(output_url)
     if not fs.exists(root):
         return {}
     parts: dict[int, list[str]] = {}
@@ -94,7 +95,7 @@ def finished_shards(output_url: str, shard_rows: dict[int, int]) -> set[int]:
     """Shards whose parts hold all their rows. Parts of unfinished shards are removed (redone whole)."""
     import pyarrow.parquet as pq
 
-    fs, _ = _fs(output_url)
+    fs, _ = filesystem(output_url)
     done = set()
     for shard, paths in list_parts(output_url).items():
         rows = 0
@@ -110,7 +111,7 @@ def finished_shards(output_url: str, shard_rows: dict[int, int]) -> set[int]:
 
 
 def clean_temporaries(output_url: str) -> int:
-    fs, root = _fs(output_url)
+    fs, root = filesystem(output_url)
     if not fs.exists(root):
         return 0
     tmps = [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("_tmp-")]
@@ -120,14 +121,14 @@ def clean_temporaries(output_url: str) -> int:
 
 
 def write_json(output_url: str, name: str, data: dict) -> None:
-    fs, root = _fs(output_url)
+    fs, root = filesystem(output_url)
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root.rstrip('/')}/{name}", "w") as f:
         f.write(json.dumps(data, indent=2))
 
 
 def read_json(output_url: str, name: str) -> dict | None:
-    fs, root = _fs(output_url)
+    fs, root = filesystem(output_url)
     path = f"{root.rstrip('/')}/{name}"
     if not fs.exists(path):
         return None

@@ -27,7 +27,7 @@ def read_output(output_url: str):
         raise FileNotFoundError(f"{output_url!r} holds no {sink.PLAN}: not the output of an offramp job")
     if summary is None:
         raise FileNotFoundError(f"{output_url!r} holds no {sink.SUMMARY}: the job has not finished (--resume it)")
-    fs, _ = sink._fs(output_url)
+    fs, _ = sink.filesystem(output_url)
     cols: dict[str, list] = {k: [] for k in ("shard", "row", "id", "label_id", "exit_layer", "error")}
     for shard, paths in sorted(sink.list_parts(output_url).items()):
         for p in sorted(paths):

@@ -94,18 +94,19 @@ class EarlyExitWorker:
         if self.client.version > self.predictor.policy.version:
             self.predictor.set_policy(ExitPolicy(self.client.thresholds, self.client.active, self.client.version))
 
-    def _shadow(self, shard: int, positions: list[int]) -> np.ndarray | None:
-        """[n] rows to run to the end: the audit (a fixed-rate sample for the certificate) and the extra rows
-        the controller asks for while its evidence is thin. None: the engine's shadow_fraction."""
+    def _shadow(self, shard: int, positions: list[int]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """([n] rows to run to the end, [n] the audit among them): the audit is a fixed-rate sample for the
+        certificate, the rest the extra rows the controller asks for while its evidence is thin.
+        (None, None): the engine's shadow_fraction, no audit."""
         from pipeline.engine.predictor import key_uniforms
 
         if self.certify is None:
-            return None
+            return None, None
         keys = [f"{shard}:{r}" for r in positions]
         seed, audit = self.certify["seed"], self.certify["audit_fraction"]
         extra = max(0.0, (self.client.feedback_fraction if self.client else 0.0) - audit)
-        self._audit = key_uniforms(keys, f"audit{seed}") < audit
-        return self._audit | (key_uniforms(keys, f"steer{seed}") < extra)
+        audited = key_uniforms(keys, f"audit{seed}") < audit
+        return audited | (key_uniforms(keys, f"steer{seed}") < extra), audited
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.engine.encoder import Encoded
@@ -126,7 +127,7 @@ class EarlyExitWorker:
                 sub.column("error").to_pylist(),
             )
             ids = rows.column("id").to_pylist()
-            shadow = self._shadow(int(shard), [positions[i] for i in todo])
+            shadow, audited = self._shadow(int(shard), [positions[i] for i in todo])
             out = self.predictor.predict_encoded(enc, keys=[ids[i] for i in todo], shadow=shadow)
             seconds = time.perf_counter() - t
             values = [known[r] if r in known else None for r in positions]  # ANSWER_COLUMNS order
@@ -145,7 +146,7 @@ class EarlyExitWorker:
             for c in self.passthrough:
                 table[c] = rows.column(c)
             first_row = int(min(positions))
-            stats = self._part_stats(int(shard), first_row, values, out, len(positions) - len(todo), L)
+            stats = self._part_stats(int(shard), first_row, values, out, audited, len(positions) - len(todo), L)
             write_part(pa.table(table), self.output_url, int(shard), first_row, stats if self.certify else None)
 
             fb = out.feedback
@@ -172,17 +173,18 @@ class EarlyExitWorker:
             })
         return pa.Table.from_pylist(summaries)
 
-    def _part_stats(self, shard: int, first_row: int, values: list[tuple], out, calibration: int, L: int) -> dict:
+    def _part_stats(self, shard: int, first_row: int, values: list[tuple], out, audited: np.ndarray | None,
+                    calibration: int, L: int) -> dict:
         """The part's counts for the certificate (pipeline.offline.certificate.COUNTS)."""
         answered = [v for v in values if v[6] is None]
         early = sum(v[4] < L for v in answered)
         stats = {"shard": shard, "first_row": first_row, "rows": len(values), "answered": len(answered),
                  "calibration": int(calibration), "early": int(early), "exact": len(answered) - int(early),
                  "audit": 0, "audit_disagree": 0, "audit_early": 0, "audit_early_disagree": 0}
-        if self.certify is None or not len(out.feedback):
+        if audited is None or not len(out.feedback):
             return stats
         for k, i in enumerate(out.feedback_rows.tolist()):
-            if not self._audit[i]:
+            if not audited[i]:
                 continue
             p = out.predictions[i]
             wrong = int(p.label_id != int(out.feedback.final[k]))
