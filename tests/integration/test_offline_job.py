@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -139,9 +138,13 @@ def test_resume_finishes_only_missing_shards_without_duplicates(ray_session, tin
     assert not any(p.startswith("_tmp-") for p in os.listdir(tmp_path / "out"))
 
 
-def _actor_pids(pattern="EarlyExitWorker"):
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if int(p) != os.getpid()]
+def _actor_pids(name="EarlyExitWorker"):
+    """PIDs of this Ray session's live worker actors, from its GCS actor table (never by process name machine-wide:
+    that could hit another user's Ray). The public ray.util.state needs the dashboard, which the tests leave off."""
+    from ray._private import state
+
+    return [a["Pid"] for a in state.actors().values()
+            if a["State"] == "ALIVE" and name in a["ActorClassName"] and a["Pid"]]
 
 
 def test_killed_actor_job_still_completes_exactly_once(ray_session, tiny_artifact, tmp_path):
