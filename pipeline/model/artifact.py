@@ -131,8 +131,12 @@ def save_artifact(out: str | Path, hf_model, tokenizer, ramps, manifest: Manifes
     tokenizer.save_pretrained(out / "model")
     state = {f"ramps.{k}": v.detach().float().contiguous().cpu() for k, v in ramps.ramps.state_dict().items()}
     save_file(state, str(out / "ramps.safetensors"), metadata={"format": FORMAT})
-    (out / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    write_manifest(out, manifest)
     return out
+
+
+def write_manifest(path: str | Path, manifest: Manifest) -> None:
+    (Path(path) / "manifest.json").write_text(manifest.model_dump_json(indent=2))
 
 
 def _ramps_digest(path: Path) -> str:

@@ -166,6 +166,7 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
         load_classifier,
         load_tokenizer,
         read_manifest,
+        write_manifest,
     )
 
     src_dir, out_dir = Path(model_dir), Path(out)
@@ -235,7 +236,7 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
     if artifact:
         manifest = read_manifest(out_dir)
         manifest.compression = record
-        (out_dir / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+        write_manifest(out_dir, manifest)
         if retune:
             record = retune_thresholds(out_dir, src_dir, name, texts, ref.numpy(), result, device, progress)
     else:
@@ -262,7 +263,7 @@ def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts
     from pipeline.control.tuner import evaluate, tune_thresholds
     from pipeline.engine.predictor import Predictor
     from pipeline.feedback import FeedbackWindow
-    from pipeline.model.artifact import load_validation_feedback, read_manifest, save_validation_feedback
+    from pipeline.model.artifact import load_validation_feedback, read_manifest, save_validation_feedback, write_manifest
     from pipeline.training.bootstrap import validation_split
 
     manifest = read_manifest(out_dir)
@@ -305,7 +306,7 @@ def retune_thresholds(out_dir: Path, src_dir: Path, check_name: str, check_texts
     }
     manifest.thresholds = [float(t) for t in tuned.thresholds]
     manifest.compression = {**manifest.compression, "retune": retune}
-    (out_dir / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    write_manifest(out_dir, manifest)
     # The controller warm-starts from this file: it must hold the compressed model's outputs, not the source's.
     save_validation_feedback(out_dir, cmp_val.conf, cmp_val.pred, cmp_val.final)
     return manifest.compression
