@@ -305,14 +305,14 @@ def bench_model(model_dir, dataset, split, limit, thresholds, dtypes, reps, out_
 @click.option("--config", default="configs/jobs/movie_reviews.yaml", show_default=True, help="Job YAML whose engine/actors settings (b) uses.")
 @click.option("--rows", default=50_000, show_default=True, type=int)
 @click.option("--dtype", default=None, help="Override engine.dtype for (b).")
-@click.option("--quantize", default=None, help="Override engine.quantize for (b).")
+@click.option("--quantize", default=None, help="Override engine.compression for (b).")
 @click.option("--skip-baseline", is_flag=True, help="Skip (a) (slow: ~100 rows/s on 2 cores).")
 @click.option("--out", "out_json", default="bench_results/offline.json", show_default=True)
 def bench_offline(model_dir, config, rows, dtype, quantize, skip_baseline, out_json):
     """(a) Ray docs-style map_batches vs (b) offramp's job vs (c) ONNX Runtime int8, same corpus."""
     from pipeline.bench.offline_bench import run_offline_bench
 
-    overrides = {k: v for k, v in {"dtype": dtype, "quantize": quantize}.items() if v is not None}
+    overrides = {k: v for k, v in {"dtype": dtype, "compression": quantize}.items() if v is not None}
     run_offline_bench(model_dir, config, rows, out_json, skip_baseline, overrides, echo=click.echo)
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Mode = Literal["exit", "release"]
 COMPRESSION_METHODS = ("int8-dynamic", "fp16", "bf16")
@@ -52,21 +52,22 @@ class EngineConfig(_Strict):
     """torch intra-op threads for CPU inference (default: torch's choice)."""
     thresholds: list[float] | None = None
     """Override the artifact's per-ramp thresholds (>= 1.0 closes a ramp). Default: the manifest's."""
-    quantize: str | None = None
+    compression: str | None = Field(None, validation_alias=AliasChoices("compression", "quantize"))
     """A compression method applied at load time, e.g. `int8-dynamic` (CPU), `fp16` / `bf16` (GPU); see
-    `pipeline.compression.methods()`. Unchecked: `offramp quantize` checks a method and records it in the artifact."""
+    `pipeline.compression.methods()`. Unchecked: `offramp quantize` checks a method and records it in the artifact.
+    (`quantize:`, its old name, is still read.)"""
     slow_compression: Literal["skip", "apply"] = "skip"
-    """A compression (the artifact's or `quantize`) with no fast kernels on this device is skipped: the float
+    """A compression (the artifact's or `compression`) with no fast kernels on this device is skipped: the float
     weights run, a warning is logged and the job summary's `compression_per_worker` says why. Today:
     int8-dynamic (torchao) on a CPU without AVX512-VNNI, where torch's int8 matmul is a reference loop ~17x
     slower than float32. `apply`: compress anyway (its numerics, at that speed). A method with no kernels at
     all here (int8-dynamic backend onednn on GPU or a non-x86 CPU) is skipped either way."""
 
-    @field_validator("quantize")
+    @field_validator("compression")
     @classmethod
-    def _quantize(cls, v: str | None) -> str | None:
+    def _compression(cls, v: str | None) -> str | None:
         if v is not None and v not in COMPRESSION_METHODS:
-            raise ValueError(f"quantize={v!r} is not a compression method; use one of {list(COMPRESSION_METHODS)} "
+            raise ValueError(f"compression={v!r} is not a compression method; use one of {list(COMPRESSION_METHODS)} "
                              "or leave it unset")
         return v
 

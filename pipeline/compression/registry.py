@@ -234,7 +234,7 @@ def compression_status(model: nn.Module) -> str:
 
 
 def apply_at_load(model: nn.Module, method: str | None, slow: Literal["skip", "apply"] = "skip") -> nn.Module:
-    """EngineConfig.quantize: apply `method` (defaults) unless the model already carries it, or (`slow`:
+    """EngineConfig.compression: apply `method` (defaults) unless the model already carries it, or (`slow`:
     "skip") it has no fast kernels on the model's device (see `apply_where_fast`).
 
     A model loaded from an artifact that records a method has it applied (or skipped) already by

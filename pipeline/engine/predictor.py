@@ -135,8 +135,8 @@ class Predictor:
 
         slow = self.config.slow_compression
         self.model, self.tokenizer, self.manifest = load_artifact(artifact, self.device, self.dtype, slow)
-        if self.config.quantize:  # a method named in the job/serve YAML, applied at load time
-            apply_at_load(self.model, self.config.quantize, slow)
+        if self.config.compression:  # a method named in the job/serve YAML, applied at load time
+            apply_at_load(self.model, self.config.compression, slow)
         self.compression = compression_status(self.model)  # "none", the method, or why it was skipped here
         self.max_length = min(self.config.max_length or 10**9, model_max_length(self.model.config, self.tokenizer))
         self.encoder = TextEncoder(self.tokenizer, self.max_length)
