@@ -227,12 +227,13 @@ def _check_certificate(summary: dict, on_uncertified: str) -> None:
 def verify(output_url, sample, seed, text_column, model, json_out):
     """Audit a finished job: run the original model plainly over its rows and print the true agreement
     beside what the job's summary claimed, per part and per exit layer."""
+    from pipeline.commands.progress import progress
     from pipeline.offline.verify import format_report, write_report
     from pipeline.offline.verify import verify as run
 
     try:
         report = run(output_url, sample=sample, seed=seed, text_column=text_column, model=model,
-                     echo=lambda m: click.echo(m, err=True))
+                     echo=lambda m: click.echo(m, err=True), progress=progress("original model"))
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     click.echo(format_report(report))

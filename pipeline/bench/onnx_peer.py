@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.batching import padded_batches
+
 
 def export_int8(model_dir: str, out_dir: str) -> str:
     """Export the classifier to ONNX (TorchScript exporter, dynamic batch/sequence) and quantize it."""
@@ -42,17 +44,8 @@ def run_onnx(onnx_path: str, tokenizer, texts: list[str], batch_size: int = 64, 
     sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     t = time.perf_counter()
     enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([len(e) for e in enc], kind="stable")
     preds = np.empty(len(texts), np.int64)
-    pad = tokenizer.pad_token_id or 0
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        width = max(len(enc[i]) for i in idx)
-        ids = np.full((len(idx), width), pad, np.int64)
-        mask = np.zeros((len(idx), width), np.int64)
-        for k, i in enumerate(idx):
-            ids[k, : len(enc[i])] = enc[i]
-            mask[k, : len(enc[i])] = 1
+    for idx, ids, mask in padded_batches(enc, tokenizer.pad_token_id or 0, batch_size):
         logits = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
         preds[idx] = logits.argmax(-1)
     return preds, time.perf_counter() - t

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.config import EngineConfig
+from pipeline.data.batching import pad_rows
 from pipeline.engine.encoder import Encoded, TextEncoder
 from pipeline.engine.executor import Tail, execute, finish_tail
 from pipeline.engine.microbatch import MicroBatchQueue, TokenBudget, plan_microbatches
@@ -178,13 +179,7 @@ class Predictor:
 
     # -- schedule ---------------------------------------------------------------------------
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = np.full((len(seqs), width), pad, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
+        ids, mask = pad_rows(seqs, self.tokenizer.pad_token_id or 0)
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     # -- the loop -----------------------------------------------------------------------------

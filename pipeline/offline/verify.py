@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 
@@ -43,30 +42,16 @@ def read_output(output_url: str):
     return summary, plan, rows
 
 
-def original_predictions(model_dir: str, texts: list[str], batch_rows: int = 64, echo=None) -> np.ndarray:
+def original_predictions(model_dir: str, texts: list[str], batch_rows: int = 64, progress=None) -> np.ndarray:
     """[N] argmax of the original classifier (EE_DIR/model), plain transformers in float32, length-sorted batches
     (padding does not change a row's answer beyond float rounding)."""
-    import torch
-
     from pipeline.model.artifact import load_classifier, load_tokenizer, model_max_length
+    from pipeline.model.classify import classifier_logits
 
     model = load_classifier(f"{model_dir}/model").float()
     tok = load_tokenizer(f"{model_dir}/model")
     max_length = model_max_length(model.config, tok)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.empty(len(texts), np.int64)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_rows):
-            idx = order[start:start + batch_rows]
-            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
-            out[idx] = model(**enc).logits.argmax(-1).numpy()
-            if echo and (start // batch_rows) % 20 == 0:
-                done = min(len(texts), start + batch_rows)
-                rate = done / max(1e-9, time.perf_counter() - t0)
-                echo(f"original model: {done}/{len(texts)} rows ({rate:.0f} rows/s)")
-    return out
+    return classifier_logits(model, tok, texts, max_length, batch_rows, progress).argmax(-1).numpy()
 
 
 def _texts(plan: dict, text_column: str, shard: np.ndarray, row: np.ndarray) -> list:
@@ -89,7 +74,7 @@ def _interval(agree: int, n: int, confidence: float) -> dict:
 
 
 def verify(output_url: str, sample: int | None = None, seed: int = 0, text_column: str | None = None,
-           model: str | None = None, confidence: float = 0.95, echo=print) -> dict:
+           model: str | None = None, confidence: float = 0.95, echo=print, progress=None) -> dict:
     """Run the original model over the job's answered rows (all, or `sample` of them drawn uniformly) and
     compare. Returns the report (also what `offramp verify --json` writes)."""
     summary, plan, rows = read_output(output_url)
@@ -102,7 +87,7 @@ def verify(output_url: str, sample: int | None = None, seed: int = 0, text_colum
     echo(f"verify: {len(pick)} of {len(answered)} answered rows ({len(rows['id'])} in the output) "
          f"through the original model of {model}")
     texts = _texts(plan, text_column, rows["shard"][pick], rows["row"][pick])
-    truth = original_predictions(model, texts, echo=echo)
+    truth = original_predictions(model, texts, progress=progress)
     ok = rows["label_id"][pick] == truth
     exact = len(pick) == len(answered)
     report = {

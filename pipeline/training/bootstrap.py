@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.config import BootstrapConfig
 from pipeline.data.datasets import TextDataset
+from pipeline.data.batching import padded_batches
 from pipeline.data.splits import split_data
 from pipeline.engine.loader import load_artifact
 from pipeline.model.artifact import (
@@ -44,25 +45,23 @@ log = logging.getLogger(__name__)
 def collect_features(model: EarlyExitModel, tokenizer, texts: list[str], batch_size: int, max_length: int,
                      pooling: str, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
     """pooled [N,R,H] at every ramp layer and the original logits [N,C], in input order."""
-    lengths = np.array([len(t) for t in texts])
-    order = np.argsort(-lengths, kind="stable")  # length-sorted batches: far less padding
-    R = len(model.ramps)
-    pooled = torch.empty(len(texts), R, model.parts.hidden_size)
+    rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    pooled = torch.empty(len(texts), len(model.ramps), model.parts.hidden_size)
     logits = torch.empty(len(texts), model.num_labels)
-    for start in range(0, len(texts), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
-        h = model.embed(enc["input_ids"], enc.get("token_type_ids"))
-        lmask = model.layer_mask(h, enc["attention_mask"])
+    done = 0
+    for idx, ids, mask in padded_batches(rows, tokenizer.pad_token_id or 0, batch_size):
+        idx, ids, mask = torch.from_numpy(idx), torch.from_numpy(ids), torch.from_numpy(mask)
+        h = model.embed(ids)
+        lmask = model.layer_mask(h, mask)
         for i in range(model.num_layers):
             h = model.layer(i, h, lmask)
             r = model.ramp_at_layer.get(i + 1)
             if r is not None:
-                pooled[idx, r] = pool(h, enc["attention_mask"], pooling).float()
+                pooled[idx, r] = pool(h, mask, pooling).float()
         logits[idx] = model.head(h).float()
+        done += len(idx)
         if progress:
-            progress(min(start + batch_size, len(texts)), len(texts))
+            progress(done, len(texts))
     return pooled, logits
 
 

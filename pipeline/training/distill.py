@@ -21,6 +21,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from pipeline.data.batching import pad_rows
+from pipeline.model.classify import logits_of_rows
 from pipeline.training.loop import train_steps
 
 log = logging.getLogger(__name__)
@@ -148,16 +150,6 @@ def _splits(cfg: DistillConfig):
     return train, test
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def _bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffled batches of similar-length rows (far less padding than random batches)."""
     perm = rng.permutation(len(lengths))
@@ -168,19 +160,6 @@ def _bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Gener
         part = part[np.argsort(lengths[part], kind="stable")]
         batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
-
-
-@torch.inference_mode()
-def logits_of(model: nn.Module, enc: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Float logits [N,C] of an HF classifier over pre-tokenized rows, in length-sorted batches."""
-    model.eval()
-    order = np.argsort([len(e) for e in enc], kind="stable")
-    out = torch.empty(len(enc), model.config.num_labels)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        ids, mask = _pad([enc[i] for i in idx], pad_id)
-        out[torch.as_tensor(idx)] = model(input_ids=ids, attention_mask=mask).logits.float()
-    return out
 
 
 def distill(teacher_dir: str, out: str, cfg: DistillConfig, progress=None) -> dict:
@@ -199,7 +178,7 @@ def distill(teacher_dir: str, out: str, cfg: DistillConfig, progress=None) -> di
     train, test = _splits(cfg)
     pad_id = tok.pad_token_id or 0
     enc = tok(train.texts, truncation=True, max_length=cfg.max_length)["input_ids"]
-    teacher_logits = logits_of(teacher, enc, pad_id)  # the teacher runs once, not once per epoch
+    teacher_logits = logits_of_rows(teacher, enc, pad_id)  # the teacher runs once, not once per epoch
     labels = torch.as_tensor(train.labels) if train.labels is not None else None
 
     lengths = np.array([len(e) for e in enc])
@@ -208,7 +187,7 @@ def distill(teacher_dir: str, out: str, cfg: DistillConfig, progress=None) -> di
     rng = np.random.default_rng(cfg.seed)
 
     def loss_of(b):
-        ids, mask = _pad([enc[i] for i in b], pad_id)
+        ids, mask = (torch.from_numpy(a) for a in pad_rows([enc[i] for i in b], pad_id))
         bt = torch.as_tensor(b)
         logits = student(input_ids=ids, attention_mask=mask).logits
         return kd_loss(logits, teacher_logits[bt], None if labels is None else labels[bt], cfg.temperature, cfg.alpha)
@@ -218,8 +197,8 @@ def distill(teacher_dir: str, out: str, cfg: DistillConfig, progress=None) -> di
     train_s = time.perf_counter() - t0
 
     test_enc = tok(test.texts, truncation=True, max_length=cfg.max_length)["input_ids"]
-    t_pred = logits_of(teacher, test_enc, pad_id).argmax(-1).numpy()
-    s_pred = logits_of(student, test_enc, pad_id).argmax(-1).numpy()
+    t_pred = logits_of_rows(teacher, test_enc, pad_id).argmax(-1).numpy()
+    s_pred = logits_of_rows(student, test_enc, pad_id).argmax(-1).numpy()
     gold = test.labels
     report = {
         "teacher": str(teacher_dir),

@@ -17,6 +17,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
 from pipeline.data.texts import validate_text
 from pipeline.model.artifact import resolve_base
+from pipeline.model.classify import classifier_logits
 from pipeline.training.loop import train_steps
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,6 @@ def _splits(cfg: FinetuneConfig) -> tuple[TextDataset, TextDataset]:
         k = max(1, len(ds) // 10)
         train, test = ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))
     return train.sample(cfg.limit, cfg.seed), test
-
-
-@torch.inference_mode()
-def predict_labels(model, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128) -> np.ndarray:
-    model.eval()
-    order = np.argsort([-len(t) for t in texts], kind="stable")
-    out = np.empty(len(texts), dtype=np.int64)
-    for s in range(0, len(texts), batch_size):
-        idx = order[s : s + batch_size]
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
-        out[idx] = model(**enc).logits.argmax(-1).numpy()
-    return out
 
 
 def finetune(out: str, cfg: FinetuneConfig | None = None, progress=None) -> dict:
@@ -80,7 +68,7 @@ def finetune(out: str, cfg: FinetuneConfig | None = None, progress=None) -> dict
     step = train_steps(model, lambda: np.array_split(rng.permutation(len(train)), steps_per_epoch), loss_of,
                        total, cfg.learning_rate, progress)
     train_s = time.perf_counter() - t0
-    pred = predict_labels(model, tok, test.texts, max_length=cfg.max_length)
+    pred = classifier_logits(model, tok, test.texts, cfg.max_length).argmax(-1).numpy()
     report = {
         "base": cfg.base,
         "dataset": cfg.dataset,

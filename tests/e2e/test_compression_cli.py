@@ -11,13 +11,14 @@ from tests.e2e.cli import offramp
 def _fragile_dir(path: Path) -> Path:
     """A tiny random classifier with its bias set so real text sits on the decision boundary."""
     from pipeline.model.artifact import load_classifier, load_tokenizer
-    from pipeline.training.quantize import heldout_texts, run_classifier
+    from pipeline.model.classify import classifier_logits
+    from pipeline.training.quantize import heldout_texts
     from tests.tiny import save_tiny
 
     save_tiny(path, "bert", num_layers=2)
     model, tok = load_classifier(str(path)), load_tokenizer(str(path))
     _, texts, _ = heldout_texts("movie-reviews", 100)
-    margin = run_classifier(model, tok, texts) @ torch.tensor([-1.0, 1.0])
+    margin = classifier_logits(model, tok, texts, 128) @ torch.tensor([-1.0, 1.0])
     with torch.no_grad():
         model.classifier.bias[1] -= float(margin.median())
     model.save_pretrained(path, safe_serialization=True)

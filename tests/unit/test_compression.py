@@ -257,7 +257,8 @@ def test_artifact_round_trip_reapplies_method(tiny_artifact, tmp_path, method, o
 def _fragile_classifier_dir(path):
     """A tiny random classifier whose decision margins are ~0 on real text: any perturbation flips some."""
     from pipeline.model.artifact import load_tokenizer
-    from pipeline.training.quantize import heldout_texts, run_classifier
+    from pipeline.model.classify import classifier_logits
+    from pipeline.training.quantize import heldout_texts
     from tests.tiny import save_tiny
 
     save_tiny(path, "bert", num_layers=2)
@@ -265,7 +266,7 @@ def _fragile_classifier_dir(path):
 
     model, tok = load_classifier(str(path)), load_tokenizer(str(path))
     _, texts, _ = heldout_texts("movie-reviews", 120)
-    margin = run_classifier(model, tok, texts) @ torch.tensor([-1.0, 1.0])
+    margin = classifier_logits(model, tok, texts, 128) @ torch.tensor([-1.0, 1.0])
     with torch.no_grad():
         model.classifier.bias[1] -= float(margin.median())  # half the rows on each side, all near the boundary
     model.save_pretrained(path, safe_serialization=True)
@@ -305,13 +306,14 @@ def test_engine_config_quantize_field():
 def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
     """Agreement with the float model on movie reviews (tiny random model: a loose bound, the bench has the real one)."""
     from pipeline.model.artifact import load_classifier, load_tokenizer
-    from pipeline.training.quantize import heldout_texts, run_classifier
+    from pipeline.model.classify import classifier_logits
+    from pipeline.training.quantize import heldout_texts
 
     tok = load_tokenizer(tiny_model_dir)
     _, texts, _ = heldout_texts("movie-reviews", 64)
-    ref = run_classifier(load_classifier(tiny_model_dir), tok, texts)
+    ref = classifier_logits(load_classifier(tiny_model_dir), tok, texts, 128)
     q = apply(load_classifier(tiny_model_dir), "int8-dynamic", make_config("int8-dynamic", **FAST_INT8))
-    out = run_classifier(q, tok, texts)
+    out = classifier_logits(q, tok, texts, 128)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
     assert np.isfinite(sqnr_db(ref, out))
 
