@@ -64,6 +64,8 @@ class BatchOutput:
     layer_rows: list[int]  # rows that entered each layer (compute actually spent)
     tail: Tail | None = None
     """Release mode with defer_tail: the rest of the batch's feedback (`finish_tail`)."""
+    logits: torch.Tensor | None = None
+    """[B,C] float32 raw logits of the ramp or head that answered each row (Serve returns every label's score)."""
 
 
 def _conf_pred(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +95,8 @@ def execute(
     """input_ids / attention_mask [B,S], right-padded; shadow [B] bool (exit mode's feedback rows, and the
     rows a deferred release tail reports in the hot path).
 
-    on_exit(rows, labels, scores, layer) is called as soon as rows exit at a ramp, before later
-    layers run: the online path answers those requests early (Apparate's early release).
+    on_exit(rows, labels, scores, layer, logits) is called as soon as rows exit at a ramp, before later
+    layers run: the online path answers those requests early (Apparate's early release). logits [n,C].
     """
     if mode not in ("exit", "release"):
         raise ValueError(f"mode {mode!r} must be 'exit' or 'release'")
@@ -110,6 +112,7 @@ def execute(
     label = torch.full((B,), -1, dtype=torch.long, device=device)
     score = torch.zeros(B, dtype=torch.float32, device=device)
     exit_layer = torch.full((B,), L, dtype=torch.long, device=device)
+    logits = torch.zeros((B, model.num_labels), dtype=torch.float32, device=device)
     decided = torch.zeros(B, dtype=torch.bool, device=device)
     ramp_conf = torch.full((B, R), float("nan"), dtype=torch.float32, device=device)
     ramp_pred = torch.full((B, R), -1, dtype=torch.long, device=device)
@@ -128,15 +131,17 @@ def execute(
             continue
         if not (release or policy.is_open(r) or feedback[alive].any()):
             continue  # a closed ramp costs nothing unless feedback needs its output
-        conf, pred = _conf_pred(model.ramp(r, h, mask))
+        ramp_logits = model.ramp(r, h, mask)
+        conf, pred = _conf_pred(ramp_logits)
         ramp_conf[alive, r], ramp_pred[alive, r] = conf, pred
         new = policy.exits(r, conf) & ~decided[alive]
         if new.any():
             rows = alive[new]
             label[rows], score[rows], exit_layer[rows] = pred[new], conf[new], i + 1
+            logits[rows] = ramp_logits[new].float()
             decided[rows] = True
             if on_exit is not None:
-                on_exit(rows, pred[new], conf[new], i + 1)
+                on_exit(rows, pred[new], conf[new], i + 1, logits[rows])
         if release and tail is None:
             continue  # plain release: every row runs to the end in the batch
         keep = ~decided[alive] | feedback[alive]
@@ -157,10 +162,12 @@ def execute(
     final_pred = torch.empty(0, dtype=torch.long, device=device)
     final_conf = torch.empty(0, dtype=torch.float32, device=device)
     if len(alive):
-        final_conf, final_pred = _conf_pred(model.head(h))
+        head_logits = model.head(h)
+        final_conf, final_pred = _conf_pred(head_logits)
         rest = ~decided[alive]
         rows = alive[rest]
         label[rows], score[rows] = final_pred[rest], final_conf[rest]
+        logits[rows] = head_logits[rest].float()
         fb = feedback[alive]
         if tail is not None:  # unanswered non-shadow rows are reported with the tail
             tail.ended, tail.ended_final = alive[~fb], final_pred[~fb]
@@ -169,7 +176,7 @@ def execute(
     else:
         fb_rows = alive
     out = BatchOutput(label, score, exit_layer, fb_rows, ramp_conf[fb_rows], ramp_pred[fb_rows], final_pred,
-                      final_conf, layer_rows)
+                      final_conf, layer_rows, logits=logits)
     if tail is not None and tail.rows:
         out.tail = tail
     return out

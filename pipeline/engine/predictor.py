@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -36,9 +36,14 @@ class Prediction:
     """Encoder layers run before the answer: 1..L-1 = a ramp, L = the original head, 0 = no answer."""
     truncated: bool = False
     error: str | None = None
+    logits: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """[C] float32 raw logits of the ramp or head that answered (None with an error): every label's score."""
+    threshold_version: int | None = field(default=None, compare=False)
+    """Version of the thresholds (ExitPolicy) the row was answered under."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON-able fields (no logits)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "logits"}
 
 
 @dataclass
@@ -228,10 +233,12 @@ class Predictor:
             while pending:
                 idx = pending.pop(self.budget.value)  # the budget as of now: it adapts within a call
                 tokens = len(idx) * int(lengths[idx].max())  # padded size, what the budget counts
+                policy = self.policy  # one policy per micro-batch (set_policy may swap it from another thread)
                 try:
                     start = time.perf_counter()
-                    early = self._early_callback(idx, valid, truncated, on_result) if on_result else None
-                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, defer_tail)
+                    early = (self._early_callback(idx, valid, truncated, on_result, policy.version) if on_result
+                             else None)
+                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, defer_tail, policy)
                     self.budget.observe(tokens, time.perf_counter() - start)
                 except Exception as e:  # noqa: BLE001 - every row must get an answer or an error
                     if _is_oom(e) and len(idx) > 1 and self.budget.on_oom(tokens):
@@ -248,7 +255,7 @@ class Predictor:
                         if on_result:
                             on_result(valid[j], out[valid[j]])
                     continue
-                self._update(res, idx, valid, truncated, out, feedback, layer_rows, on_result)
+                self._update(res, idx, valid, truncated, out, feedback, layer_rows, on_result, policy.version)
                 fb_rows += [valid[idx[k]] for k in res.feedback_rows.tolist()]
                 if res.tail is not None:
                     tails.append(res.tail)
@@ -277,29 +284,36 @@ class Predictor:
         agree = int((tail.label[done.rows] == done.final_pred).sum())
         return _window(done.ramp_conf, done.ramp_pred, done.final_pred), agree
 
-    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None, defer_tail=False):
+    def _execute(self, seqs: list[list[int]], shadow: np.ndarray, mode: str, on_exit=None, defer_tail=False,
+                 policy: ExitPolicy | None = None):
         input_ids, mask = self._pad(seqs)
         shadow_t = torch.from_numpy(shadow).to(self.device)
-        return execute(self.model, input_ids, mask, self.policy, mode, shadow_t, on_exit=on_exit,
+        policy = self.policy if policy is None else policy
+        return execute(self.model, input_ids, mask, policy, mode, shadow_t, on_exit=on_exit,
                        defer_tail=defer_tail)
 
-    def _early_callback(self, idx, valid, truncated, on_result):
+    def _early_callback(self, idx, valid, truncated, on_result, version: int):
         """Executor rows exiting at a ramp -> on_result(caller index, Prediction) right away."""
 
-        def on_exit(rows, labels, scores, layer):
-            for k, lid, sc in zip(rows.tolist(), labels.tolist(), scores.tolist()):
+        def on_exit(rows, labels, scores, layer, logits):
+            logits = logits.cpu().numpy()
+            for n, (k, lid, sc) in enumerate(zip(rows.tolist(), labels.tolist(), scores.tolist())):
                 j = idx[k]
-                on_result(valid[j], Prediction(self.label_names[lid], lid, float(sc), layer, bool(truncated[j])))
+                on_result(valid[j], Prediction(self.label_names[lid], lid, float(sc), layer, bool(truncated[j]),
+                                               logits=logits[n], threshold_version=version))
 
         return on_exit
 
-    def _update(self, res, idx, valid, truncated, out, feedback, layer_rows, on_result=None) -> None:
+    def _update(self, res, idx, valid, truncated, out, feedback, layer_rows, on_result=None,
+                version: int | None = None) -> None:
         label, score, exit_layer = res.label.cpu().numpy(), res.score.cpu().numpy(), res.exit_layer.cpu().numpy()
+        logits = res.logits.cpu().numpy()
         L = self.model.num_layers
         for k, j in enumerate(idx):
             lid = int(label[k])
             out[valid[j]] = Prediction(
-                self.label_names[lid], lid, float(score[k]), int(exit_layer[k]), bool(truncated[j])
+                self.label_names[lid], lid, float(score[k]), int(exit_layer[k]), bool(truncated[j]),
+                logits=logits[k], threshold_version=version,
             )
             if on_result and exit_layer[k] == L:  # ramp exits were already announced
                 on_result(valid[j], out[valid[j]])
