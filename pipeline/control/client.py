@@ -69,6 +69,25 @@ class ControllerClient:
         if self._state is None:
             self.refresh()
 
+    @classmethod
+    def for_policy(cls, controller: dict[str, Any], policy) -> ControllerClient:
+        """A client of a deployment's controller (`controller`: name, namespace, refresh_every_batches) that
+        starts from the ExitPolicy the worker or replica already runs, so no fetch blocks its start."""
+        initial = ControllerState(version=int(policy.version), thresholds=[float(t) for t in policy.thresholds],
+                                  active=[bool(a) for a in policy.active])
+        return cls(controller["name"], controller["namespace"], initial_state=initial,
+                   refresh_every=controller["refresh_every_batches"])
+
+    def refresh_policy(self, predictor) -> bool:
+        """Refresh when due and swap newer thresholds into `predictor`; True when they changed."""
+        from pipeline.engine.policy import ExitPolicy
+
+        self.maybe_refresh()
+        if self.version <= predictor.policy.version:
+            return False
+        predictor.set_policy(ExitPolicy(self.thresholds, self.active, self.version))
+        return True
+
     # ----- state -----
     @property
     def state(self) -> ControllerState | None:

@@ -72,10 +72,10 @@ def _read_one(fs, path: str) -> pa.Table:
         raise ValueError(f"cannot read {path!r} as {fmt}: {e}") from e
 
 
-def require_columns(table: pa.Table, columns: list[str], source: str) -> None:
+def require_columns(table: pa.Table, columns: list[str | None], source: str,
+                    fix: str = "name the right one with --text-column / --label-column or the config's text_column"
+                    ) -> None:
+    """A ValueError naming the first missing column (unset names are skipped), the columns there are, and `fix`."""
     missing = [c for c in columns if c and c not in table.column_names]
     if missing:
-        raise ValueError(
-            f"{source!r} has no column {missing[0]!r} (columns: {table.column_names}); "
-            "name the right one with --text-column / --label-column or the config's text_column"
-        )
+        raise ValueError(f"{source!r} has no column {missing[0]!r} (columns: {table.column_names}); {fix}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config import JobConfig
 from pipeline.control.deployment import controller_constraint, start_shared_controller
+from pipeline.data.readers import require_columns
 from pipeline.offline import sink
 from pipeline.offline.shards import plan_shards, read_shard
 
@@ -81,13 +82,11 @@ def check_inputs(cfg: JobConfig):
     except (FileNotFoundError, ValueError) as e:
         raise JobError(f"cannot read input: {e}") from e
     first = read_shard(shards[0])
-    needed = [cfg.input.text_column, cfg.input.id_column, *cfg.input.passthrough]
-    missing = [c for c in needed if c and c not in first.column_names]
-    if missing:
-        raise JobError(
-            f"input {cfg.input.url!r} has no column {missing[0]!r} (columns: {first.column_names}); "
-            "set input.text_column / input.id_column / input.passthrough in the job YAML (or --text-column)"
-        )
+    try:
+        require_columns(first, [cfg.input.text_column, cfg.input.id_column, *cfg.input.passthrough], cfg.input.url,
+                        "set input.text_column / input.id_column / input.passthrough in the job YAML (or --text-column)")
+    except ValueError as e:
+        raise JobError(f"input {e}") from e
     plan = {"input": cfg.input.url, "text_column": cfg.input.text_column, "rows_per_shard": cfg.input.rows_per_shard,
             "shards": [s.to_dict() for s in shards]}
     existing = sink.list_parts(cfg.output.url)

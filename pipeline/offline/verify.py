@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from pipeline.control.stats import clopper_pearson
+from pipeline.data.readers import require_columns
 from pipeline.offline import sink
 from pipeline.offline.shards import Shard, read_shard
 
@@ -60,8 +61,7 @@ def _texts(plan: dict, text_column: str, shard: np.ndarray, row: np.ndarray) -> 
     texts: list = [None] * len(shard)
     for s in np.unique(shard):
         table = read_shard(by_shard[int(s)])
-        if text_column not in table.column_names:
-            raise ValueError(f"input has no column {text_column!r} (columns: {table.column_names}); pass --text-column")
+        require_columns(table, [text_column], "input", "pass --text-column")
         col = table.column(text_column)
         for i in np.flatnonzero(shard == s):
             texts[i] = col[int(row[i])].as_py()

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.data.readers import require_columns
 from pipeline.offline.shards import Shard, read_shard, row_ids
 from pipeline.offline.sink import write_part
 
@@ -36,9 +37,8 @@ def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: st
     for d in batch.to_pylist():
         shard = Shard(d["shard"], d["path"], d["start"], d["stop"])
         table = read_shard(shard)
-        missing = [c for c in [text_column, id_column, *passthrough] if c and c not in table.column_names]
-        if missing:
-            raise ValueError(f"{shard.path} has no column {missing[0]!r} (columns: {table.column_names})")
+        require_columns(table, [text_column, id_column, *passthrough], shard.path,
+                        "every input file must have the job's input columns")
         texts = table.column(text_column).to_pylist()
         ids = row_ids(table, shard, id_column)
         enc = _encoder(model, max_length).encode(texts)
@@ -79,20 +79,8 @@ class EarlyExitWorker:
         self.client = None
         if controller:
             from pipeline.control.client import ControllerClient
-            from pipeline.control.deployment import initial_state
 
-            initial = initial_state(self.predictor.manifest, list(self.predictor.policy.thresholds))
-            self.client = ControllerClient(controller["name"], controller["namespace"], initial_state=initial,
-                                           refresh_every=controller["refresh_every_batches"])
-
-    def _maybe_update_policy(self) -> None:
-        from pipeline.engine.policy import ExitPolicy
-
-        if self.client is None:
-            return
-        self.client.maybe_refresh()
-        if self.client.version > self.predictor.policy.version:
-            self.predictor.set_policy(ExitPolicy(self.client.thresholds, self.client.active, self.client.version))
+            self.client = ControllerClient.for_policy(controller, self.predictor.policy)
 
     def _shadow(self, shard: int, positions: list[int]) -> tuple[np.ndarray | None, np.ndarray | None]:
         """([n] rows to run to the end, [n] the audit among them): the audit is a fixed-rate sample for the
@@ -115,7 +103,8 @@ class EarlyExitWorker:
         summaries = []
         for shard in sorted(set(batch.column("shard").to_pylist())):
             rows = batch.filter(pc.equal(batch.column("shard"), shard))
-            self._maybe_update_policy()
+            if self.client is not None:
+                self.client.refresh_policy(self.predictor)
             t = time.perf_counter()
             positions = rows.column("row").to_pylist()
             known = (self.certify or {}).get("calibrated", {}).get(int(shard), {})

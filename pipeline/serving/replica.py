@@ -74,12 +74,8 @@ class ReplicaEngine:
         self.client = client
         if self.client is None and controller:
             from pipeline.control.client import ControllerClient
-            from pipeline.control.state import ControllerState
 
-            initial = ControllerState(version=p.policy.version, thresholds=list(p.policy.thresholds),
-                                      active=list(p.policy.active))
-            self.client = ControllerClient(controller["name"], controller["namespace"], initial_state=initial,
-                                           refresh_every=controller["refresh_every_batches"])
+            self.client = ControllerClient.for_policy(controller, p.policy)
         self._ctl_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offramp-controller")
         self._ctl_busy = False
         self._feedback: deque[FeedbackWindow] = deque()  # from both threads; drained by the controller sync
@@ -155,15 +151,11 @@ class ReplicaEngine:
 
     def _sync_controller(self, windows: list[FeedbackWindow], answered: int = 0) -> None:  # controller thread
         """Report feedback (fire-and-forget), refresh thresholds when due, swap them in. Never raises."""
-        from pipeline.engine.policy import ExitPolicy
-
         try:
             if windows:
                 self.client.report(windows[0] if len(windows) == 1 else FeedbackWindow.concat(windows),
                                    output_rows=answered)
-            self.client.maybe_refresh()
-            if self.client.version > self.predictor.policy.version:
-                self.predictor.set_policy(ExitPolicy(self.client.thresholds, self.client.active, self.client.version))
+            if self.client.refresh_policy(self.predictor):
                 log.info("replica %s: thresholds version %d", self.replica, self.client.version)
         except Exception:  # noqa: BLE001 - the controller is an optimisation, never a dependency
             log.exception("controller sync failed; keeping thresholds version %d", self.predictor.policy.version)

@@ -122,6 +122,10 @@ class FakeClient:
     def stats(self):
         return {"version": self.version, "reports_failed": 0, "refresh_failures": 0}
 
+    from pipeline.control.client import ControllerClient
+
+    refresh_policy = ControllerClient.refresh_policy  # the real swap, over this stand-in's state
+
 
 def _ask_many(eng, texts):
     async def main():
