@@ -10,11 +10,10 @@ import torch
 def train_steps(model: torch.nn.Module, epoch_batches: Callable[[], Iterable], loss_of: Callable[[object], torch.Tensor],
                 total: int, learning_rate: float, progress=None) -> int:
     """Run `total` steps; `epoch_batches()` yields one epoch of batches, `loss_of(batch)` their loss."""
+    from transformers import get_linear_schedule_with_warmup
+
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    warmup = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    )
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=max(1, total // 10), num_training_steps=total)
     step = 0
     model.train()
     while step < total:
