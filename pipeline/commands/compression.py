@@ -12,7 +12,7 @@ import click
 from pipeline.commands.progress import progress
 from pipeline.config import COMPRESSION_METHODS as METHODS  # light: config imports no torch
 
-INT8_BACKENDS = ("torchao", "onednn", "torch-ao")  # registry.INT8_BACKENDS (a test keeps them equal)
+INT8_BACKENDS = ("torchao", "onednn", "torch-ao")  # transforms.INT8_BACKENDS (a test keeps them equal)
 
 
 def _layers(value: str | None) -> list[int] | None:

@@ -1,7 +1,7 @@
 """int8 Linear on oneDNN's u8 x s8 kernels with one activation scale per token: fast on AVX2-only CPUs.
 
 torchao's int8 path (`torch._int_mm`) is fast only with AVX512-VNNI; fbgemm's dynamic Linear is fast on
-AVX2 but scales activations per tensor, which flips 2-3% of MiniLM's movie-review predictions. oneDNN's
+AVX2 but scales activations per tensor, which flips a few percent of predictions. oneDNN's
 `qlinear_pointwise` multiplies uint8 activations by int8 weights with float output on any x86 CPU; it
 takes one activation scale per tensor, so each row is quantized here with its own scale and offset
 (x ~= s * q + m, q in 0..127) and the output rescaled per row:
@@ -9,17 +9,10 @@ takes one activation scale per tensor, so each row is quantized here with its ow
     x @ W.T + b = s * (q @ W.T) + m * rowsum(W) + b
 
 Activations use 7 bits: without VNNI the u8 x s8 products are summed in pairs into int16 (vpmaddubsw),
-and 8-bit activations saturate (measured relative error 0.33 against exact integer math; 7 bits: 5e-4).
+and 8-bit activations saturate (7 bits do not).
 7 bits everywhere keeps an artifact's numerics the same on every CPU.
 
-Measured (fine-tuned MiniLM-L6, movie-review test split, 2,113 rows, length-sorted batches of 64, one
-thread of a 2-core AVX2 EPYC): float32 28-30 s; this 18.1-18.3 s (1.64x, quantize / rescale steps
-compiled on their own) at 99.53% agreement with float. With early exits (offramp's Predictor, 4,096
-reviews, artifact thresholds): float32 23.6 s at mean exit layer 3.07; this 20.9 s at 3.54 with the steps
-compiled on their own, 18.3 s with each encoder layer compiled whole (warm-up 17.5 s cold, 7.9 s from
-inductor's cache).
-fbgemm per-tensor: 96.7% (7-bit activations) / 98.1% (8-bit, saturating); fbgemm with SmoothQuant
-scales: at best 99.0-99.2%.
+Why these choices, with their measurements: docs/benchmarks.md ("The int8 backends").
 """
 from __future__ import annotations
 

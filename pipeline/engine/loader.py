@@ -9,9 +9,10 @@ from pipeline.model.artifact import load_float_artifact
 
 def load_artifact(path: str | Path, device: str = "cpu", dtype=None,
                   slow_compression: Literal["skip", "apply"] = "skip"):
-    """(EarlyExitModel, tokenizer, manifest) on `device`. A recorded compression is re-applied from the float
+    """(EarlyExitModel, tokenizer, manifest) on `device`; `path` is a directory or a URL (s3://, gs://, ...: this
+    node's cached copy, pipeline.data.cache). A recorded compression is re-applied from the float
     weights (deterministic, nothing packed on disk); `slow_compression` "skip" keeps the float weights where
-    its kernels are slow (pipeline.compression.registry.apply_where_fast), "apply" compresses anyway."""
+    its kernels are slow (pipeline.compression.capability.apply_where_fast), "apply" compresses anyway."""
     model, tokenizer, manifest = load_float_artifact(path, device, dtype)
     if manifest.compression:
         from pipeline.compression import apply_where_fast

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.compression.registry import apply, cannot_run_here, make_config, slow_here, to_record
+from pipeline.compression.capability import cannot_run_here, slow_here
+from pipeline.compression.registry import apply, make_config, to_record
 from pipeline.data.batching import padded_batches
 from pipeline.model.classify import classifier_logits
 

@@ -8,7 +8,7 @@ import torch
 
 from pipeline.compression import apply, compression_of, make_config, methods, to_record
 from pipeline.compression.int8_onednn import available as onednn_available
-from pipeline.compression.registry import encoder_layers
+from pipeline.compression.transforms import encoder_layers
 from pipeline.training.distill import DistillConfig, choose_layers, distill, kd_loss, make_student
 from pipeline.training.quantize import BudgetExceeded, quantize, sqnr_db
 from tests.tiny import tiny_classifier
@@ -439,11 +439,11 @@ def test_apply_at_load_for_engine_config():
 
 def test_cli_method_choices_match_registry():
     from pipeline.commands import compression as commands
-    from pipeline.compression import registry
+    from pipeline.compression import transforms
     from pipeline.config import COMPRESSION_METHODS
 
     assert set(commands.METHODS) == set(methods()) == set(COMPRESSION_METHODS)
-    assert commands.INT8_BACKENDS == registry.INT8_BACKENDS
+    assert commands.INT8_BACKENDS == transforms.INT8_BACKENDS
 
 
 def test_quantize_retunes_artifact_thresholds_against_the_float_source(tiny_artifact, tmp_path):
