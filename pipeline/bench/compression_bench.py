@@ -85,7 +85,7 @@ def run_compression_bench(teacher: str, artifact: str | None = None, workdir: st
     from pipeline.engine.policy import ExitPolicy
     from pipeline.engine.predictor import Predictor
     from pipeline.training.distill import REPORT
-    from pipeline.training.quantize import heldout_texts
+    from pipeline.training.compression_check import heldout_texts
 
     models = prepare_models(teacher, workdir, artifact, distill_epochs, dataset, echo)
     data_name, texts, gold = heldout_texts(dataset, limit)

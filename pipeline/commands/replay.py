@@ -82,7 +82,7 @@ def _recorded(predictor_fn, model_fp: str, texts: list[str], label: str, cache_d
 
     import numpy as np
 
-    from pipeline.control.replay import record
+    from pipeline.engine.ramp_outputs import record_ramps
     from pipeline.feedback import FeedbackWindow
 
     key = hashlib.sha1((model_fp + "\x00" + "\x1f".join(texts)).encode("utf-8")).hexdigest()[:16]
@@ -95,7 +95,7 @@ def _recorded(predictor_fn, model_fp: str, texts: list[str], label: str, cache_d
     import time
 
     t = time.perf_counter()
-    w, score = record(predictor_fn(), texts, progress=progress(f"recording {label}"), return_confidence=True)
+    w, score = record_ramps(predictor_fn(), texts, progress=progress(f"recording {label}"), return_confidence=True)
     secs = time.perf_counter() - t
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, conf=w.conf, pred=w.pred, final=w.final, score=score)
@@ -229,7 +229,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
             from pipeline.config import EngineConfig
             from pipeline.engine.predictor import Predictor
 
-            # record() closes every ramp; a compressed artifact's own numerics, even where its kernels are slow
+            # record_ramps() closes every ramp; a compressed artifact's own numerics, even where its kernels are slow
             predictor = Predictor(model_dir, EngineConfig(mode="release", device=device, slow_compression="apply"))
         return predictor
 

@@ -1,6 +1,6 @@
 """Replay a recorded stream through four exit strategies, window by window (Apparate's own evaluation).
 
-Record every ramp's output once (one release-mode pass with every ramp closed), then stream the rows in
+Record every ramp's output once (pipeline.engine.ramp_outputs.record_ramps), then stream the rows in
 windows through:
 
 - ``vanilla``: no exits (the original model);
@@ -14,7 +14,7 @@ Per window: agreement with the original model, layer-compute savings, latency sa
 model, ramp costs included), active ramps; for the controller also thresholds, version and tuner time.
 ``drift_stream`` builds a stream whose domain changes mid-way; ``write_json`` / ``plot`` write the series.
 
-Everything but :func:`record` (torch) and :func:`plot` (matplotlib) is numpy only.
+Everything but :func:`plot` (matplotlib) is numpy only.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -38,7 +38,6 @@ __all__ = [
     "METHODS",
     "MethodSeries",
     "ReplayResult",
-    "record",
     "window_bounds",
     "oracle_outcome",
     "replay",
@@ -51,69 +50,6 @@ __all__ = [
 ]
 
 METHODS = ("vanilla", "static", "controller", "oracle")
-
-
-# ----------------------------------------------------------------------------- recording
-def record(
-    artifact: Any,
-    texts: Sequence[str],
-    chunk_rows: int = 1024,
-    progress: Callable[[int, int], None] | None = None,
-    engine: dict[str, Any] | None = None,
-    return_confidence: bool = False,
-) -> FeedbackWindow | tuple[FeedbackWindow, np.ndarray]:
-    """Every ramp's output for every text, in the caller's order (one release-mode pass, all ramps closed).
-
-    ``artifact``: an early-exit artifact directory, or a ``Predictor`` already loaded (its policy is replaced
-    by an all-closed one for the pass). ``engine``: extra ``EngineConfig`` fields (device, dtype, ...).
-    With ``return_confidence`` also returns the original model's confidence per row ([N], max softmax of the
-    final head): a difficulty measure for building drift streams.
-    Texts that cannot be classified (empty, not strings) are refused up front: drop them first.
-    """
-    from pipeline.data.texts import validate_text
-    from pipeline.engine.policy import ExitPolicy
-    from pipeline.engine.predictor import Predictor
-
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        why = validate_text(t)
-        if why:
-            raise ValueError(f"record: text {i} cannot be classified ({why}); drop such rows before recording")
-    if isinstance(artifact, Predictor):
-        pred = artifact
-    else:
-        from pipeline.config import EngineConfig
-
-        pred = Predictor(str(artifact), EngineConfig(**{**(engine or {}), "mode": "release"}))
-    R = pred.num_ramps
-    saved = pred.policy
-    pred.set_policy(ExitPolicy(np.full(R, CLOSED), np.ones(R, bool)))
-    parts: list[FeedbackWindow] = []
-    scores: list[np.ndarray] = []
-    try:
-        for start in range(0, len(texts), chunk_rows):
-            chunk = texts[start : start + chunk_rows]
-            # Keys pick shadow rows in exit mode only; release mode feeds back every row.
-            out = pred.predict(chunk, ids=[str(start + k) for k in range(len(chunk))], mode="release")
-            fb, rows = out.feedback, np.asarray(out.feedback_rows, np.int64)
-            if len(fb) != len(chunk) or not np.array_equal(np.sort(rows), np.arange(len(chunk))):
-                bad = [p.error for p in out.predictions if p.error]
-                raise RuntimeError(
-                    f"record: {len(fb)} feedback rows for {len(chunk)} texts (errors: {bad[:3]}); every row must"
-                    " run to the end in release mode"
-                )
-            order = np.argsort(rows, kind="stable")  # feedback order -> caller order
-            parts.append(fb.take(order))
-            # Every ramp closed: each answer comes from the original head, so its score is the model's confidence.
-            scores.append(np.array([p.score for p in out.predictions], np.float32))
-            if progress:
-                progress(min(start + chunk_rows, len(texts)), len(texts))
-    finally:
-        pred.set_policy(saved)
-    window = FeedbackWindow.concat(parts) if parts else FeedbackWindow.empty(R)
-    if return_confidence:
-        return window, (np.concatenate(scores) if scores else np.zeros(0, np.float32))
-    return window
 
 
 # ----------------------------------------------------------------------------- streams

