@@ -1,10 +1,12 @@
 """The Ray Serve application: an HTTP ingress per replica around a ReplicaEngine, and its builder.
 
-Routes (see pipeline.serving.api for the exact shapes):
-    POST /predict   {"inputs": "text" | ["t1", ...]} -> [{"label", "score", "exit_layer"}] | [[...], ...]
-    GET  /health    {"status": "ok", "replica": ..., "threshold_version": ..., "queue_texts": ..., ...}
-    GET  /metrics   Prometheus text (this replica)
-Every response carries `X-Offramp-Replica` (the replica's id) and `X-Offramp-Threshold-Version`.
+Routes, as Hugging Face text-embeddings-inference (TEI) serves a classifier (shapes: pipeline.serving.api):
+    POST /predict, POST /, POST /invocations   {"inputs": "text" | [["t1"], ...]} -> every label, by score
+    GET  /info                  TEI's model info (+ offramp's ramps and thresholds)
+    GET  /health, GET /, GET /ping   200 {"status": "ok", "replica": ..., ...}; 503 TEI's Unhealthy error
+    GET  /metrics               Prometheus text for the whole app (every replica, from Ray's metrics export)
+Every response carries `X-Offramp-Replica` (the replica's id) and `X-Offramp-Threshold-Version`; predictions
+also TEI's timing headers (x-total-time, x-tokenization-time, x-queue-time, x-inference-time, ms).
 
 `app_builder(args)` is the `import_path` target of a normal Ray Serve config file, so `offramp serve`,
 `serve run` and `serve deploy` all read the same YAML. It validates the args (ServeAppConfig), starts
@@ -12,6 +14,7 @@ Every response carries `X-Offramp-Replica` (the replica's id) and `X-Offramp-Thr
 counts, autoscaling and ray_actor_options come from the YAML's `deployments:` section.
 """
 
+import asyncio
 import logging
 import os
 import time
@@ -21,10 +24,10 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from pipeline.control.deployment import controller_name
-from pipeline.serving.api import ApiError, error_body, parse_predict_request, prediction_body
+from pipeline.serving.api import ApiError, error_body, info_body, parse_predict_request, prediction_body
 from pipeline.serving.batcher import BatchFailed, QueueFull
 from pipeline.serving.config import ServeAppConfig
-from pipeline.serving.metrics import CONTENT_TYPE
+from pipeline.serving.metrics import CONTENT_TYPE, scrape_app
 
 __all__ = ["DEPLOYMENT_NAME", "EarlyExitDeployment", "app_builder", "build_app", "resolve_config"]
 
@@ -41,6 +44,19 @@ def _replica_id() -> str:
         return f"{os.uname().nodename}:{os.getpid()}"
 
 
+def _ms(seconds: float) -> str:
+    return str(int(seconds * 1000))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("offramp")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH
+        return "0+unknown"
+
+
 @serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class EarlyExitDeployment:
@@ -50,15 +66,17 @@ class EarlyExitDeployment:
         from pipeline.serving.replica import ReplicaEngine
 
         self.config = ServeAppConfig.model_validate(config)
-        self.engine = ReplicaEngine(self.config, controller, _replica_id())
+        self.engine = ReplicaEngine(self.config, controller, _replica_id(), metrics_backend="ray")
         self.limits = self.config.batching
+        self.labels = list(self.engine.predictor.label_names)
+        self.app_name = serve.get_replica_context().app_name
         try:  # Serve's own per-replica limit must let requests reach this replica's queue
             ongoing = serve.get_replica_context()._deployment_config.max_ongoing_requests
         except Exception:  # noqa: BLE001 - outside Serve, or a Serve without this field
             ongoing = None
         if ongoing is not None and ongoing < self.limits.max_queue:
             log.warning("max_ongoing_requests=%d < batching.max_queue=%d: extra requests wait in Serve's router "
-                        "(unbounded unless max_queued_requests is set) instead of getting 503; raise "
+                        "(unbounded unless max_queued_requests is set) instead of getting 429; raise "
                         "max_ongoing_requests in the deployment options", ongoing, self.limits.max_queue)
 
     def _respond(self, body, status: int = 200, headers: dict | None = None) -> JSONResponse:
@@ -82,28 +100,44 @@ class EarlyExitDeployment:
         return b"".join(chunks)
 
     @api.post("/predict")
+    @api.post("/")  # TEI serves a classifier's predictions at / too (and at /invocations, SageMaker's route)
+    @api.post("/invocations")
     async def predict(self, request: Request) -> Response:
         t0 = time.perf_counter()
         try:
             req = parse_predict_request(await self._read_body(request), self.limits.max_items_per_request,
                                         self.limits.max_body_bytes)
-            encoded = self.engine.encode(req.texts)
-            if not req.truncate and encoded.truncated.any():
+            encoded = self.engine.encode(req.texts, req.truncation_direction)
+            t_tok = time.perf_counter() - t0
+            if req.truncate is False and encoded.truncated.any():
                 i = int(encoded.truncated.argmax())
-                raise ApiError(422, f"text {i} is longer than the model's {self.engine.predictor.max_length} tokens; "
-                                    'shorten it or send "truncate": true')
-            preds = await self.engine.predict(encoded, req.texts)
+                where = "`inputs`" if req.single else f"`inputs`[{i}]"
+                raise ApiError(422, f"{where} must have less than {self.engine.predictor.max_length} tokens. Given: "
+                                    f"{self.engine.token_count(req.texts[i])} (shorten it or send \"truncate\": true)")
+            answer = await self.engine.predict_timed(encoded, req.texts)
+            preds = answer.predictions
             failed = [(i, p.error) for i, p in enumerate(preds) if p.error]
             if failed:
                 i, why = failed[0]
-                raise ApiError(500, f"{len(failed)} of {len(preds)} texts failed; text {i}: {why}", "Backend")
-            resp = self._respond(prediction_body(preds, req.single))
+                raise ApiError(424, f"{len(failed)} of {len(preds)} texts failed; text {i}: {why}", "Backend")
+            headers = {"x-compute-type": self.engine.predictor.device.type,
+                       "x-compute-characters": str(sum(len(t) for t in req.texts)),
+                       "x-compute-tokens": str(sum(len(ids) for ids in encoded.input_ids)),
+                       "x-tokenization-time": _ms(t_tok), "x-queue-time": _ms(answer.queue_s),
+                       "x-inference-time": _ms(answer.inference_s),
+                       "X-Offramp-Threshold-Version": str(max(p.threshold_version or 0 for p in preds))}
+            if req.single:
+                headers["x-offramp-exit-layer"] = str(preds[0].exit_layer)
+            body = prediction_body(preds, self.labels, req)
+            total = _ms(time.perf_counter() - t0)
+            resp = self._respond(body, headers={**headers, "x-compute-time": total, "x-total-time": total})
         except ApiError as e:
             resp = self._respond(error_body(e.message, e.error_type), e.status, e.headers)
         except QueueFull as e:
-            resp = self._respond(error_body(str(e), "Overloaded"), 503, {"Retry-After": str(e.retry_after_s)})
+            resp = self._respond(error_body(f"Model is overloaded: {e}", "Overloaded"), 429,
+                                 {"Retry-After": str(e.retry_after_s)})
         except BatchFailed as e:
-            resp = self._respond(error_body(str(e), "Backend"), 500)
+            resp = self._respond(error_body(str(e), "Backend"), 424)
         except Exception as e:  # noqa: BLE001 - a bad request must never take the replica down
             log.exception("unexpected error in /predict")
             resp = self._respond(error_body(f"internal error: {e!r}", "Backend"), 500)
@@ -111,17 +145,37 @@ class EarlyExitDeployment:
         return resp
 
     @api.get("/health")
+    @api.get("/")  # TEI's Inference API health route
+    @api.get("/ping")  # and SageMaker's
     async def health(self) -> Response:
         h = self.engine.health()
         code = 200 if h["status"] == "ok" else 503
         self.engine.metrics.request("/health", code)
-        return self._respond(h, code)
+        body = h if code == 200 else {**error_body(f"unhealthy: {h['status']}", "Unhealthy"), **h}
+        return self._respond(body, code)
+
+    @api.get("/info")
+    async def info(self) -> Response:
+        p = self.engine.predictor
+        offramp = {"mode": self.config.engine.mode, "compression": p.compression, "num_layers": p.model.num_layers,
+                   "ramps": [{"layer": r.layer, "pooling": r.pooling, "active": bool(a), "threshold": float(t)}
+                             for r, a, t in zip(p.manifest.ramps, p.policy.active, p.policy.thresholds)],
+                   "threshold_version": int(p.policy.version), "replica": self.engine.replica}
+        body = info_body(model_id=self.config.model, dtype=str(p.dtype).removeprefix("torch."), labels=self.labels,
+                         max_input_length=p.max_length, batching=self.limits, version=_version(), offramp=offramp)
+        self.engine.metrics.request("/info", 200)
+        return self._respond(body)
 
     @api.get("/metrics")
     async def metrics(self) -> Response:
+        """The whole application's metrics, gathered from every node's Ray metrics exporter."""
         self.engine.metrics.request("/metrics", 200)
-        return Response(self.engine.metrics_text(), media_type=CONTENT_TYPE,
-                        headers={"X-Offramp-Replica": self.engine.replica})
+        text, missed = await asyncio.to_thread(scrape_app, self.app_name)
+        if missed and not text.strip():
+            return self._respond(error_body("no Ray metrics exporter answered: " + "; ".join(missed), "Backend"), 503)
+        if missed:  # a comment line: scrapers keep the rest
+            text = "".join(f"# offramp: no answer from {m}\n" for m in missed).encode() + text
+        return Response(text, media_type=CONTENT_TYPE, headers={"X-Offramp-Replica": self.engine.replica})
 
     def check_health(self) -> None:
         """Serve's periodic health check: a dead batch loop gets the replica restarted."""

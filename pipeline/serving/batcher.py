@@ -40,7 +40,7 @@ from pipeline.engine.encoder import Encoded
 from pipeline.engine.predictor import Prediction, PredictOutput
 from pipeline.serving.config import BatchingSettings
 
-__all__ = ["AdaptiveBatchPolicy", "BatchFailed", "BatchQueue", "BatchReport", "QueueFull"]
+__all__ = ["AdaptiveBatchPolicy", "Answer", "BatchFailed", "BatchQueue", "BatchReport", "QueueFull"]
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,23 @@ class _Request:
     results: list = field(default_factory=list)
     remaining: int = 0
     state: str = "queued"  # queued -> running -> done
+    started: float | None = None
     released: float | None = None
 
     def __post_init__(self):
         self.results = [None] * len(self.encoded)
         self.remaining = len(self.encoded)
+
+
+@dataclass
+class Answer:
+    """A request's answers, in order, and where its time went (TEI's x-queue-time / x-inference-time)."""
+
+    predictions: list[Prediction]
+    queue_s: float
+    """Enqueued -> its batch started."""
+    inference_s: float
+    """Its batch started -> its last text answered (early release ends it before the batch ends)."""
 
 
 @dataclass
@@ -186,11 +198,15 @@ class BatchQueue:
 
     async def submit(self, encoded: Encoded, keys: list) -> list[Prediction]:
         """One Prediction per row, in order, once every row is answered. Raises QueueFull, BatchFailed."""
+        return (await self.submit_timed(encoded, keys)).predictions
+
+    async def submit_timed(self, encoded: Encoded, keys: list) -> Answer:
+        """`submit`, with the request's queue and inference time."""
         n = len(encoded)
         if n != len(keys):
             raise ValueError(f"{n} rows but {len(keys)} keys")
         if n == 0:
-            return []
+            return Answer([], 0.0, 0.0)
         if self._closed:
             raise BatchFailed("the replica is shutting down; retry")
         self._ensure_started()
@@ -205,13 +221,16 @@ class BatchQueue:
         self.policy.on_arrival(n, now)
         self._wakeup.set()
         try:
-            return await req.future
+            predictions = await req.future
         except asyncio.CancelledError:  # the client went away: free its place in the queue
             if req.state == "queued":
                 self._queue.remove(req)
                 self._queued_rows -= n
                 req.state = "done"
             raise
+        started = req.started if req.started is not None else now
+        released = req.released if req.released is not None else started
+        return Answer(predictions, started - now, released - started)
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Stop taking batches; let the running one finish (cancelled after `timeout_s`); requests still
@@ -309,6 +328,8 @@ class BatchQueue:
             loop.call_soon_threadsafe(self._deliver, req, pos, pred)
 
         start = self.clock()
+        for r in batch:
+            r.started = start
         out: PredictOutput | None = None
         error: str | None = None
         self.running = True

@@ -32,7 +32,7 @@ class BatchingSettings(_Strict):
     when the measured arrival rate can fill the batch within this time; under light load it does not
     wait at all, and while a batch runs the queue fills by itself (bigger batches under load)."""
     max_queue: int = Field(256, ge=1)
-    """Most texts waiting for a batch. A request that would go past it gets 503 with Retry-After at once."""
+    """Most texts waiting for a batch. A request that would go past it gets 429 with Retry-After at once."""
     max_waiting_tails: int = Field(32, ge=1)
     """`release` mode: tails (a batch's answered texts waiting to run to the end for controller feedback;
     one per model pass, usually one per batch) kept while the replica is busy; past it the oldest is

@@ -17,11 +17,11 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from pipeline.engine.encoder import Encoded
+from pipeline.engine.encoder import Encoded, TextEncoder
 from pipeline.engine.microbatch import TokenBudget
 from pipeline.engine.predictor import Prediction
 from pipeline.feedback import FeedbackWindow
-from pipeline.serving.batcher import BatchQueue, BatchReport
+from pipeline.serving.batcher import Answer, BatchQueue, BatchReport
 from pipeline.serving.config import ServeAppConfig
 from pipeline.serving.metrics import ServingMetrics
 
@@ -56,10 +56,11 @@ class ReplicaEngine:
         controller: {"name", "namespace", "refresh_every_batches"} of the shared controller, or None.
         replica: this replica's id (metrics label, response header).
         client: a ready ControllerClient-like object (tests); default: built from `controller`.
+        metrics_backend: "ray" in a Serve replica (Ray's metrics export, whole app), "local" elsewhere.
     """
 
     def __init__(self, config: ServeAppConfig, controller: dict | None = None, replica: str = "local",
-                 client=None):
+                 client=None, metrics_backend: str = "local"):
         self.config = config
         self.replica = replica
         self.predictor = p = import_class(config.predictor_class)(config.model, config.engine)
@@ -68,7 +69,8 @@ class ReplicaEngine:
         self.num_layers = self.predictor.model.num_layers
         self._defer = config.engine.mode == "release"  # release tails run when the replica is idle
         self._tails: deque = deque()  # appended on the event loop, taken in the worker thread
-        self.metrics = ServingMetrics(replica)
+        self.metrics = ServingMetrics(replica, metrics_backend)
+        self._encoders: dict[str | None, TextEncoder] = {None: p.encoder}  # by truncation side; None = tokenizer's
         self.queue = BatchQueue(self._run, config.batching, on_batch=self._on_batch,
                                 idle=self._finish_tails if self._defer else None)
         self.client = client
@@ -82,12 +84,25 @@ class ReplicaEngine:
         self._answered = 0  # texts answered since feedback was last handed over (event loop)
 
     # -- requests ---------------------------------------------------------------------------------
-    def encode(self, texts: list[str]) -> Encoded:
-        return self.predictor.encoder.encode(texts)
+    def encode(self, texts: list[str], truncation_side: str | None = None) -> Encoded:
+        """Tokenize; `truncation_side` "left"/"right" cuts long texts on that side (None: the tokenizer's)."""
+        enc = self._encoders.get(truncation_side)
+        if enc is None:
+            enc = self._encoders[truncation_side] = TextEncoder(self.predictor.tokenizer, self.predictor.max_length,
+                                                                truncation_side)
+        return enc.encode(texts)
+
+    def token_count(self, text: str) -> int:
+        """Tokens of `text` uncut (an error message's number)."""
+        return len(self.predictor.tokenizer(text, truncation=False, verbose=False)["input_ids"])
 
     async def predict(self, encoded: Encoded, keys: list[str]) -> list[Prediction]:
-        """Answers in order; raises QueueFull (-> 503) or BatchFailed (-> 500)."""
+        """Answers in order; raises QueueFull (-> 429) or BatchFailed (-> 424)."""
         return await self.queue.submit(encoded, keys)
+
+    async def predict_timed(self, encoded: Encoded, keys: list[str]) -> Answer:
+        """`predict` with the request's queue and inference time."""
+        return await self.queue.submit_timed(encoded, keys)
 
     def _run(self, encoded: Encoded, keys: list, on_result) -> object:  # worker thread
         shadow = None
@@ -122,6 +137,7 @@ class ReplicaEngine:
     # -- after each batch -------------------------------------------------------------------------
     def _on_batch(self, report: BatchReport) -> None:  # event loop
         self.metrics.batch(report, self.num_layers)
+        self.metrics.status(self.queue.queued_rows, int(self.predictor.policy.version), self._controller_failures())
         if report.output is not None:
             for tail in report.output.tails:
                 if len(self._tails) >= self.config.batching.max_waiting_tails:
@@ -169,6 +185,7 @@ class ReplicaEngine:
             "mode": self.config.engine.mode,
             "compression": self.predictor.compression,
             "queue_texts": self.queue.queued_rows,
+            "running": self.queue.running,  # a batch is in the model now
             "waiting_tails": len(self._tails),
             "batches": self.queue.batches,
             "failed_batches": self.queue.failed_batches,
@@ -177,12 +194,16 @@ class ReplicaEngine:
             "controller": ctl,
         }
 
+    def _controller_failures(self) -> int:
+        if self.client is None:
+            return 0
+        s = self.client.stats()
+        return int(s.get("reports_failed", 0)) + int(s.get("refresh_failures", 0))
+
     def metrics_text(self) -> bytes:
-        failures = 0
-        if self.client is not None:
-            s = self.client.stats()
-            failures = int(s.get("reports_failed", 0)) + int(s.get("refresh_failures", 0))
-        return self.metrics.render(self.queue.queued_rows, int(self.predictor.policy.version), failures)
+        """This replica's metrics (the local backend; a Serve app answers GET /metrics from Ray's export)."""
+        self.metrics.status(self.queue.queued_rows, int(self.predictor.policy.version), self._controller_failures())
+        return self.metrics.render()
 
     async def close(self) -> None:
         await self.queue.close()

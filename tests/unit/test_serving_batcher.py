@@ -111,14 +111,16 @@ def test_early_release_resolves_a_request_before_its_batch_finishes():
         done = {}
 
         async def go(key):
-            out = await q.submit(enc(1), [key])
+            out = await q.submit_timed(enc(1), [key])
             done[key] = time.monotonic() - t0
             return out
 
         # both queued before the loop's first turn -> one batch
         a, b = await asyncio.gather(go("early"), go("late"))
-        assert a[0].exit_layer == 1 and b[0].exit_layer == 4
+        assert a.predictions[0].exit_layer == 1 and b.predictions[0].exit_layer == 4
         assert done["late"] - done["early"] > 0.3
+        # TEI's x-inference-time: `early` was answered at its ramp, `late` after the batch's later layers
+        assert a.inference_s < 0.1 < 0.3 < b.inference_s and 0 <= a.queue_s < 0.1 and 0 <= b.queue_s < 0.1
         for _ in range(100):  # `late` may be answered (from the worker thread) before the batch's report is made
             if reports:
                 break
@@ -161,6 +163,26 @@ def test_unannounced_rows_are_filled_from_the_output_and_short_outputs_fail():
         q = BatchQueue(short, settings())
         with pytest.raises(BatchFailed, match="1 results for 2 texts"):
             await asyncio.wait_for(q.submit(enc(2), ["a", "b"]), timeout=5)
+        await q.close()
+
+    asyncio.run(main())
+
+
+def test_queue_time_is_the_wait_for_a_running_batch():
+    echo, started = EchoRunner(delay_s=0.3), threading.Event()
+
+    def runner(encoded, keys, on_result):
+        started.set()
+        return echo(encoded, keys, on_result)
+
+    async def main():
+        q = BatchQueue(runner, settings())
+        busy = asyncio.ensure_future(q.submit_timed(enc(1), ["busy"]))
+        assert await asyncio.to_thread(started.wait, 10)  # `busy` is running; `next` waits for it
+        nxt = await q.submit_timed(enc(1), ["next"])
+        first = await busy
+        assert first.queue_s < 0.05 and 0.25 < first.inference_s
+        assert 0.2 < nxt.queue_s < 0.6 and 0.25 < nxt.inference_s  # it waited for `busy` (0.3 s), then ran
         await q.close()
 
     asyncio.run(main())

@@ -219,3 +219,17 @@ def test_release_tails_run_to_the_end_when_idle_and_stop_when_a_text_arrives(tin
     first, waited = asyncio.run(main())
     assert [o[0].exit_layer for o in first] == [1, 4, 1]
     assert waited < 2 * SlowTail.delay_s  # k6 waited for one tail layer at most, not the whole tail (3 layers)
+
+
+def test_a_request_picks_the_truncation_side_and_errors_can_name_the_full_length(tiny_artifact):
+    """TEI's truncation_direction: a long text is cut on the side the request names (default: the tokenizer's)."""
+    eng = ReplicaEngine(app_config(tiny_artifact))
+    long = " ".join(f"w{i}" for i in range(300))
+    default, right, left = eng.encode([long]), eng.encode([long], "right"), eng.encode([long], "left")
+    limit = eng.predictor.max_length
+    assert all(e.truncated[0] and len(e.input_ids[0]) == limit for e in (default, right, left))
+    assert default.input_ids[0] == right.input_ids[0] != left.input_ids[0]
+    full = eng.predictor.tokenizer(long)["input_ids"]
+    assert left.input_ids[0][1:-1] == full[-(limit - 1):-1]  # the end of the text kept
+    assert eng.token_count(long) == len(full) > limit
+    asyncio.run(eng.close())
