@@ -84,7 +84,7 @@ def deploy(path: str, host: str | None = None, port: int | None = None, timeout_
     shown = "127.0.0.1" if h.host in ("0.0.0.0", "::") else h.host
     urls = [f"http://{shown}:{h.port}{(a.route_prefix or '/').rstrip('/')}" for a in config.applications]
     for a, url in zip(config.applications, urls):
-        echo(f"{a.name}: {url}/predict  (also {url}/health, {url}/metrics)")
+        echo(f"{a.name}: {url}/predict  (TEI protocol; also {url}/info, {url}/health, {url}/metrics)")
     return urls
 
 
