@@ -279,6 +279,41 @@ def status(job_id, address, logs):
         click.echo(job_logs(job_id, address))
 
 
+@main.command()
+@click.option("--address", default="auto", show_default=True,
+              help="Ray cluster (GCS address, e.g. head:6379; `auto`: the one running on this machine).")
+@click.option("--namespace", default="offramp", show_default=True)
+@click.option("--stop", "stop_name", default=None, metavar="NAME", help="Remove this controller (its checkpoint stays).")
+def controllers(address, namespace, stop_name):
+    """The threshold controllers alive on a cluster (name, thresholds version, windows, constraint, checkpoint)."""
+    import ray
+
+    from pipeline.control.actor import list_controllers, stop_controller
+
+    started = not ray.is_initialized()
+    try:
+        if started:
+            ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as e:
+        _fail(ConnectionError(f"no Ray cluster at {address!r} ({e}); give --address HEAD:6379"))
+    try:
+        if stop_name:
+            if not stop_controller(stop_name, namespace):
+                _fail(ValueError(f"no controller {stop_name!r} in namespace {namespace!r}"))
+            click.echo(f"stopped {stop_name}")
+            return
+        rows = list_controllers(namespace)
+        if not rows:
+            click.echo(f"no controllers in namespace {namespace!r}")
+        for r in rows:
+            click.echo(f"{r['name']}  error {r['error']}" if "error" in r else
+                       f"{r['name']}  version {r['version']}  windows {r['windows']}  constraint {r['constraint']}"
+                       f"  checkpoint {r['checkpoint_url'] or '-'}")
+    finally:
+        if started:
+            ray.shutdown()
+
+
 @main.group()
 def bench():
     """Benchmarks: print a table and write JSON, baselines measured side by side in the same run."""

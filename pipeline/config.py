@@ -241,8 +241,14 @@ class ControllerSettings(_Strict):
 
     enabled: bool = True
     """Off: every worker keeps the artifact's thresholds."""
+    share: bool = False
+    """Off (default): the deployment has a controller of its own, named after it (`offramp-job-<job>-<run>`, or
+    `offramp-serve-<model>`), removed when the job ends (its checkpoint stays; `--resume` restores from it).
+    On: join the detached controller called `name` (default: one per model path), started by the first
+    deployment that asks for it and kept until `offramp controllers --stop NAME`; joining one whose
+    settings differ fails, naming them."""
     name: str | None = None
-    """Actor name (default: derived from the model path); one controller per model deployment."""
+    """Actor name (default: derived from the job or the model path, see `share`)."""
     namespace: str = "offramp"
     checkpoint_url: str | None = None
     """fsspec URL where the controller checkpoints its state; restored when it restarts."""

@@ -41,12 +41,22 @@ def _load_config(path: str, host: str | None, port: int | None):
     for app in data["applications"]:
         if app.get("import_path") == OFFRAMP_IMPORT_PATH:
             try:
-                cfg = resolve_config(app.get("args") or {})
+                cfg = resolve_config(app.get("args") or {}, app.get("name"))
             except ValueError as e:
                 raise ValueError(f"application {app.get('name')!r} in {path}: {e}") from e
             read_manifest(cfg.model)  # a missing or foreign artifact fails now, with advice
             app["args"] = cfg.model_dump(mode="json", exclude_unset=False)
     return ServeDeploySchema.model_validate(data)
+
+
+def _own_controllers(path: str) -> list[tuple[str, str]]:
+    """(name, namespace) of the controllers this file's apps own (not shared ones)."""
+    out = []
+    for app in _load_config(path, None, None).applications:
+        ctl = (app.args or {}).get("controller") or {}
+        if app.import_path == OFFRAMP_IMPORT_PATH and ctl.get("enabled") and not ctl.get("share"):
+            out.append((ctl["name"], ctl["namespace"]))
+    return out
 
 
 def deploy(path: str, host: str | None = None, port: int | None = None, timeout_s: float = 300.0,
@@ -126,6 +136,10 @@ def serve(config_file, host, port, address, blocking, timeout_s):
     finally:
         from ray import serve as ray_serve
 
+        from pipeline.control.actor import stop_controller
+
         ray_serve.shutdown()
+        for name, namespace in _own_controllers(config_file):  # the apps' own; shared ones stay
+            stop_controller(name, namespace)
         if started:
             ray.shutdown()

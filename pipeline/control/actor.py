@@ -9,7 +9,7 @@ from pipeline.feedback import CostModel, FeedbackWindow
 from .controller import ThresholdController
 from .state import ControllerState
 
-__all__ = ["DEFAULT_NAMESPACE", "get_or_create_controller"]
+__all__ = ["DEFAULT_NAMESPACE", "get_or_create_controller", "list_controllers", "stop_controller"]
 
 DEFAULT_NAMESPACE = "offramp"
 _ACTOR_CLASS = None
@@ -32,8 +32,12 @@ def get_or_create_controller(
     checkpoint_url: str | None = None,
     namespace: str = DEFAULT_NAMESPACE,
     warm_start: FeedbackWindow | dict[str, Any] | None = None,
+    detached: bool = True,
 ):
-    """Start the named detached controller actor, or return the running one (its args then ignored).
+    """Start the named controller actor, or return the running one (its args then ignored).
+
+    ``detached``: the actor outlives the driver that started it (shared controllers, Serve apps); otherwise the
+    driver owns it and Ray removes it when the driver exits (a job's own controller).
 
     The actor takes no CPU (``num_cpus=0``: it must never starve Ray Data on a small machine), restarts
     forever (``max_restarts=-1``; its ``__init__`` restores the checkpoint), and does not retry calls
@@ -49,9 +53,40 @@ def get_or_create_controller(
     return cls.options(
         name=name,
         namespace=namespace,
-        lifetime="detached",
+        lifetime="detached" if detached else None,
         get_if_exists=True,
         max_restarts=-1,
         max_task_retries=0,
         num_cpus=0,
     ).remote(c, cfg, init, checkpoint_url, warm_start)
+
+
+def list_controllers(namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """Every live controller in `namespace` on the connected cluster: name, version, windows, settings."""
+    import ray
+
+    out = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] != namespace:
+            continue
+        try:
+            handle = ray.get_actor(entry["name"], namespace=namespace)
+            state, described = ray.get([handle.get_state.remote(), handle.get_config.remote()], timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - one unreachable actor must not hide the others
+            out.append({"name": entry["name"], "error": repr(e)})
+            continue
+        out.append({"name": entry["name"], "version": state["version"], "windows": state.get("windows", 0),
+                    "constraint": described["config"]["constraint"], "checkpoint_url": described["checkpoint_url"]})
+    return out
+
+
+def stop_controller(name: str, namespace: str = DEFAULT_NAMESPACE) -> bool:
+    """Remove the named controller (its checkpoint stays); False when none runs."""
+    import ray
+
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    ray.kill(handle, no_restart=True)
+    return True

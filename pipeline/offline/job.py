@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from pipeline.config import JobConfig
-from pipeline.control.deployment import controller_constraint, start_shared_controller
+from pipeline.control.deployment import ControllerMismatch, controller_constraint, own_controller_name, start_controller
 from pipeline.data.readers import require_columns
 from pipeline.offline import sink
 from pipeline.offline.shards import plan_shards, read_shard
@@ -122,14 +123,19 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
 
     started = _init_ray(cfg, address)
     t0 = time.perf_counter()
+    controller = None
     try:
         constraint = controller_constraint(manifest)
         c = cfg.certify
         defaults = None if not c.enabled else {
             "window_output_rows": c.window_output_rows, "guard_alpha": 1 - c.confidence,
             "feedback_min": c.feedback_min, "feedback_max": c.feedback_max}
-        controller = start_shared_controller(cfg.model, manifest, cfg.controller, cfg.engine.thresholds,
-                                             defaults=defaults, warm_start=not c.enabled)
+        try:
+            controller = start_controller(cfg.model, manifest, cfg.controller, thresholds=cfg.engine.thresholds,
+                                          own_name=own_controller_name("job", cfg.name, uuid.uuid4().hex[:8]),
+                                          defaults=defaults, warm_start=not c.enabled)
+        except ControllerMismatch as e:
+            raise JobError(str(e)) from e
         certify = calibration = None
         if c.enabled and todo:
             if c.calibrate:
@@ -153,6 +159,10 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
                 cert = _top_up(cfg, shards, cert, constraint, summary, echo)
             summary["certificate"] = cert
     finally:
+        if controller is not None and not cfg.controller.share:  # the job's own: gone with it (checkpoint stays)
+            from pipeline.control.actor import stop_controller
+
+            stop_controller(controller["name"], controller["namespace"])
         if started:
             ray.shutdown()
     sink.write_json(cfg.output.url, sink.SUMMARY, summary)
@@ -358,10 +368,13 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         import ray
 
         try:
-            state = ray.get(controller["handle"].flush.remote(), timeout=30)
-            summary["controller"] = {"name": controller["name"], "version": state["version"],
+            state, described = ray.get([controller["handle"].flush.remote(),
+                                        controller["handle"].get_config.remote()], timeout=30)
+            summary["controller"] = {"name": controller["name"], "shared": bool(controller.get("joined")),
+                                     "version": state["version"], "restores": state.get("restores", 0),
                                      "thresholds": state["thresholds"], "active": state["active"],
-                                     "windows": state["windows"], "violations": state["violations"]}
+                                     "windows": state["windows"], "violations": state["violations"],
+                                     "settings": described["config"]}
         except Exception as e:  # noqa: BLE001 - the job's output is complete either way
             summary["controller"] = {"name": controller["name"], "error": repr(e)}
     return summary

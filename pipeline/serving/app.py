@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from pipeline.control.deployment import controller_name
+from pipeline.control.deployment import controller_name, own_controller_name
 from pipeline.serving.api import ApiError, error_body, info_body, parse_predict_request, prediction_body
 from pipeline.serving.batcher import BatchFailed, QueueFull
 from pipeline.serving.config import ServeAppConfig
@@ -183,15 +183,17 @@ class EarlyExitDeployment:
             raise RuntimeError("batch loop is not running")
 
 
-def resolve_config(args: dict) -> ServeAppConfig:
-    """Validate the app args; the model path becomes absolute (replicas may run elsewhere)."""
+def resolve_config(args: dict, app_name: str | None = None) -> ServeAppConfig:
+    """Validate the app args; the model path becomes absolute (replicas may run elsewhere), and the controller
+    gets its name: the app's own (`offramp-serve-<app>`), or with `controller.share` one per model path."""
     cfg = ServeAppConfig.model_validate(args or {})
     if "://" in cfg.model:
         raise ValueError(f"model {cfg.model!r}: artifacts on URLs are not supported yet; copy the artifact to a path "
                          "every node sees and give that path")
     cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
     if cfg.controller.enabled and not cfg.controller.name:
-        name = controller_name(cfg.model, "offramp-serve-controller")
+        name = (controller_name(cfg.model) if cfg.controller.share or not app_name
+                else own_controller_name("serve", app_name))
         cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"name": name})})
     return cfg
 
@@ -199,7 +201,7 @@ def resolve_config(args: dict) -> ServeAppConfig:
 def build_app(args: "dict | ServeAppConfig", **deployment_options):
     """The bound application; `deployment_options` (num_replicas, ray_actor_options, ...) as in
     `serve.deployment` (a config file's `deployments:` section overrides them)."""
-    from pipeline.control.deployment import start_shared_controller
+    from pipeline.control.deployment import start_controller
     from pipeline.model.artifact import read_manifest
 
     cfg = resolve_config(args.model_dump() if isinstance(args, ServeAppConfig) else args)
@@ -209,7 +211,9 @@ def build_app(args: "dict | ServeAppConfig", **deployment_options):
     defaults = None if cfg.engine.mode != "exit" else {
         "guard_alpha": 0.05, "window_output_rows": 2048,
         "feedback_min": cfg.engine.shadow_fraction, "feedback_max": max(cfg.engine.shadow_fraction, 0.2)}
-    controller = start_shared_controller(cfg.model, manifest, cfg.controller, cfg.engine.thresholds, defaults=defaults)
+    # Detached: the app outlives the driver that deploys it. Its name is the app's (resolve_config).
+    controller = start_controller(cfg.model, manifest, cfg.controller, own_name=cfg.controller.name, detached=True,
+                                  thresholds=cfg.engine.thresholds, defaults=defaults)
     if controller is not None:
         controller = {k: v for k, v in controller.items() if k != "handle"}
     deployment = EarlyExitDeployment.options(**deployment_options) if deployment_options else EarlyExitDeployment

@@ -156,13 +156,13 @@ def test_client_without_a_controller_never_raises(ray_session):
 
 def test_shared_controller_warm_starts_from_the_artifact_and_again_after_a_restart(ray_session, tiny_artifact):
     from pipeline.config import ControllerSettings
-    from pipeline.control.deployment import start_shared_controller
+    from pipeline.control.deployment import start_controller
     from pipeline.model.artifact import read_manifest
 
     ray = ray_session
     manifest = read_manifest(tiny_artifact)
-    settings = ControllerSettings(name=_name("warm"), namespace=NS, tuning={"window_rows": 16})
-    ctl = start_shared_controller(tiny_artifact, manifest, settings)
+    settings = ControllerSettings(name=_name("warm"), namespace=NS, tuning={"window_rows": 16}, share=True)
+    ctl = start_controller(tiny_artifact, manifest, settings, own_name="unused")
     try:
         state = ray.get(ctl["handle"].get_state.remote(), timeout=30)
         rows = manifest.bootstrap["validation_rows"]
@@ -173,8 +173,8 @@ def test_shared_controller_warm_starts_from_the_artifact_and_again_after_a_resta
         assert again["warm_windows"] == rows // 16 and again["thresholds"] == state["thresholds"]
     finally:
         ray.kill(ctl["handle"], no_restart=True)
-    cold = start_shared_controller(tiny_artifact, manifest, settings.model_copy(
-        update={"name": _name("cold"), "warm_start": False}))
+    cold = start_controller(tiny_artifact, manifest, settings.model_copy(
+        update={"name": _name("cold"), "warm_start": False}), own_name="unused")
     try:
         assert ray.get(cold["handle"].get_state.remote(), timeout=30)["warm_windows"] == 0
     finally:
@@ -186,3 +186,41 @@ def _state_or_none(ray, handle):
         return ray.get(handle.get_state.remote(), timeout=5)
     except Exception:
         return None
+
+
+def test_one_controller_per_deployment_and_sharing_is_explicit(ray_session, tiny_artifact):
+    """Own controllers: one per name, replaced when a new run of that name asks for other settings. Shared ones:
+    joined as they are, and joining with other settings fails naming the field. Listed, and stopped by name."""
+    from pipeline.config import ControllerSettings
+    from pipeline.control.actor import list_controllers, stop_controller
+    from pipeline.control.deployment import ControllerMismatch, start_controller
+    from pipeline.model.artifact import read_manifest
+
+    ray = ray_session
+    manifest = read_manifest(tiny_artifact)
+    own = ControllerSettings(namespace=NS, tuning={"window_rows": 16}, warm_start=False)
+    a = start_controller(tiny_artifact, manifest, own, own_name=_name("job-a"))
+    b = start_controller(tiny_artifact, manifest, own, own_name=_name("job-b"))
+    shared = own.model_copy(update={"share": True, "name": _name("shared")})
+    s1 = start_controller(tiny_artifact, manifest, shared, own_name="unused")
+    try:
+        assert a["name"] != b["name"] and not a["joined"] and not b["joined"]
+        # a second run under one name with another setting gets a fresh controller with that setting
+        a2 = start_controller(tiny_artifact, manifest, ControllerSettings(
+            namespace=NS, tuning={"window_rows": 32}, warm_start=False), own_name=a["name"])
+        assert not a2["joined"]
+        assert ray.get(a2["handle"].get_config.remote(), timeout=30)["config"]["window_rows"] == 32
+        s2 = start_controller(tiny_artifact, manifest, shared, own_name="unused")
+        assert s2["joined"] and s2["name"] == s1["name"]
+        with pytest.raises(ControllerMismatch, match="config.window_rows: 16 -> 32"):
+            start_controller(tiny_artifact, manifest, ControllerSettings(
+                namespace=NS, tuning={"window_rows": 32}, warm_start=False, share=True, name=s1["name"]),
+                own_name="unused")
+        names = {c["name"]: c for c in list_controllers(NS)}
+        assert {a["name"], b["name"], s1["name"]} <= set(names)
+        assert names[b["name"]]["version"] == 0 and names[b["name"]]["constraint"] == manifest.constraint
+    finally:
+        for name in (a["name"], b["name"], s1["name"]):
+            stop_controller(name, NS)
+    assert not {a["name"], b["name"], s1["name"]} & {c["name"] for c in list_controllers(NS)}
+    assert stop_controller(a["name"], NS) is False

@@ -274,3 +274,26 @@ def test_repair_reruns_named_parts_through_the_original_model_and_recertifies(ra
     assert [by_id[f"r{i}"]["label_id"] for i in range(600)] == [p.label_id for p in full.predictions]
     summary = json.loads((tmp_path / "out" / "_offramp_summary.json").read_text())
     assert summary["certificate"]["repaired"] and len(summary["certificate"]["earlier_looks"]) == 2
+
+
+def test_jobs_in_a_row_each_get_their_own_controller_with_their_settings(ray_session, tiny_artifact, tmp_path):
+    """On one long-lived cluster, two jobs on the same model: the second one's tuning takes effect (no reuse of
+    the first job's controller), and neither leaves its controller behind; `offramp controllers` lists none."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.control.actor import list_controllers
+
+    _write_parquet_dir(tmp_path / "in", 200, files=2)
+    summaries = []
+    for k, window in enumerate((32, 48)):
+        cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / f"out{k}",
+                   controller={"name": None, "tuning": {"window_rows": window}})
+        summaries.append(run_job(cfg))
+        assert [c["name"] for c in list_controllers()] == []  # removed with its job
+    first, second = (s["controller"] for s in summaries)
+    assert first["name"] != second["name"] and first["name"].startswith("offramp-job-")
+    assert (first["settings"]["window_rows"], second["settings"]["window_rows"]) == (32, 48)
+    assert not first["shared"] and not second["shared"]
+    out = CliRunner().invoke(main, ["controllers"])
+    assert out.exit_code == 0 and "no controllers in namespace 'offramp'" in out.output
