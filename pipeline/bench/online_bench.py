@@ -7,6 +7,8 @@
                       the replica is idle; after each of its turns the bench waits for those to finish,
                       so they never run in another app's turn);
     (c) offramp-exit: the same app in `exit` mode (exited texts leave the batch; 5% shadow rows).
+(b) and (c) answer in TEI's protocol, every label with its score (the plain baseline returns the top label
+only); the client reads the top entry of each.
 
 All run in one local Ray at the same time, one replica each, the same torch threads; the load alternates
 between them rate by rate (same texts, same arrival times) so background noise hits all alike. An

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
-
-import numpy as np
 
 __all__ = ["ApiError", "PredictRequest", "error_body", "info_body", "label_scores", "parse_predict_request",
            "prediction_body"]
@@ -130,9 +129,9 @@ def _inputs(inputs) -> tuple[list[str], bool]:
     if not inputs:
         raise ApiError(422, f'"inputs" is an empty list; send {_EXAMPLE}')
     if isinstance(inputs[0], str):  # not a batch: one text or a pair
-        if not all(isinstance(x, str) for x in inputs):
-            raise ApiError(422, f'"inputs" mixes strings and {_kind(next(x for x in inputs if not isinstance(x, str)))}; '
-                                f"send {_EXAMPLE}")
+        other = next((x for x in inputs if not isinstance(x, str)), None)
+        if other is not None:
+            raise ApiError(422, f'"inputs" mixes strings and {_kind(other)}; send {_EXAMPLE}')
         if len(inputs) == 1:
             return inputs, True
         if len(inputs) == 2:
@@ -174,29 +173,38 @@ def _kind(x) -> str:
     return names.get(type(x), f"a {type(x).__name__}")
 
 
-def label_scores(logits: np.ndarray, labels: list[str], transform: str = "softmax", top_k: int | None = None,
+def _scores(x: list[float], transform: str) -> list[float]:
+    """One text's logits -> its scores (plain Python: a few labels per text, cheaper than numpy's calls)."""
+    if transform == "softmax":
+        m = max(x)
+        e = [math.exp(v - m) for v in x]
+        total = sum(e)
+        return [v / total for v in e]
+    if transform == "sigmoid":  # both branches keep exp() from overflowing
+        return [1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v)) for v in x]
+    return list(x)
+
+
+def label_scores(logits, labels: list[str], transform: str = "softmax", top_k: int | None = None,
                  top: dict | None = None) -> list[dict]:
     """Every label with its score, highest first (ties: the lower label id first, as argmax picks);
     `top` adds keys to the first entry."""
-    x = np.asarray(logits, np.float64)
-    if transform == "softmax":
-        e = np.exp(x - x.max())
-        s = e / e.sum()
-    elif transform == "sigmoid":
-        s = 1.0 / (1.0 + np.exp(-x))
-    else:
-        s = x
-    order = np.argsort(-s, kind="stable")[:top_k]
-    rows = [{"label": labels[i], "score": float(s[i])} for i in order.tolist()]
+    s = _scores([float(v) for v in logits], transform)
+    order = sorted(range(len(s)), key=lambda i: -s[i])[:top_k]
+    rows = [{"label": labels[i], "score": s[i]} for i in order]
     if top:
         rows[0].update(top)
     return rows
 
 
 def prediction_body(predictions, labels: list[str], req: PredictRequest) -> list:
-    """TEI-shaped JSON for answered predictions (callers check `error` first)."""
+    """TEI-shaped JSON for answered predictions (callers check `error` first). A prediction without logits
+    (a custom predictor_class that does not set them) gives its predicted label only."""
     rows = [label_scores(p.logits, labels, req.transform, req.top_k,
                          {"exit_layer": int(p.exit_layer), "threshold_version": p.threshold_version})
+            if p.logits is not None else
+            [{"label": p.label, "score": float(p.score), "exit_layer": int(p.exit_layer),
+              "threshold_version": p.threshold_version}]
             for p in predictions]
     return rows[0] if req.single else rows
 

@@ -90,7 +90,8 @@ def test_every_label_sorted_by_score_with_offramp_keys_on_the_top_entry():
     assert [r["score"] for r in rows] == pytest.approx([probs[1], probs[0], probs[2]])
     assert rows[0]["exit_layer"] == 2 and all(set(r) == {"label", "score"} for r in rows[1:])
     assert [r["score"] for r in label_scores(logits, labels, "none")] == pytest.approx([2.0, 0.5, -1.0])
-    assert label_scores(logits, labels, "sigmoid", top_k=1) == [{"label": "pos", "score": pytest.approx(1 / (1 + np.exp(-2)))}]
+    sigmoid = label_scores(logits, labels, "sigmoid", top_k=1)
+    assert sigmoid == [{"label": "pos", "score": pytest.approx(1 / (1 + np.exp(-2)))}]
     tie = label_scores(np.zeros(2, np.float32), ["a", "b"])
     assert [r["label"] for r in tie] == ["a", "b"]  # as argmax picks
 
@@ -115,6 +116,9 @@ def test_response_shapes_follow_tei_and_agree_with_the_engine(tiny_artifact):
     assert {pr.exit_layer for pr in half.predict(texts).predictions} == {1}
     one = prediction_body(p.predict(texts[:1]).predictions, p.label_names, parse({"inputs": texts[0]}))
     assert isinstance(one, list) and isinstance(one[0], dict)  # one text: one list, unnested (TEI's Single)
+    bare = Prediction("x", 0, 0.9, 1)  # a custom predictor_class without logits: the predicted label only
+    assert prediction_body([bare], ["x", "y"], parse({"inputs": "a"})) == [
+        {"label": "x", "score": 0.9, "exit_layer": 1, "threshold_version": None}]
     assert Prediction("x", 0, 0.9, 1).to_dict() == {"label": "x", "label_id": 0, "score": 0.9, "exit_layer": 1,
                                                    "truncated": False, "error": None, "threshold_version": None}
 
