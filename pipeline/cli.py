@@ -365,6 +365,25 @@ def bench_accuracy(model_dir, config, corpora, out_json):
     run_accuracy_bench(model_dir, config, corpora or CORPORA, out_json, echo=click.echo)
 
 
+@bench.command("report")
+@click.option("--results", default="bench_results", show_default=True, help="Folder of benchmark result JSON.")
+@click.option("--out", default=None, help="Write the table into this markdown file (between its report markers), "
+                                         "e.g. docs/benchmarks.md; default: print it.")
+def bench_report(results, out):
+    """One line per benchmark result: offramp's figure, the baseline from the same run, the ratio, the machine."""
+    from pipeline.bench.report import render, write_into
+
+    try:
+        table = render(results)
+    except FileNotFoundError as e:
+        _fail(e)
+    if out:
+        write_into(out, table)
+        click.echo(f"wrote the table into {out}")
+    else:
+        click.echo(table, nl=False)
+
+
 @main.command()
 @click.option("--workdir", default="artifacts", show_default=True, type=click.Path(file_okay=False),
               help="Where the demo model and artifact are cached between runs.")

@@ -1,11 +1,28 @@
-"""Benchmarks: each prints a table and writes its result as JSON (baselines measured in the same run)."""
+"""Benchmarks: each prints a table and writes its result as JSON (baselines measured in the same run), stamped
+with the machine it ran on and the command that ran it; `offramp bench report` renders them (report.py)."""
 import json
+import os
+import sys
 from pathlib import Path
 
 
+def machine() -> str:
+    """The CPU, its core count and whether it has AVX512-VNNI (int8 speed depends on it), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"unknown CPU, {os.cpu_count()} cores"
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    return f"{model}, {os.cpu_count()} cores, " + ("AVX512-VNNI" if "avx512_vnni" in flags else "AVX2 only")
+
+
 def write_result(result: dict, out_json: str | None, echo=print) -> None:
-    """Write a benchmark's result to `out_json` (parent folders made); nothing when it is None."""
+    """Write a benchmark's result to `out_json` (parent folders made), with the machine and the command line;
+    nothing when `out_json` is None."""
     if out_json:
+        result.setdefault("machine", machine())
+        result.setdefault("command", "offramp " + " ".join(sys.argv[1:]))
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=2))
         echo(f"wrote {out_json}")

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import write_result
+from pipeline.bench import machine, write_result
 
 CORPORA = "movie-reviews,amazon-reviews,tweets,nyt-editorials,amazon-reviews+tweets+nyt-editorials"
 
@@ -70,7 +70,7 @@ def run_accuracy_bench(model: str, config: str = "configs/jobs/movie_reviews.yam
             }
             results.append(row)
             echo(_line(row))
-    result = {"model": model, "config": config, "cpu": _cpu(), "results": results}
+    result = {"model": model, "config": config, "machine": machine(), "results": results}
     echo(format_table(results))
     write_result(result, out_json, echo)
     return result
@@ -101,13 +101,3 @@ def format_table(results: list[dict]) -> str:
                      f"{holds} | {cert} | {r['stretches_512_below_promise']}/{r['stretches_512']} | "
                      f"{_pct(r['layer_compute_saved'])} / {_pct(r['layer_compute_saved_actual'])} | {r['seconds']} | {share} |")
     return "\n".join(lines)
-
-
-def _cpu() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, " + ("AVX512-VNNI" if "avx512_vnni" in flags else "AVX2 only")

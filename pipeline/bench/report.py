@@ -1,0 +1,98 @@
+"""`offramp bench report`: one line per benchmark result JSON (offramp's figure, its baseline from the same run,
+the ratio, the machine, the command), written into docs/benchmarks.md between markers or printed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BEGIN, END = "<!-- offramp bench report: begin -->", "<!-- offramp bench report: end -->"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def headlines(result: dict) -> list[dict]:
+    """What a result says, as rows of {benchmark, offramp, baseline, ratio, accuracy} (empty if unknown kind)."""
+    if "rows_table" in result and "plain_rows_per_s" in result:  # bench model
+        rows = {r["method"]: r for r in result["rows_table"]}
+        plain = next(r for r in result["rows_table"] if r.get("note") == "baseline")
+        tuned = next((r for m, r in rows.items() if m.startswith("offramp exit, tuned thresholds (float32")), None)
+        if tuned is None:
+            return []
+        return [{"benchmark": f"model: {result['rows']} rows of {result['dataset']}, {result['device']}",
+                 "offramp": f"{tuned['rows_per_s']:.1f} rows/s (tuned exits, float32)",
+                 "baseline": f"{plain['rows_per_s']:.1f} rows/s (plain transformers)",
+                 "ratio": f"{tuned['vs_plain']:.2f}x", "accuracy": f"agreement {_pct(tuned['agreement'])}"}]
+    if result.get("results") and "vs_a" in result["results"][0]:  # bench offline
+        a, b = result["results"][0], result["results"][1]
+        out = [{"benchmark": f"offline job: {result['rows']} rows, {result.get('cpus')} CPUs",
+                "offramp": f"{b['rows_per_s']:.1f} rows/s", "baseline": f"{a['rows_per_s']:.1f} rows/s (Ray Data docs)",
+                "ratio": f"{b['vs_a']:.2f}x", "accuracy": f"agreement {_pct(b['agreement_with_original'])}"}]
+        for peer in result["results"][2:]:
+            out.append({"benchmark": f"offline peer: {peer['method']}", "offramp": "-",
+                        "baseline": f"{peer['rows_per_s']:.1f} rows/s", "ratio": f"{peer['vs_a']:.2f}x (vs Ray Data docs)",
+                        "accuracy": f"agreement {_pct(peer['agreement_with_original'])}"})
+        return out
+    if result.get("results") and "corpus" in result["results"][0]:  # bench accuracy
+        out = []
+        by_corpus: dict[str, list[dict]] = {}
+        for r in result["results"]:
+            by_corpus.setdefault(r["corpus"], []).append(r)
+        for corpus, (before, after, *_) in by_corpus.items():
+            lo, hi = (after.get("claimed_interval") or [None, None])[:2]
+            interval = f" [{_pct(lo)}, {_pct(hi)}]" if lo is not None else ""
+            ratio = (after["layer_compute_saved"] / before["layer_compute_saved"]
+                     if before.get("layer_compute_saved") else None)
+            out.append({"benchmark": f"accuracy: {corpus}, {after['rows']} rows",
+                        "offramp": f"true agreement {_pct(after['true_agreement'])}, claimed{interval}, "
+                                   f"{'certified' if after.get('certified') else 'NOT certified'}",
+                        "baseline": f"true agreement {_pct(before['true_agreement'])} (no certification)",
+                        "ratio": "-" if ratio is None else f"layer work saved {ratio:.2f}x of the baseline's",
+                        "accuracy": f"{after['disagreements']} disagreement" + ("" if after['disagreements'] == 1 else "s")})
+        return out
+    if "runs" in result and "plain" in result:  # bench online
+        out = []
+        plain = {r["fraction_of_plain_capacity"]: r for r in result["runs"] if r["app"] == "plain"}
+        for r in result["runs"]:
+            if r["app"] == "plain" or r["fraction_of_plain_capacity"] not in plain:
+                continue
+            p = plain[r["fraction_of_plain_capacity"]]
+            out.append({"benchmark": f"online: {r['app']} at {r['fraction_of_plain_capacity']:.0%} of plain capacity "
+                                     f"({r['offered_rps']:.1f} req/s)",
+                        "offramp": f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms",
+                        "baseline": f"p50 {p['p50_ms']:.0f} ms, p99 {p['p99_ms']:.0f} ms (plain @serve.batch)",
+                        "ratio": f"p50 {p['p50_ms'] / r['p50_ms']:.2f}x lower" if r["p50_ms"] else "-",
+                        "accuracy": f"{r['errors']} errors"})
+        return out
+    return []
+
+
+def render(results_dir: str) -> str:
+    """A markdown table of every result JSON in `results_dir`, by file name."""
+    files = sorted(Path(results_dir).glob("*.json"))
+    lines = ["| benchmark | offramp | baseline, same run | ratio | accuracy | machine | result |",
+             "|---|---|---|---|---|---|---|"]
+    for f in files:
+        try:
+            result = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for h in headlines(result):
+            lines.append(f"| {h['benchmark']} | {h['offramp']} | {h['baseline']} | {h['ratio']} | {h['accuracy']} | "
+                         f"{result.get('machine') or result.get('cpu') or '-'} | `{f.name}` |")
+    if len(lines) == 2:
+        raise FileNotFoundError(f"no benchmark results in {results_dir!r}; run an `offramp bench ...` command first")
+    return "\n".join(lines) + "\n"
+
+
+def write_into(doc: str, table: str) -> None:
+    """Replace the text between the report markers in `doc` (appended at the end when it has none)."""
+    path = Path(doc)
+    text = path.read_text() if path.exists() else ""
+    block = f"{BEGIN}\n{table}{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + "## Latest results\n\n" + block + "\n"
+    path.write_text(text)

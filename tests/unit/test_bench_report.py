@@ -1,0 +1,29 @@
+"""`offramp bench report`: the docs table is written from result JSON, between its markers, reproducibly."""
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.bench.report import BEGIN, END, render, write_into
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_report_reads_the_committed_results_and_rewrites_only_its_block(tmp_path):
+    table = render(str(DOCS / "results"))  # the JSON docs/benchmarks.md was written from, in the repository
+    assert "| offline job: 50000 rows, 2 CPUs | 309.9 rows/s | 114.6 rows/s (Ray Data docs) | 2.70x |" in table
+    assert "AVX512-VNNI" in table and "accuracy: nyt-editorials" in table
+    doc = tmp_path / "bench.md"
+    doc.write_text(f"# intro\n\n{BEGIN}\nstale\n{END}\n\n## history\nkept\n")
+    write_into(str(doc), table)
+    text = doc.read_text()
+    assert "stale" not in text and table in text and text.endswith("## history\nkept\n")
+    write_into(str(doc), table)
+    assert doc.read_text() == text  # idempotent
+    assert (DOCS / "benchmarks.md").read_text().count(table) == 1  # the committed page is the command's output
+
+
+def test_report_says_what_to_run_when_there_are_no_results(tmp_path):
+    (tmp_path / "other.json").write_text(json.dumps({"something": 1}))
+    with pytest.raises(FileNotFoundError, match="offramp bench"):
+        render(str(tmp_path))
