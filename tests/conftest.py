@@ -28,6 +28,15 @@ def tiny_artifact(tiny_model_dir, tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server, its own process) on 127.0.0.1 at a free port: tests.s3server.S3Server."""
+    from tests.s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
 def pytest_collection_modifyitems(config, items):
     """`slow`: what a fast developer loop (`pytest -m "not slow"`) leaves to CI: every test that starts Ray
     (integration, e2e), trains or fine-tunes the real model, or compiles with torch.compile."""

@@ -443,29 +443,20 @@ class ThresholdController:
         if not self.checkpoint_url:
             return
         try:
-            import fsspec
+            from pipeline.data import storage
 
-            fs, path = fsspec.core.url_to_fs(self.checkpoint_url)
-            parent = path.rsplit("/", 1)[0] if "/" in path else ""
-            if parent:
-                try:
-                    fs.makedirs(parent, exist_ok=True)
-                except Exception:  # object stores have no directories
-                    pass
-            text = json.dumps(self._checkpoint_payload())
-            tmp = f"{path}.tmp"
-            with fs.open(tmp, "w") as f:  # write then rename: a crash never leaves half a checkpoint
-                f.write(text)
-            fs.mv(tmp, path)
+            # a temporary name, then a move (a copy on object stores): a crash never leaves half a checkpoint
+            storage.write_atomic(self.checkpoint_url, json.dumps(self._checkpoint_payload()))
         except Exception as exc:  # never let storage trouble stop tuning
             self.checkpoint_errors += 1
             logger.warning("controller checkpoint to %s failed: %s", self.checkpoint_url, exc)
 
     def _restore(self) -> bool:
         try:
-            import fsspec
+            from pipeline.data import storage
 
-            fs, path = fsspec.core.url_to_fs(self.checkpoint_url)
+            fs, path = storage.filesystem(self.checkpoint_url)
+            fs.invalidate_cache(path)
             if not fs.exists(path):
                 return False
             with fs.open(path, "r") as f:

