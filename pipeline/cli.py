@@ -19,6 +19,13 @@ def _fail(e: Exception) -> None:
     raise click.ClickException(str(e)) from e
 
 
+def _local(path: str) -> str:
+    """A model given as a URL (s3://, gs://, ...): this machine's cached copy (pipeline.data.cache)."""
+    from pipeline.data.cache import local_path
+
+    return local_path(path)
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
@@ -35,7 +42,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--base", default="minilm-l6", show_default=True, help="minilm-l6 (packaged), a local HF model dir, or a hub id.")
 @click.option("--dataset", default="movie-reviews", show_default=True, help="movie-reviews, trec, ... or a parquet/jsonl/csv path/URL.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to save the classifier.")
+@click.option("--out", required=True, help="Where to save the classifier: a directory or a URL (s3://...).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--epochs", default=1.0, show_default=True, type=float)
@@ -50,16 +57,19 @@ def finetune(base, dataset, out, text_column, label_column, epochs, batch_size, 
     try:
         cfg = FinetuneConfig(base=base, dataset=dataset, text_column=text_column, label_column=label_column,
                              epochs=epochs, batch_size=batch_size, max_steps=max_steps, limit=limit)
-        report = run(out, cfg, progress=progress("finetune step"))
+        from pipeline.data.storage import staged_dir
+
+        with staged_dir(out) as local:  # a URL: written here, then uploaded
+            report = run(local, cfg, progress=progress("finetune step"))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     click.echo(json.dumps(report, indent=2))
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, help="The original classifier directory.")
+@click.option("--model", "model_dir", required=True, help="The original classifier: a directory or a URL.")
 @click.option("--data", default="movie-reviews", show_default=True, help="Bootstrap corpus: built-in name or path/URL (no labels needed).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Early-exit artifact directory.")
+@click.option("--out", required=True, help="Early-exit artifact: a directory or a URL (s3://...).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
 @click.option("--constraint", default=0.01, show_default=True, type=float, help="Accuracy budget for initial thresholds.")
@@ -73,7 +83,10 @@ def bootstrap(model_dir, data, out, text_column, pooling, constraint, epochs, li
     try:
         cfg = BootstrapConfig(data=data, text_column=text_column, pooling=pooling, constraint=constraint,
                               epochs=epochs, limit=limit)
-        run(model_dir, out, cfg, progress=progress("caching features"))
+        from pipeline.data.storage import staged_dir
+
+        with staged_dir(out) as local:  # a URL: written here, then uploaded (manifest.json last)
+            run(_local(model_dir), local, cfg, progress=progress("caching features"))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     _print_inspect(out)
@@ -137,7 +150,7 @@ def validation_feedback(artifact, data):
 
 
 @main.command()
-@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.argument("artifact")
 def inspect(artifact):
     """Per-ramp table: layer, validation agreement, exit rate at the current thresholds, cost."""
     try:

@@ -33,7 +33,7 @@ def _pct(x) -> str:
 @click.option("--keep-layers", default=None, help="Teacher layers (0-based) the student keeps, e.g. 0,2,4.")
 @click.option("--num-layers", default=None, type=int, help="Or: keep this many layers, spread evenly (6 -> 3 keeps 0,2,4).")
 @click.option("--data", default="movie-reviews", show_default=True, help="Built-in dataset name or parquet/jsonl/csv path/URL.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to save the student classifier.")
+@click.option("--out", required=True, help="Where to save the student classifier: a directory or a URL (s3://...).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
 @click.option("--temperature", default=2.0, show_default=True, type=float)
@@ -60,7 +60,11 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
                             text_column=text_column, label_column=label_column, temperature=temperature,
                             alpha=alpha, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                             max_steps=max_steps, limit=limit, eval_limit=eval_limit)
-        report = run(teacher, out, cfg, progress=progress("distill step"))
+        from pipeline.data.cache import local_path
+        from pipeline.data.storage import staged_dir
+
+        with staged_dir(out) as local:  # a URL: written here, then uploaded
+            report = run(local_path(teacher), local, cfg, progress=progress("distill step"))
     except ValidationError as e:
         raise click.ClickException(f"bad distill option: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -80,7 +84,7 @@ def distill(teacher, keep_layers, num_layers, data, out, text_column, label_colu
 @click.command()
 @click.option("--model", "model_dir", required=True, help="An early-exit artifact or a classifier directory.")
 @click.option("--method", required=True, type=click.Choice(METHODS), help="Compression method.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (same kind as --model).")
+@click.option("--out", required=True, help="Output directory or URL (same kind as --model).")
 @click.option("--data", default="movie-reviews", show_default=True,
               help="Check data: a built-in dataset (its test split) or a parquet/jsonl/csv path/URL (all rows).")
 @click.option("--budget", default=0.01, show_default=True, type=float, help="Largest allowed agreement loss vs the source.")
@@ -108,9 +112,13 @@ def quantize(model_dir, method, out, data, budget, allow_loss, limit, device, ba
         if not torch.cuda.is_available():
             raise click.ClickException(f"--device {device}: torch sees no CUDA here; use --device cpu")
     try:
-        record = run(model_dir, out, method, data=data, budget=budget, allow_loss=allow_loss, limit=limit,
-                     device=device, options={"backend": backend} if backend else None,
-                     text_column=text_column, label_column=label_column, retune=retune)
+        from pipeline.data.cache import local_path
+        from pipeline.data.storage import staged_dir
+
+        with staged_dir(out) as local:  # a URL: written here, then uploaded (manifest.json last)
+            record = run(local_path(model_dir), local, method, data=data, budget=budget, allow_loss=allow_loss,
+                         limit=limit, device=device, options={"backend": backend} if backend else None,
+                         text_column=text_column, label_column=label_column, retune=retune)
     except BudgetExceeded as e:
         click.echo(json.dumps(e.record["check"], indent=2))
         raise click.ClickException(str(e)) from e

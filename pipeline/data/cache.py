@@ -24,9 +24,9 @@ from pathlib import Path
 
 from pipeline.data import storage
 
-__all__ = ["cache_root", "local_copy"]
+__all__ = ["cache_root", "local_copy", "local_path"]
 
-MARKER = ".offramp-cache.json"
+MARKER = storage.CACHE_MARKER
 _CHUNK = 8 << 20
 _TAGS = ("ETag", "etag", "md5Hash", "crc32c", "checksum")
 _TIMES = ("LastModified", "mtime", "updated", "created")
@@ -72,6 +72,11 @@ def local_copy(url: str, what: str = "model") -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def local_path(path: str) -> str:
+    """`path` unchanged when it is not a URL; a URL's local copy (local_copy) otherwise."""
+    return str(local_copy(path)) if "://" in str(path) else str(path)
 
 
 def _listing(fs, root: str) -> dict[str, list]:

@@ -33,6 +33,8 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
 """Where the driver's store is, sent to the workers with the job. Credentials are not: they stay in the
 environment or instance role of each node (or in the `storage:` block, if the user puts them there)."""
 INSTALL = "pip install 'offramp[storage]'"
+CACHE_MARKER = ".offramp-cache.json"
+"""A node's record of a cached copy (pipeline.data.cache); it never travels with an upload."""
 TMP_PREFIX = "_tmp-"
 """Objects being written; never read as data, removed by the next run over the same output."""
 
@@ -154,7 +156,8 @@ def upload_dir(local: str | Path, url: str, last: tuple[str, ...] = ("manifest.j
     an artifact's manifest.json finds the rest of it in place."""
     fs, root = check_writable(url, "output")
     local = Path(local)
-    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name in last, str(p)))
+    files = sorted((p for p in local.rglob("*") if p.is_file() and p.name != CACHE_MARKER),
+                   key=lambda p: (p.name in last, str(p)))
     for p in files:
         rel = p.relative_to(local).as_posix()
         with open(p, "rb") as src:
@@ -168,15 +171,18 @@ def _copy(src, dst, chunk: int = 8 << 20) -> None:
 
 @contextlib.contextmanager
 def staged_dir(url: str) -> Iterator[str]:
-    """A local directory to write what belongs at `url`: `url` itself when it is on this disk; else a
-    temporary directory uploaded to `url` (upload_dir) once the block succeeds."""
+    """A local path to write what belongs at `url` (`--out` of the model commands): `url` itself when it is
+    on this disk; else a path in a temporary directory, uploaded to `url` (upload_dir) once the block succeeds."""
     if is_local(url):
         yield filesystem(url)[1]
         return
-    check_writable(url, "output")  # fail before the work, not after it
+    check_writable(url, "--out")  # fail before the work, not after it
     with tempfile.TemporaryDirectory(prefix="offramp-upload-") as tmp:
-        yield tmp
-        upload_dir(tmp, url)
+        out = os.path.join(tmp, "out")  # not made yet: as for a local --out that does not exist
+        yield out
+        if not os.path.isdir(out):
+            raise StorageError(f"--out {url!r}: the command wrote nothing to upload")
+        upload_dir(out, url)
 
 
 def check_readable(url: str, what: str = "input") -> tuple[Any, str]:

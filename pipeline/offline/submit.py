@@ -23,6 +23,7 @@ def submit_job(config: str, address: str, input_url: str | None = None, output_u
     from ray.job_submission import JobSubmissionClient
 
     from pipeline.config import JobConfig
+    from pipeline.data.storage import ray_env_vars
 
     cfg = JobConfig.from_yaml(config, **{"input.url": input_url, "output.url": output_url, "model": model})
     cfg = cfg.model_copy(update={
@@ -42,7 +43,9 @@ def submit_job(config: str, address: str, input_url: str | None = None, output_u
                 entrypoint=" ".join(args),
                 runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES,
                              "env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-                                          "RAY_USAGE_STATS_ENABLED": "0"}},
+                                          "RAY_USAGE_STATS_ENABLED": "0",
+                                          # the job's storage settings, and where this machine's S3 is
+                                          **ray_env_vars(cfg.storage)}},
                 metadata={"offramp_config": os.path.basename(config)},
             )
         except RuntimeError as e:

@@ -187,10 +187,8 @@ def resolve_config(args: dict, app_name: str | None = None) -> ServeAppConfig:
     """Validate the app args; the model path becomes absolute (replicas may run elsewhere), and the controller
     gets its name: the app's own (`offramp-serve-<app>`), or with `controller.share` one per model path."""
     cfg = ServeAppConfig.model_validate(args or {})
-    if "://" in cfg.model:
-        raise ValueError(f"model {cfg.model!r}: artifacts on URLs are not supported yet; copy the artifact to a path "
-                         "every node sees and give that path")
-    cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
+    if "://" not in cfg.model:  # a URL stays as it is: each replica's node fetches it (pipeline.data.cache)
+        cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
     if cfg.controller.enabled and not cfg.controller.name:
         name = (controller_name(cfg.model) if cfg.controller.share or not app_name
                 else own_controller_name("serve", app_name))

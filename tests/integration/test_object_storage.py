@@ -188,3 +188,32 @@ def test_wrong_bucket_and_missing_credentials_fail_up_front_in_the_driver(s3_ser
             run_job(cfg(good, model=s3_job["model"].rsplit("/", 1)[0] + "/no-model-here"))
     finally:
         storage.configure(None)
+
+
+def test_model_commands_read_and_write_models_at_s3_urls(s3_server, tiny_model_dir, tmp_path, monkeypatch):
+    """`offramp bootstrap --model s3://... --out s3://...`, then `inspect` and `predict` on the URL, with the
+    endpoint and credentials exported as for MinIO. No Ray."""
+    clean_aws_env(monkeypatch)
+    fs = s3_server.fs()
+    bucket = s3_server.bucket(f"models-{uuid.uuid4().hex[:6]}")
+    fs.put(tiny_model_dir, f"{bucket}/classifier", recursive=True)
+    env = _env(tmp_path, s3_server.env())
+
+    def offramp(*args):
+        p = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    shown = offramp("bootstrap", "--model", f"{bucket}/classifier", "--out", f"{bucket}/ee", "--limit", "120",
+                    "--epochs", "2")
+    assert f"{bucket}/ee: bert, 4 layers" in shown
+    keys = [p.rsplit("/ee/", 1)[1] for p in fs.find(f"{bucket}/ee")]
+    assert {"manifest.json", "ramps.safetensors", "model/model.safetensors"} <= set(keys)
+    assert not [k for k in keys if "_tmp-" in k or "offramp-cache" in k]
+    assert offramp("inspect", f"{bucket}/ee").splitlines()[0] == shown.splitlines()[0]
+    out = [json.loads(line) for line in offramp("predict", "--model", f"{bucket}/ee", "--json", "a fine film",
+                                                 "dull").splitlines()]
+    assert [o["text"] for o in out] == ["a fine film", "dull"] and all(o["label"] for o in out)
+    with pytest.raises(AssertionError, match="bucket 'no-such-bucket' does not exist"):
+        offramp("bootstrap", "--model", f"{bucket}/classifier", "--out", "s3://no-such-bucket/ee", "--limit", "10")

@@ -189,3 +189,10 @@ def test_an_artifact_at_a_url_reads_loads_and_tokenizes_as_the_local_one(s3, tin
         read_manifest(f"{s3.url}/models/nothing-here")
     with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket' does not exist"):
         read_manifest("s3://no-such-bucket/models/tiny-ee")
+
+
+def test_serve_keeps_a_model_url_for_its_replicas_and_makes_paths_absolute():
+    from pipeline.serving.app import resolve_config
+
+    assert resolve_config({"model": "s3://models/ee"}).model == "s3://models/ee"
+    assert resolve_config({"model": "rel/ee"}).model == os.path.abspath("rel/ee")
