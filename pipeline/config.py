@@ -254,6 +254,9 @@ class ControllerSettings(_Strict):
     """fsspec URL where the controller checkpoints its state; restored when it restarts."""
     refresh_every_batches: int = Field(4, ge=1)
     """Workers fetch the controller's state every this many batches."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources for the controller actor (it takes no CPU), e.g. `{"node:__internal_head__": 0.01}`
+    to keep it on the head node. A node lost with it restarts it elsewhere, from `checkpoint_url`."""
     warm_start: bool = True
     """A fresh controller (no checkpoint to restore) first tunes on the artifact's validation feedback
     (`validation_feedback.safetensors`, written by `offramp bootstrap`), when the artifact has it."""
@@ -364,6 +367,9 @@ class ActorPoolSpec(_Strict):
     starves the other stages and the job hangs."""
     num_gpus: float = Field(0, ge=0)
     """GPUs per actor (1 = one actor per GPU). Actors fall back to CPU when torch sees no CUDA."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, e.g. `{inference: 1}`: actors then run only on nodes started with
+    `ray start --resources '{"inference": N}'` (N actors each)."""
     tokenize_cpus: float = Field(0.25, gt=0)
     """CPUs per tokenize task."""
     wait_for_actors_s: float = Field(120, gt=0)

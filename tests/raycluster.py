@@ -3,6 +3,7 @@ its own process group so a test stops (or kills, to simulate a lost node) exactl
 another user's Ray (`ray stop` stops every Ray on the machine)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -52,10 +53,12 @@ class RayNode:
 
 
 class LocalCluster:
-    """A head node (dashboard on 127.0.0.1 when asked) plus worker nodes joined to it, on this machine, with their
-    own temp dir, ports and auth token. `env` is what clients (ray.init, `offramp submit`) need."""
+    """A head node (with its dashboard on 127.0.0.1: the Jobs and state APIs) plus worker nodes joined to it, on
+    this machine, with their own temp dir, ports and auth token. `env` is what clients (`offramp submit`, the
+    `ray` CLI) need."""
 
-    def __init__(self, head_cpus: int = 2, dashboard: bool = False, system_config: dict[str, str] | None = None):
+    def __init__(self, head_cpus: int = 2, system_config: dict[str, str] | None = None,
+                 head_resources: str | None = None):
         self.temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # unix socket paths must stay short
         self.port, self.dashboard_port = free_port(), free_port()
         # Ray >= 2.59 authenticates local clusters with a token: share one explicitly with the clients.
@@ -66,16 +69,18 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         args = ["--head", f"--port={self.port}", f"--num-cpus={head_cpus}", "--node-ip-address=127.0.0.1",
-                f"--temp-dir={self.temp}", "--object-store-memory=100000000", *self._ports()]
-        if dashboard:
-            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard_port}",
-                     f"--dashboard-agent-listen-port={free_port()}"]  # not the default 52365 another Ray may hold
-        else:
-            args += ["--include-dashboard=false"]
+                f"--temp-dir={self.temp}", "--object-store-memory=100000000", *self._ports(),
+                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                f"--dashboard-agent-listen-port={free_port()}"]  # not the default 52365 another Ray may hold
+        if head_resources:
+            args.append(f"--resources={head_resources}")
         self.head = RayNode(args, self.env)
         self.workers: list[RayNode] = []
-        self._wait_for_nodes(1)
+        try:
+            self._wait_for_nodes(1)
+        except BaseException:
+            self.shutdown()
+            raise
 
     @staticmethod
     def _ports() -> list[str]:
@@ -83,42 +88,52 @@ class LocalCluster:
                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
     def add_node(self, num_cpus: int = 1, resources: str | None = None) -> RayNode:
+        # A temp dir of its own, as a separate machine has: nodes sharing one would unpack a job's working_dir
+        # into the same folder, each deleting the other's files mid-import.
+        temp = tempfile.mkdtemp(prefix="rn", dir=self.temp)
         args = [f"--address={self.address}", f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
-                "--object-store-memory=100000000", *self._ports()]
+                f"--temp-dir={temp}", "--object-store-memory=100000000", *self._ports()]
         if resources:
             args.append(f"--resources={resources}")
         node = RayNode(args, self.env)
         self.workers.append(node)
-        self._wait_for_nodes(1 + len(self.workers))
+        try:
+            self._wait_for_nodes(1 + len(self.workers))
+        except BaseException:
+            self.shutdown()
+            raise
         return node
 
-    def alive_nodes(self) -> int:
-        out = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", self.address, "--format", "json"],
-                             env=self.env, capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            return 0
-        import json
+    def nodes(self) -> list[dict]:
+        """The cluster's nodes (node_id, state, is_head_node, ...), from Ray's state API through the `ray` CLI: a
+        subprocess with this cluster's token, so this process's own Ray (and its auth settings) stay untouched."""
+        return self._state("nodes")
 
-        return sum(n.get("state") == "ALIVE" for n in json.loads(out.stdout or "[]"))
+    def actors(self) -> list[dict]:
+        """The cluster's live actors: class_name, node_id, pid, ..."""
+        return self._state("actors", "--filter", "state=ALIVE", "--limit", "1000")
+
+    def _state(self, what: str, *args: str) -> list[dict]:
+        out = subprocess.run([str(BIN / "ray"), "list", what, "--address", self.dashboard_url, "--format", "json",
+                              "--detail", *args], env=self.env, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-500:])
+        text = out.stdout.strip()
+        return json.loads(text) if text.startswith("[") else []  # "No resource in the cluster" when empty
 
     def _wait_for_nodes(self, n: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
+        deadline, why = time.monotonic() + timeout, "no answer yet"
         while time.monotonic() < deadline:
             dead = [nd for nd in [self.head, *self.workers] if nd.proc.poll() is not None]
             if dead:
                 raise RuntimeError(f"ray start exited: {dead[0].proc.stderr.read().decode()[-3000:]}")
-            if self._nodes_alive() >= n:
-                return
+            try:
+                if sum(nd["state"] == "ALIVE" for nd in self.nodes()) >= n:
+                    return
+            except Exception as e:  # noqa: BLE001 - the dashboard is not up yet
+                why = repr(e)[:300]
             time.sleep(0.5)
-        raise TimeoutError(f"{n} Ray node(s) did not come up in {timeout:.0f} s")
-
-    def _nodes_alive(self) -> int:
-        out = subprocess.run([str(BIN / "ray"), "status", "--address", self.address], env=self.env,
-                             capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            return 0
-        active = out.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
-        return sum(1 for line in active.splitlines() if line.strip().startswith("1 node_"))
+        raise TimeoutError(f"{n} Ray node(s) did not come up in {timeout:.0f} s (last: {why})")
 
     def shutdown(self) -> None:
         for node in [*self.workers, self.head]:

@@ -33,6 +33,7 @@ def get_or_create_controller(
     namespace: str = DEFAULT_NAMESPACE,
     warm_start: FeedbackWindow | dict[str, Any] | None = None,
     detached: bool = True,
+    resources: dict[str, float] | None = None,
 ):
     """Start the named controller actor, or return the running one (its args then ignored).
 
@@ -58,6 +59,7 @@ def get_or_create_controller(
         max_restarts=-1,
         max_task_retries=0,
         num_cpus=0,
+        resources=resources or None,
     ).remote(c, cfg, init, checkpoint_url, warm_start)
 
 

@@ -117,7 +117,8 @@ def start_controller(model: str, manifest, settings, *, own_name: str, detached:
     warm = warm_start_window(model, manifest) if settings.warm_start and warm_start else None
     handle = running or get_or_create_controller(
         name, costs, tuning, initial_state(manifest, thresholds), settings.checkpoint_url,
-        namespace=settings.namespace, warm_start=warm, detached=detached or settings.share)
+        namespace=settings.namespace, warm_start=warm, detached=detached or settings.share,
+        resources=settings.resources)
     ray.get(handle.ping.remote(), timeout=60)
     return {"name": name, "namespace": settings.namespace, "joined": running is not None,
             "refresh_every_batches": settings.refresh_every_batches, "handle": handle}

@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.config import JobConfig
 from pipeline.control.deployment import ControllerMismatch, controller_constraint, own_controller_name, start_controller
 from pipeline.data.readers import require_columns
-from pipeline.offline import sink
+from pipeline.offline import attempts, sink
 from pipeline.offline.shards import plan_shards, read_shard
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
     manifest, shards, finished, plan = check_inputs(cfg)
     todo = [s for s in shards if s.shard not in finished]
     sink.clean_temporaries(cfg.output.url)
+    attempts.clear(cfg.output.url)
     sink.write_json(cfg.output.url, sink.PLAN, plan)
     total_rows = sum(s.rows for s in shards)
     echo(f"{cfg.name}: {total_rows} rows in {len(shards)} shards"
@@ -315,7 +316,7 @@ def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None)
         # Ray Data needs a batch size for GPU actors; a shard cut across batches becomes several parts.
         EarlyExitWorker, batch_size=cfg.input.rows_per_shard if a.num_gpus else None, batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=a.min_actors, max_size=a.max_actors),
-        num_cpus=a.num_cpus, num_gpus=a.num_gpus or None,
+        num_cpus=a.num_cpus, num_gpus=a.num_gpus or None, resources=a.resources or None,
         # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: a killed actor restarts
         # and its batch is retried; parts are atomic with deterministic names, so no duplicates.
         fn_constructor_kwargs=dict(model=_model_ref(cfg.model),
@@ -369,6 +370,9 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "layers": L,
         "shards": len(shards),
         "shards_resumed": len(finished),
+        # shard pieces run more than once (an actor or a node lost mid-shard; the retry's part replaced any first)
+        "shards_retried": len(retried := attempts.retried(cfg.output.url)),
+        "shard_attempts": retried,
         "seconds": round(elapsed, 3),
         "rows_per_s": round(n / elapsed, 1) if elapsed else None,
         "errors": int(sum(r["errors"] for r in rows)),

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.data.readers import require_columns
+from pipeline.offline import attempts
 from pipeline.offline.shards import Shard, read_shard, row_ids
 from pipeline.offline.sink import write_part
 
@@ -107,6 +108,7 @@ class EarlyExitWorker:
                 self.client.refresh_policy(self.predictor)
             t = time.perf_counter()
             positions = rows.column("row").to_pylist()
+            attempts.mark(self.output_url, int(shard), int(min(positions)))
             known = (self.certify or {}).get("calibrated", {}).get(int(shard), {})
             todo = [i for i, r in enumerate(positions) if r not in known]  # calibration rows are answered
             sub = rows.take(pa.array(todo, pa.int64())) if len(todo) < len(positions) else rows

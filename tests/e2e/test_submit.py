@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def ray_head():
-    cluster = LocalCluster(head_cpus=2, dashboard=True)
+    cluster = LocalCluster(head_cpus=2)
     try:
         yield cluster.dashboard_url, cluster.env
     finally:

@@ -65,8 +65,9 @@ def test_job_classifies_every_row_once_and_spreads_over_actors(ray_session, tiny
     rows = _read_output(tmp_path / "out")
     assert sorted(r["rid"] if "rid" in r else r["id"] for r in rows) == sorted(f"r{i}" for i in range(600))
     assert len({r["id"] for r in rows}) == 600
-    assert sorted(os.listdir(tmp_path / "out"))[:2] == ["_offramp_plan.json", "_offramp_summary.json"]
-    assert summary["rows"] == 600 and summary["errors"] == 0
+    others = sorted(p for p in os.listdir(tmp_path / "out") if not p.startswith("part-"))
+    assert others == ["_offramp_attempts", "_offramp_plan.json", "_offramp_summary.json"]
+    assert summary["rows"] == 600 and summary["errors"] == 0 and summary["shards_retried"] == 0
     assert len(summary["rows_per_worker"]) >= 2, f"work did not spread: {summary['rows_per_worker']}"
     assert summary["compression_per_worker"] == {w: "none" for w in summary["rows_per_worker"]}
     assert sum(summary["exits_per_layer"].values()) == 600
