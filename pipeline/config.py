@@ -145,7 +145,7 @@ def default_window_rows(constraint: float) -> int:
     return min(8192, math.ceil(512 * 0.01 / constraint))
 
 
-class ControllerConfig(_Strict):
+class TuningConfig(_Strict):
     """How the threshold controller tunes and guards (pipeline.control.controller); the defaults follow
     Apparate's artifact or the measurements in docs/controller.md. Set in the job / Serve YAML under
     `controller.tuning`; unset fields keep these defaults (`constraint`: the artifact's)."""
@@ -219,14 +219,14 @@ class ControllerConfig(_Strict):
     feedback_max: float = Field(0.0, ge=0.0, le=1.0)
     """See ``feedback_min``."""
 
-    def resolved(self) -> "ControllerConfig":
+    def resolved(self) -> "TuningConfig":
         """This config with `window_rows` filled in when unset (from `constraint`, within `max_pending_rows`)."""
         if self.window_rows is not None:
             return self
         return self.model_copy(update={"window_rows": min(default_window_rows(self.constraint), self.max_pending_rows)})
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ControllerConfig":
+    def _consistent(self) -> "TuningConfig":
         if self.min_step > self.init_step:
             raise ValueError(f"need min_step ({self.min_step}) <= init_step ({self.init_step})")
         if self.window_rows is not None and self.max_pending_rows < self.window_rows:
@@ -260,8 +260,8 @@ class ControllerSettings(_Strict):
     warm_start: bool = True
     """A fresh controller (no checkpoint to restore) first tunes on the artifact's validation feedback
     (`validation_feedback.safetensors`, written by `offramp bootstrap`), when the artifact has it."""
-    tuning: ControllerConfig = Field(default_factory=ControllerConfig)
-    """The controller's algorithm settings (ControllerConfig); the fields set here override the
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    """The controller's algorithm settings (TuningConfig); the fields set here override the
     deployment's (`constraint` defaults to the artifact's)."""
 
 

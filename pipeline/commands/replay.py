@@ -16,12 +16,12 @@ HARD_SHARE = 0.25
 
 
 def _parse_sets(pairs: tuple[str, ...]) -> dict:
-    """`key=value` pairs -> ControllerConfig overrides (values parsed as JSON when they parse)."""
+    """`key=value` pairs -> TuningConfig overrides (values parsed as JSON when they parse)."""
     import json
 
-    from pipeline.config import ControllerConfig
+    from pipeline.config import TuningConfig
 
-    known = set(ControllerConfig.model_fields)
+    known = set(TuningConfig.model_fields)
     out = {}
     for p in pairs:
         key, sep, raw = p.partition("=")
@@ -41,7 +41,7 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict:
               help="Built-in dataset (its test split streams, its validation split bootstraps) or a parquet/jsonl/csv path/URL.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--constraint", default=None, type=float, help="Accuracy budget per window [default: the artifact's (0.01), less what a compressed artifact's check lost, as deployed].")
-@click.option("--ramp-budget", default=None, type=int, help="Most active ramps for the controller [default: ControllerConfig's: no cap, only the tail budget].")
+@click.option("--ramp-budget", default=None, type=int, help="Most active ramps for the controller [default: TuningConfig's: no cap, only the tail budget].")
 @click.option("--window", "window_rows", default=None, type=int,
               help="Rows per window (the controller's window and the unit the constraint is judged on) [default: "
                    "the controller's: 512 at a 1% budget, more below it].")
@@ -57,7 +57,7 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict:
               help="Where replay.json, replay.png and the recordings go.")
 @click.option("--limit", default=None, type=int, help="At most N rows per part (bootstrap, stream, drift): smoke runs.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Shuffle seed for stream order.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="ControllerConfig override, e.g. --set tune_windows=4.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="TuningConfig override, e.g. --set tune_windows=4.")
 @click.option("--orders", default=20, show_default=True, type=click.IntRange(1),
               help="Also replay the same rows in N-1 other shuffled orders and print totals (one order has few windows).")
 @click.option("--warm-start/--no-warm-start", default=None,
@@ -71,7 +71,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
     """Replay recorded ramp outputs through vanilla, static, controller and oracle; in-domain and under drift."""
     from pathlib import Path
 
-    from pipeline.config import ControllerConfig
+    from pipeline.config import TuningConfig
     from pipeline.control.deployment import controller_constraint, cost_model, initial_state, warm_start_window
     from pipeline.control.replay import aggregate, drift_stream, hardest, plot, shuffled, write_json
     from pipeline.control.replay import replay as run_replay
@@ -87,7 +87,7 @@ def replay(model_dir, data, text_column, constraint, ramp_budget, window_rows, r
         # As deployed: a compressed artifact's controller holds what compression left of the budget.
         constraint = controller_constraint(manifest) if constraint is None else constraint
         # the controller's own window for this budget (a --set constraint / window_rows wins, as in the controller)
-        window_rows = window_rows or ControllerConfig.model_validate(
+        window_rows = window_rows or TuningConfig.model_validate(
             {"constraint": constraint, **overrides}).resolved().window_rows
         costs = cost_model(manifest)
         boot_texts, stream_texts, desc = bootstrap_and_stream(data, text_column, seed, limit, manifest)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import ControllerConfig
+from pipeline.config import TuningConfig
 from pipeline.feedback import CostModel, FeedbackWindow
 
 from .controller import ThresholdController
@@ -27,7 +27,7 @@ def _actor_class():
 def get_or_create_controller(
     name: str,
     costs: CostModel | dict[str, Any],
-    config: ControllerConfig | dict[str, Any] | None = None,
+    config: TuningConfig | dict[str, Any] | None = None,
     initial_state: ControllerState | dict[str, Any] | None = None,
     checkpoint_url: str | None = None,
     namespace: str = DEFAULT_NAMESPACE,
@@ -49,7 +49,7 @@ def get_or_create_controller(
     """
     cls = _actor_class()
     c = costs.to_dict() if isinstance(costs, CostModel) else dict(costs)
-    cfg = config.model_dump() if isinstance(config, ControllerConfig) else dict(config or {})
+    cfg = config.model_dump() if isinstance(config, TuningConfig) else dict(config or {})
     init = initial_state.to_dict() if isinstance(initial_state, ControllerState) else initial_state
     return cls.options(
         name=name,

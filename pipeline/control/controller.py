@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.config import ControllerConfig
+from pipeline.config import TuningConfig
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 
 from .guard import AccuracyGuard, GuardAction, back_off, violating_ramps
@@ -35,7 +35,7 @@ class ThresholdController:
 
     Args:
         costs: latency/compute profile (``CostModel`` or its ``to_dict()``).
-        config: ``ControllerConfig`` or a dict of its fields.
+        config: ``TuningConfig`` or a dict of its fields.
         initial_state: starting thresholds/active set (e.g. from bootstrap); default all closed, all
             active. Ignored when a checkpoint exists at ``checkpoint_url``.
         checkpoint_url: fsspec URL of a JSON checkpoint written after every window and read here.
@@ -47,13 +47,13 @@ class ThresholdController:
     def __init__(
         self,
         costs: CostModel | dict[str, Any],
-        config: ControllerConfig | dict[str, Any] | None = None,
+        config: TuningConfig | dict[str, Any] | None = None,
         initial_state: ControllerState | dict[str, Any] | None = None,
         checkpoint_url: str | None = None,
         warm_start: FeedbackWindow | dict[str, Any] | None = None,
     ) -> None:
         self.costs = costs if isinstance(costs, CostModel) else CostModel.from_dict(costs)
-        config = config if isinstance(config, ControllerConfig) else ControllerConfig.model_validate(config or {})
+        config = config if isinstance(config, TuningConfig) else TuningConfig.model_validate(config or {})
         self.config = config.resolved()
         self.checkpoint_url = checkpoint_url
         R = self.costs.num_ramps
@@ -207,7 +207,7 @@ class ThresholdController:
             self._process(w, warm=True)
 
     def _violates(self, agreement: float, rows: int) -> bool:
-        """The guard's test on ``rows`` served rows at ``agreement`` (ControllerConfig.guard_alpha)."""
+        """The guard's test on ``rows`` served rows at ``agreement`` (TuningConfig.guard_alpha)."""
         cfg = self.config
         if cfg.guard_alpha is not None:
             wrong = int(round((1.0 - agreement) * rows))

@@ -81,7 +81,7 @@ def start_controller(model: str, manifest, settings, *, own_name: str, detached:
                      warm_start: bool = True) -> dict | None:
     """Start the controller of one deployment; None when `settings.enabled` is off.
 
-    `settings` is a pipeline.config.ControllerSettings; `defaults` are ControllerConfig fields the deployment
+    `settings` is a pipeline.config.ControllerSettings; `defaults` are TuningConfig fields the deployment
     sets (the user's `settings.tuning` wins). Without `settings.share` the deployment gets its own controller
     called `settings.name` or `own_name` (owned by this driver unless `detached`; one left running under that
     name with other settings is replaced). With `settings.share` it joins the detached controller called
@@ -94,13 +94,13 @@ def start_controller(model: str, manifest, settings, *, own_name: str, detached:
         return None
     import ray
 
-    from pipeline.config import ControllerConfig
+    from pipeline.config import TuningConfig
     from pipeline.control.actor import get_or_create_controller, stop_controller
 
     tuning = {"constraint": controller_constraint(manifest), **(defaults or {}),
               **settings.tuning.model_dump(exclude_unset=True)}
     costs = cost_model(manifest)
-    wanted = {"config": ControllerConfig.model_validate(tuning).resolved().model_dump(), "costs": costs.to_dict(),
+    wanted = {"config": TuningConfig.model_validate(tuning).resolved().model_dump(), "costs": costs.to_dict(),
               "checkpoint_url": settings.checkpoint_url}
     name = settings.name or (controller_name(model) if settings.share else own_name)
     running = _running(name, settings.namespace)

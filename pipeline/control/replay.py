@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.config import ControllerConfig
+from pipeline.config import TuningConfig
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 
 from .controller import ThresholdController
@@ -248,13 +248,13 @@ class ReplayResult:
 
 # ----------------------------------------------------------------------------- the replay
 def _controller_config(constraint: float, window_rows: int, ramp_budget: int | None,
-                       overrides: ControllerConfig | dict[str, Any] | None) -> ControllerConfig:
-    if isinstance(overrides, ControllerConfig):
+                       overrides: TuningConfig | dict[str, Any] | None) -> TuningConfig:
+    if isinstance(overrides, TuningConfig):
         return overrides
     base: dict[str, Any] = {"constraint": constraint, "window_rows": window_rows}
     if ramp_budget is not None:
         base["max_active"] = ramp_budget
-    return ControllerConfig.model_validate({**base, **(overrides or {})})
+    return TuningConfig.model_validate({**base, **(overrides or {})})
 
 
 def replay(
@@ -266,7 +266,7 @@ def replay(
     ramp_budget: int | None = None,
     *,
     initial_state: ControllerState | dict[str, Any] | None = None,
-    controller_config: ControllerConfig | dict[str, Any] | None = None,
+    controller_config: TuningConfig | dict[str, Any] | None = None,
     static_grid: Sequence[float] | None = None,
     drift_at: int | None = None,
     warm_start: bool | FeedbackWindow = False,
@@ -284,9 +284,9 @@ def replay(
             (``constraint * tune_headroom``, every ramp active: what ``offramp bootstrap`` does).
         constraint: largest allowed 1 - agreement per window.
         window_rows: rows per window; also the controller's window unless ``controller_config`` says otherwise.
-        ramp_budget: the controller's most active ramps (``ControllerConfig.max_active``; None = its default).
+        ramp_budget: the controller's most active ramps (``TuningConfig.max_active``; None = its default).
         initial_state: the controller's starting state, e.g. the artifact manifest's thresholds/active set.
-        controller_config: ``ControllerConfig`` fields overriding the defaults (a dict), or a whole config.
+        controller_config: ``TuningConfig`` fields overriding the defaults (a dict), or a whole config.
         static_grid: thresholds the static baseline may pick from (default: the tuner's 0.50..0.999 grid).
         drift_at: first drifted row of the stream (for the summary and the plot), if any.
         warm_start: rows the controller processes (whole windows of them) before the stream, so its first

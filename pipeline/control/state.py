@@ -29,7 +29,7 @@ class ControllerState:
     warm_windows: int = 0  # windows of warm-start rows processed before any live feedback
     updated_at: float = 0.0  # time.time() of the last version change
     calibrated: bool = False  # holding certified thresholds (``calibrate``): backs off, never tunes below them
-    feedback_fraction: float = 0.0  # share of rows workers should also run to the end (ControllerConfig.feedback_*)
+    feedback_fraction: float = 0.0  # share of rows workers should also run to the end (TuningConfig.feedback_*)
 
     @classmethod
     def initial(cls, num_ramps: int, active: Sequence[bool] | None = None) -> "ControllerState":

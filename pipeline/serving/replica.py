@@ -109,7 +109,7 @@ class ReplicaEngine:
         if self.config.engine.mode == "exit" and self.client is not None and self.client.feedback_fraction:
             from pipeline.engine.predictor import key_uniforms
 
-            # the controller asks for more feedback while its evidence is thin (ControllerConfig.feedback_*)
+            # the controller asks for more feedback while its evidence is thin (TuningConfig.feedback_*)
             share = max(self.config.engine.shadow_fraction, self.client.feedback_fraction)
             shadow = key_uniforms(keys, "shadow") < share
         return self.predictor.predict_encoded(encoded, keys, self.config.engine.mode, on_result=on_result,

@@ -5,7 +5,7 @@ import uuid
 import numpy as np
 import pytest
 
-from pipeline.config import ControllerConfig
+from pipeline.config import TuningConfig
 from pipeline.control.actor import get_or_create_controller
 from pipeline.control.client import ControllerClient
 from pipeline.control.state import ControllerState
@@ -37,7 +37,7 @@ def controller(ray_session, tmp_path):
     ray = ray_session
     name = _name("t")
     url = f"file://{tmp_path}/ckpt/controller.json"
-    cfg = ControllerConfig(window_rows=256, adjust_ramps=False)
+    cfg = TuningConfig(window_rows=256, adjust_ramps=False)
     handle = get_or_create_controller(name, COSTS, cfg, checkpoint_url=url, namespace=NS)
     ray.get(handle.ping.remote(), timeout=60)
     yield name, handle, url
@@ -50,7 +50,7 @@ def controller(ray_session, tmp_path):
 def test_get_or_create_returns_the_running_actor(ray_session, controller):
     ray = ray_session
     name, handle, url = controller
-    again = get_or_create_controller(name, COSTS, ControllerConfig(window_rows=7), checkpoint_url=url, namespace=NS)
+    again = get_or_create_controller(name, COSTS, TuningConfig(window_rows=7), checkpoint_url=url, namespace=NS)
     assert again._actor_id == handle._actor_id
     assert ray.get(again.get_config.remote(), timeout=10)["config"]["window_rows"] == 256  # first args win
     assert ray.get_actor(name, namespace=NS)._actor_id == handle._actor_id

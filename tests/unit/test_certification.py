@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.config import ControllerConfig
+from pipeline.config import TuningConfig
 from pipeline.control.calibration import calibration_rows, certify_thresholds, split_rows
 from pipeline.control.controller import ThresholdController
 from pipeline.control.stats import binom_cdf, binom_sf, clopper_pearson, rows_to_certify, wilson
@@ -155,7 +155,7 @@ def test_rows_answered_by_the_original_head_are_exact_and_an_unaudited_stratum_i
 
 
 def _held(constraint=0.01, **kw):
-    cfg = ControllerConfig(constraint=constraint, window_rows=100_000, window_output_rows=2000, guard_alpha=0.05,
+    cfg = TuningConfig(constraint=constraint, window_rows=100_000, window_output_rows=2000, guard_alpha=0.05,
                            feedback_min=0.02, feedback_max=0.2, max_pending_rows=100_000, **kw)
     ctl = ThresholdController(COSTS, cfg)
     cal_rows = _sample(calibration_rows(constraint), seed=5)
@@ -212,7 +212,7 @@ def test_windows_close_on_output_rows_however_sparse_the_feedback():
 
 def test_a_restarted_controller_keeps_holding_its_certified_thresholds(tmp_path):
     url = str(tmp_path / "ckpt.json")
-    cfg = ControllerConfig(window_output_rows=500, guard_alpha=0.05)
+    cfg = TuningConfig(window_output_rows=500, guard_alpha=0.05)
     ctl = ThresholdController(COSTS, cfg, checkpoint_url=url)
     base = np.array([CLOSED, CLOSED, 0.9, 0.8, 0.7])
     ctl.calibrate(base)

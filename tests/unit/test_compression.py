@@ -473,7 +473,7 @@ def test_quantize_retunes_artifact_thresholds_against_the_float_source(tiny_arti
 
 def test_controller_spends_only_the_budget_compression_left(tiny_artifact):
     """The controller sees the compressed model's own final head: it gets the constraint less the check's loss."""
-    from pipeline.config import ControllerConfig
+    from pipeline.config import TuningConfig
     from pipeline.control.deployment import controller_constraint
     from pipeline.model.artifact import read_manifest
 
@@ -483,4 +483,4 @@ def test_controller_spends_only_the_budget_compression_left(tiny_artifact):
     assert controller_constraint(m) == pytest.approx(m.constraint - 0.0047)
     m.compression = {"method": "bf16", "check": {"agreement_loss": 0.03}}  # kept with --allow-loss
     assert controller_constraint(m) == 0.0
-    ControllerConfig(constraint=controller_constraint(m))  # a valid (close-everything) controller
+    TuningConfig(constraint=controller_constraint(m))  # a valid (close-everything) controller

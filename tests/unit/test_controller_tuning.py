@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.config import ControllerConfig
+from pipeline.config import TuningConfig
 from pipeline.control.controller import ThresholdController
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import tune_thresholds
@@ -14,7 +14,7 @@ COSTS = CostModel.uniform(6, [1, 2, 3, 4, 5], ramp_cost=0.004)
 
 def _run(recent: int, windows, costs: CostModel = COSTS) -> ThresholdController:
     # Judged at 5% (no back-off floors get in the way), tuned to 1%.
-    cfg = ControllerConfig(window_rows=512, recent_windows=recent, adjust_ramps=False, max_active=None,
+    cfg = TuningConfig(window_rows=512, recent_windows=recent, adjust_ramps=False, max_active=None,
                            constraint=0.05, tune_headroom=0.2)
     ctl = ThresholdController(costs, cfg)
     for w in windows:
@@ -56,7 +56,7 @@ def test_recent_windows_off_or_covering_the_buffer_changes_nothing():
     base = _run(0, ws).get_state()["thresholds"]
     assert _run(8, ws).get_state()["thresholds"] == base  # 3 windows buffered: the newest 8 are the buffer
     with pytest.raises(ValueError, match="recent_windows"):
-        ControllerConfig(recent_windows=-1)
+        TuningConfig(recent_windows=-1)
 
 
 def test_a_controller_tuning_on_the_newest_windows_recovers_without_backing_off():
@@ -66,7 +66,7 @@ def test_a_controller_tuning_on_the_newest_windows_recovers_without_backing_off(
 
     costs = CostModel.uniform(3, [1, 2], 0.01)
     for recent, expect in ((2, ["retune", "ok", "ok", "ok"]), (0, ["retune", "backoff"])):
-        cfg = ControllerConfig(window_rows=200, adjust_ramps=False, backoff_after=2, recent_windows=recent)
+        cfg = TuningConfig(window_rows=200, adjust_ramps=False, backoff_after=2, recent_windows=recent)
         ctl = ThresholdController(costs, cfg)
         for k in range(8):
             ctl.report(_stream(200, k, ramp0_right=k < 4))

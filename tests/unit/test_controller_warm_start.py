@@ -4,7 +4,7 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.config import ControllerConfig
+from pipeline.config import TuningConfig
 from pipeline.control.controller import ThresholdController
 from pipeline.control.state import ControllerState
 from pipeline.control.synthetic import synthetic_window
@@ -18,7 +18,7 @@ INIT = ControllerState(version=0, thresholds=[0.99, 0.98, 0.97, 0.96, 0.95], act
 
 # ----------------------------------------------------------------------------- controller
 def test_fresh_controller_tunes_on_whole_windows_of_the_warm_rows():
-    cfg = ControllerConfig(window_rows=256, max_active=3)  # the ramp budget is enforced on warm windows too
+    cfg = TuningConfig(window_rows=256, max_active=3)  # the ramp budget is enforced on warm windows too
     warm = synthetic_window(1000, SKILLS, seed=1)
     ctl = ThresholdController(COSTS, cfg, INIT, warm_start=warm.to_dict())  # dict form, as over Ray
     st = ctl.get_state()
@@ -34,7 +34,7 @@ def test_fresh_controller_tunes_on_whole_windows_of_the_warm_rows():
 
 
 def test_warm_start_matches_reporting_the_same_rows_when_no_window_misses():
-    cfg = ControllerConfig(window_rows=256)
+    cfg = TuningConfig(window_rows=256)
     warm = synthetic_window(768, SKILLS, seed=1)
     a = ThresholdController(COSTS, cfg, INIT, warm_start=warm)
     b = ThresholdController(COSTS, cfg, INIT)
@@ -46,7 +46,7 @@ def test_warm_start_matches_reporting_the_same_rows_when_no_window_misses():
 def test_a_warm_window_that_misses_the_budget_tunes_but_never_backs_off():
     # Thresholds far too low for these rows: as live feedback the first window is a violation and backs off.
     low = ControllerState(version=0, thresholds=[0.55] * 5, active=[True] * 5)
-    cfg = ControllerConfig(window_rows=256)
+    cfg = TuningConfig(window_rows=256)
     rows = synthetic_window(512, SKILLS, seed=3)
     live = ThresholdController(COSTS, cfg, low)
     live.report(rows)
@@ -60,7 +60,7 @@ def test_a_warm_window_that_misses_the_budget_tunes_but_never_backs_off():
 
 
 def test_short_warm_start_is_one_short_window_and_none_is_a_cold_start():
-    cfg = ControllerConfig(window_rows=512)
+    cfg = TuningConfig(window_rows=512)
     ctl = ThresholdController(COSTS, cfg, INIT, warm_start=synthetic_window(100, SKILLS, seed=1))
     assert ctl.get_state()["warm_windows"] == 1 and ctl.history()[0]["rows"] == 100
     cold = ThresholdController(COSTS, cfg, INIT)
@@ -73,7 +73,7 @@ def test_short_warm_start_is_one_short_window_and_none_is_a_cold_start():
 
 def test_a_restored_checkpoint_wins_over_the_warm_rows(tmp_path):
     url = f"file://{tmp_path}/ctl.json"
-    cfg = ControllerConfig(window_rows=256)
+    cfg = TuningConfig(window_rows=256)
     warm = synthetic_window(1000, SKILLS, seed=1)
     a = ThresholdController(COSTS, cfg, INIT, checkpoint_url=url, warm_start=warm)
     a.report(synthetic_window(256, SKILLS, seed=2))

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import ControllerConfig
+from pipeline.config import TuningConfig
 from pipeline.control.controller import ThresholdController
 from pipeline.control.guard import AccuracyGuard, GuardAction, back_off, is_violation, violating_ramps
 from pipeline.control.state import ControllerState
@@ -70,7 +70,7 @@ def test_controller_retunes_on_violation_and_backs_off_the_bad_ramp():
     costs = CostModel.uniform(3, [1, 2], 0.01)
     # Apparate's rule (re-tune on the first violation, back off on the second; the default backs off at once),
     # tuned on the whole buffer only (the default also tunes on the newest windows, which alone recover here).
-    cfg = ControllerConfig(window_rows=200, adjust_ramps=False, backoff_after=2, recent_windows=0)
+    cfg = TuningConfig(window_rows=200, adjust_ramps=False, backoff_after=2, recent_windows=0)
     ctl = ThresholdController(costs, cfg)
     for k in range(4):
         ctl.report(_stream(200, k))
@@ -98,7 +98,7 @@ def test_controller_retunes_on_violation_and_backs_off_the_bad_ramp():
 
 def test_default_controller_backs_off_on_the_first_violation():
     costs = CostModel.uniform(3, [1, 2], 0.01)
-    cfg = ControllerConfig(window_rows=200, adjust_ramps=False)
+    cfg = TuningConfig(window_rows=200, adjust_ramps=False)
     assert cfg.backoff_after == 1 and cfg.tune_headroom == 0.3
     ctl = ThresholdController(costs, cfg)
     for k in range(4):
@@ -111,7 +111,7 @@ def test_default_controller_backs_off_on_the_first_violation():
 
 def test_early_guard_backs_off_within_a_window_and_counts_the_rows_before_it_as_served():
     costs = CostModel.uniform(3, [1, 2], 0.01)
-    ctl = ThresholdController(costs, ControllerConfig(window_rows=400, adjust_ramps=False, recent_windows=0))
+    ctl = ThresholdController(costs, TuningConfig(window_rows=400, adjust_ramps=False, recent_windows=0))
     for k in range(4):
         ctl.report(_stream(400, k))
     thr_before = list(ctl.get_state()["thresholds"])
@@ -138,8 +138,8 @@ def test_early_guard_backs_off_within_a_window_and_counts_the_rows_before_it_as_
                  for lo, hi, t in zip(cuts, cuts[1:], thrs))
     assert end["agreement"] == pytest.approx(served / 400)
     # Easy rows never trigger it; nor does a controller with early_guard off.
-    calm = ThresholdController(costs, ControllerConfig(window_rows=400, adjust_ramps=False))
-    off = ThresholdController(costs, ControllerConfig(window_rows=400, adjust_ramps=False, early_guard=False))
+    calm = ThresholdController(costs, TuningConfig(window_rows=400, adjust_ramps=False))
+    off = ThresholdController(costs, TuningConfig(window_rows=400, adjust_ramps=False, early_guard=False))
     for k in range(4):
         for c in (calm, off):
             c.report(_stream(400, k))
@@ -155,14 +155,14 @@ def test_early_guard_forecasts_the_rest_of_the_window_from_the_rows_so_far(wrong
     rate so far shrunk toward 0.3% by 96 prior rows. 2 wrong -> ~5.9 forecast, over budget; 1 -> ~3.2."""
     costs = CostModel.uniform(2, [1], 0.01)
     init = ControllerState(version=0, thresholds=[0.9], active=[True])
-    ctl = ThresholdController(costs, ControllerConfig(window_rows=512, adjust_ramps=False), initial_state=init)
+    ctl = ThresholdController(costs, TuningConfig(window_rows=512, adjust_ramps=False), initial_state=init)
     final = np.zeros(128, np.int64)
     pred = final.copy()
     pred[:wrong] = 1  # confident and wrong: exits at ramp 0 and disagrees
     ctl.report(FeedbackWindow(np.full((128, 1), 0.99, np.float32), pred[:, None], final))
     assert any(h["action"] == "early_backoff" for h in ctl.history()) is brakes
     # The old rule (the rest forecast at the target rate alone) waits until the budget is nearly spent.
-    old = ThresholdController(costs, ControllerConfig(window_rows=512, adjust_ramps=False, early_guard_prior_rows=0),
+    old = ThresholdController(costs, TuningConfig(window_rows=512, adjust_ramps=False, early_guard_prior_rows=0),
                               initial_state=init)
     old.report(FeedbackWindow(np.full((128, 1), 0.99, np.float32), pred[:, None], final))
     assert not old.history()
@@ -170,7 +170,7 @@ def test_early_guard_forecasts_the_rest_of_the_window_from_the_rows_so_far(wrong
 
 def test_controller_windows_versions_and_json_state(tmp_path):
     costs = CostModel.uniform(6, [1, 2, 3, 4, 5], 0.01)
-    cfg = ControllerConfig(window_rows=256, ramp_check_windows=2, max_active=3)
+    cfg = TuningConfig(window_rows=256, ramp_check_windows=2, max_active=3)
     ctl = ThresholdController(costs, cfg)
     assert ctl.get_state()["version"] == 0
     w = synthetic_window(100, [0.4, 0.6, 0.7, 0.85, 0.95], seed=0)
@@ -195,7 +195,7 @@ def test_controller_windows_versions_and_json_state(tmp_path):
 def test_controller_restores_its_checkpoint(tmp_path):
     url = f"file://{tmp_path}/sub/ctl.json"
     costs = CostModel.uniform(4, [1, 2, 3], 0.01)
-    cfg = ControllerConfig(window_rows=300, adjust_ramps=False)
+    cfg = TuningConfig(window_rows=300, adjust_ramps=False)
     init = ControllerState.initial(3, active=[True, False, True])
     a = ThresholdController(costs, cfg, initial_state=init, checkpoint_url=url)
     for k in range(3):
@@ -209,7 +209,7 @@ def test_controller_restores_its_checkpoint(tmp_path):
     assert after["thresholds"] == before["thresholds"] and after["active"] == [True, False, True]
     assert after["restores"] == 1 and b._guard.consecutive == 1
     # The guard's count is restored, its limits come from the config the controller restarts with.
-    d = ThresholdController(costs, ControllerConfig(window_rows=300, adjust_ramps=False, backoff_after=3),
+    d = ThresholdController(costs, TuningConfig(window_rows=300, adjust_ramps=False, backoff_after=3),
                             checkpoint_url=url)
     assert d._guard.consecutive == 1 and d._guard.backoff_after == 3
     # A checkpoint for another ramp count is ignored, not trusted.
@@ -222,7 +222,7 @@ def test_a_restart_from_the_checkpoint_tunes_as_if_it_never_happened(tmp_path):
     windows give the same thresholds as the controller that kept running."""
     url = f"file://{tmp_path}/ctl.json"
     costs = CostModel.uniform(4, [1, 2, 3], 0.01)
-    cfg = ControllerConfig(window_rows=200, tune_windows=4, ramp_check_windows=6)  # a check after the restart
+    cfg = TuningConfig(window_rows=200, tune_windows=4, ramp_check_windows=6)  # a check after the restart
     init = ControllerState.initial(3, active=[True, False, True])
     a = ThresholdController(costs, cfg, initial_state=init, checkpoint_url=url)
     windows = [synthetic_window(200, [0.55, 0.75, 0.9], seed=k) for k in range(7)]
@@ -249,7 +249,7 @@ def test_a_restart_from_the_checkpoint_tunes_as_if_it_never_happened(tmp_path):
 def test_a_short_flushed_window_is_judged_against_a_whole_windows_budget(wrong, violates):
     """The rows left at a job's end: 1% of a 512-row window is 5.12 disagreements, however few rows came."""
     costs = CostModel.uniform(4, [1, 2, 3], 0.01)
-    ctl = ThresholdController(costs, ControllerConfig(window_rows=512, constraint=0.01, adjust_ramps=False),
+    ctl = ThresholdController(costs, TuningConfig(window_rows=512, constraint=0.01, adjust_ramps=False),
                               initial_state=ControllerState(version=0, thresholds=[0.5, CLOSED, CLOSED],
                                                             active=[True, True, True]))
     n = 16
@@ -263,9 +263,9 @@ def test_a_short_flushed_window_is_judged_against_a_whole_windows_budget(wrong, 
 
 def test_config_checks_name_the_field():
     with pytest.raises(ValueError, match="window_rows"):
-        ControllerConfig(window_rows=0)
+        TuningConfig(window_rows=0)
     with pytest.raises(ValueError, match="windo_rows"):
-        ControllerConfig.model_validate({"windo_rows": 5})
+        TuningConfig.model_validate({"windo_rows": 5})
     with pytest.raises(ValueError, match="ramps"):
         ThresholdController(CostModel.uniform(3, [1, 2], 0.01), initial_state=ControllerState.initial(3))
 
@@ -276,15 +276,15 @@ def test_the_default_window_keeps_about_five_disagreements_of_budget(constraint,
     from pipeline.config import default_window_rows
 
     assert default_window_rows(constraint) == rows
-    assert ControllerConfig(constraint=constraint).resolved().window_rows == rows
-    assert ControllerConfig(constraint=constraint, window_rows=64).resolved().window_rows == 64  # explicit stands
+    assert TuningConfig(constraint=constraint).resolved().window_rows == rows
+    assert TuningConfig(constraint=constraint, window_rows=64).resolved().window_rows == 64  # explicit stands
     # the resolved size travels with the config (checkpoints, the actor's get_config)
-    resolved = ControllerConfig(constraint=constraint).resolved()
-    assert ControllerConfig.model_validate(resolved.model_dump()).window_rows == rows
+    resolved = TuningConfig(constraint=constraint).resolved()
+    assert TuningConfig.model_validate(resolved.model_dump()).window_rows == rows
 
 
 def test_the_default_window_fits_in_the_rows_the_controller_holds():
     # A YAML's tuning is checked at the 1% default budget; the artifact's smaller one must not break it later.
-    assert ControllerConfig(constraint=0.005, max_pending_rows=800).resolved().window_rows == 800
+    assert TuningConfig(constraint=0.005, max_pending_rows=800).resolved().window_rows == 800
     with pytest.raises(ValueError, match="max_pending_rows"):
-        ControllerConfig(constraint=0.005, window_rows=1024, max_pending_rows=800)
+        TuningConfig(constraint=0.005, window_rows=1024, max_pending_rows=800)

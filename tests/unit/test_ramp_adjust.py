@@ -113,11 +113,11 @@ def test_a_controller_starting_closed_keeps_useful_ramps_at_its_first_check():
     # Every ramp starts closed (ControllerState.initial): served closed, each one costs without saving, so
     # its realized utility is negative. Judged that way the first check (at once: 5 active break max_active=3)
     # dropped every ramp; judged by what it saves once tuned, the three best stay and open.
-    from pipeline.config import ControllerConfig
+    from pipeline.config import TuningConfig
     from pipeline.control.controller import ThresholdController
 
     costs = CostModel.uniform(6, [1, 2, 3, 4, 5], 0.004)
-    ctl = ThresholdController(costs, ControllerConfig(window_rows=512, max_active=3))
+    ctl = ThresholdController(costs, TuningConfig(window_rows=512, max_active=3))
     assert set(ctl.get_state()["thresholds"]) == {CLOSED}
     ctl.report(synthetic_window(512, [0.45, 0.55, 0.65, 0.8, 0.9], seed=0))
     st, check = ctl.get_state(), ctl.history()[-1]["ramp_check"]
@@ -127,6 +127,6 @@ def test_a_controller_starting_closed_keeps_useful_ramps_at_its_first_check():
     assert ctl.history()[-1]["tuned_savings"] > 0
     # A ramp the tuner keeps shut is still judged a cost: a coin-flip ramp is what gets dropped.
     coin = CostModel.uniform(3, [1, 2], 0.05)
-    ctl = ThresholdController(coin, ControllerConfig(window_rows=512, max_active=1, ramp_check_windows=1))
+    ctl = ThresholdController(coin, TuningConfig(window_rows=512, max_active=1, ramp_check_windows=1))
     ctl.report(synthetic_window(512, [-5.0, 0.9], seed=1))
     assert ctl.get_state()["active"] == [False, True]
