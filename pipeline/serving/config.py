@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import ControllerSettings, EngineConfig, _Strict
+from pipeline.config import ControllerSettings, EngineConfig, StorageConfig, _Strict
 
 __all__ = ["BatchingSettings", "ServeAppConfig"]
 
@@ -64,6 +64,9 @@ class ServeAppConfig(_Strict):
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     """The threshold controller shared by all replicas (one named detached actor)."""
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """Endpoints and credentials for a `model:` URL (s3://, gs://, ...), as in a job's YAML; every replica
+    applies them before it fetches the model (else the environment's, e.g. AWS_ENDPOINT_URL)."""
     predictor_class: str = DEFAULT_PREDICTOR
     """`module:Class` of the Predictor to host: a subclass can add instrumentation or pre-processing.
     It must keep Predictor's constructor, `predict_encoded` (with `defer_tail`), `finish_tail` and `warm_up`."""

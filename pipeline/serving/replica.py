@@ -17,6 +17,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from pipeline.config import StorageConfig
+from pipeline.data import storage
 from pipeline.engine.encoder import Encoded, TextEncoder
 from pipeline.engine.microbatch import TokenBudget
 from pipeline.engine.predictor import Prediction
@@ -63,6 +65,8 @@ class ReplicaEngine:
                  client=None, metrics_backend: str = "local"):
         self.config = config
         self.replica = replica
+        if config.storage != StorageConfig():  # the app's block; else what the environment says
+            storage.configure(config.storage)
         self.predictor = p = import_class(config.predictor_class)(config.model, config.engine)
         p.budget = _OnlineBudget(p.config.token_budget, p.config.max_token_budget, p.config.latency_target_s)
         log.info("replica %s warmed up in %.1f s", replica, p.warm_up())  # a compiled model compiles now

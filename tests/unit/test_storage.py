@@ -196,3 +196,19 @@ def test_serve_keeps_a_model_url_for_its_replicas_and_makes_paths_absolute():
 
     assert resolve_config({"model": "s3://models/ee"}).model == "s3://models/ee"
     assert resolve_config({"model": "rel/ee"}).model == os.path.abspath("rel/ee")
+
+
+def test_a_serve_replica_fetches_a_model_url_with_its_apps_storage_block(s3, tiny_artifact, monkeypatch):
+    """No AWS settings in the environment and none configured in this process (the s3 fixture clears both; the
+    endpoint is a local moto server no default would find): the app's `storage:` block alone gets the replica
+    to the model."""
+    from pipeline.serving.config import ServeAppConfig
+    from pipeline.serving.replica import ReplicaEngine
+
+    url = f"{s3.url}/models/tiny-ee"
+    storage.upload_dir(tiny_artifact, url)
+    block = s3.storage()
+    storage.configure(None)
+    engine = ReplicaEngine(ServeAppConfig(model=url, storage=block, controller={"enabled": False},
+                                          engine={"num_threads": 1}))
+    assert engine.predictor.manifest.ramp_layers == [1, 2, 3]
