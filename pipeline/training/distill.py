@@ -129,7 +129,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 
 def _splits(cfg: DistillConfig):
-    from pipeline.data.datasets import BUILTIN, load_dataset
+    from pipeline.data.datasets import load_dataset
+    from pipeline.data.splits import train_and_held_out
     from pipeline.data.texts import validate_text
 
     ds = load_dataset(cfg.data, cfg.text_column, cfg.label_column)
@@ -138,12 +139,7 @@ def _splits(cfg: DistillConfig):
         log.warning("distill: skipping %d unusable rows (first: row %d)", len(bad), bad[0])
         drop = set(bad)
         ds = ds.take([i for i in range(len(ds)) if i not in drop])
-    if cfg.data in BUILTIN:  # the shared deterministic split: test rows never trained on
-        train, test = ds.split("train", cfg.seed), ds.split("test", cfg.seed)
-    else:
-        order = np.random.default_rng(cfg.seed).permutation(len(ds))
-        k = max(1, len(ds) // 10)
-        train, test = ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))
+    train, test = train_and_held_out(ds, cfg.data, cfg.seed)
     train, test = train.head(cfg.limit), test.head(cfg.eval_limit)
     if len(train) < 2 or len(test) < 1:
         raise ValueError(f"distill data {cfg.data!r} has too few usable rows ({len(train)} train, {len(test)} held out)")

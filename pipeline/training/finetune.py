@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from pipeline.config import FinetuneConfig
-from pipeline.data.datasets import BUILTIN, TextDataset, load_dataset
+from pipeline.data.datasets import TextDataset, load_dataset
+from pipeline.data.splits import train_and_held_out
 from pipeline.data.texts import validate_text
 from pipeline.model.artifact import resolve_base
 from pipeline.model.classify import classifier_logits
@@ -31,12 +32,7 @@ def _splits(cfg: FinetuneConfig) -> tuple[TextDataset, TextDataset]:
             f"{cfg.dataset!r}: row {bad[0]} is unusable ({validate_text(ds.texts[bad[0]])}); "
             f"{len(bad)} such rows: clean the training data first"
         )
-    if cfg.dataset in BUILTIN:
-        train, test = ds.split("train", cfg.seed), ds.split("test", cfg.seed)
-    else:
-        order = np.random.default_rng(cfg.seed).permutation(len(ds))
-        k = max(1, len(ds) // 10)
-        train, test = ds.take(np.sort(order[k:])), ds.take(np.sort(order[:k]))
+    train, test = train_and_held_out(ds, cfg.dataset, cfg.seed)
     return train.sample(cfg.limit, cfg.seed), test
 
 
