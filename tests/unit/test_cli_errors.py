@@ -1,0 +1,34 @@
+"""CLI error paths, in-process (click's CliRunner): a non-zero exit and a message naming the bad value and
+the fix. No subprocess is needed: none of these gets as far as starting Ray or loading a model."""
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("quantize", "--model", "no/such/dir", "--method", "int8-dynamic", "--out", "x"), "is not a directory"),
+    (("distill", "--teacher", "t", "--keep-layers", "0,2", "--num-layers", "2", "--out", "x"), "exactly one of"),
+    (("distill", "--teacher", "t", "--keep-layers", "0,two", "--out", "x"), "comma-separated"),
+    (("finetune", "--dataset", "nope", "--out", "y"), "built-in"),
+    (("bootstrap", "--model", "minilm-l6", "--out", "x"), "no classification head"),
+    (("bench", "report", "--results", "no/such/dir"), "offramp bench"),
+])
+def test_errors_name_the_bad_value(args, needle):
+    out = _run(*args)
+    assert out.exit_code != 0 and needle in out.output, out.output
+
+
+def test_commands_on_a_folder_that_is_not_an_artifact_say_how_to_make_one(tmp_path):
+    for args in (("predict", "--model", tmp_path, "hi"), ("replay", "--model", tmp_path)):
+        out = _run(*args)
+        assert out.exit_code != 0 and "offramp bootstrap" in out.output, out.output
+
+
+def test_replay_names_the_settings_it_knows(tiny_artifact, tmp_path):
+    out = _run("replay", "--model", tiny_artifact, "--set", "nope=1", "--out", tmp_path / "o")
+    assert out.exit_code == 2 and "tune_windows" in out.output
