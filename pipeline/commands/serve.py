@@ -48,8 +48,22 @@ def _load_config(path: str, host: str | None, port: int | None):
             if cfg.storage != StorageConfig():
                 storage.configure(cfg.storage)
             read_manifest(cfg.model)  # a missing or foreign artifact fails now, with advice
+            _check_ongoing(app, cfg)
             app["args"] = cfg.model_dump(mode="json", exclude_unset=False)
     return ServeDeploySchema.model_validate(data)
+
+
+def _check_ongoing(app: dict, cfg) -> None:
+    """Serve's per-replica limit must let requests reach the replica's own queue (else they wait in Serve's
+    router, unbounded unless max_queued_requests is set, instead of getting 429)."""
+    from pipeline.serving.app import DEPLOYMENT_NAME, EarlyExitDeployment
+
+    ongoing = next((d.get("max_ongoing_requests") for d in app.get("deployments") or []
+                    if d.get("name") == DEPLOYMENT_NAME), None) or EarlyExitDeployment.max_ongoing_requests
+    if ongoing < cfg.batching.max_queue:
+        click.echo(f"warning: application {app.get('name')!r}: max_ongoing_requests={ongoing} < batching.max_queue="
+                   f"{cfg.batching.max_queue}: extra requests wait in Serve's router instead of getting 429; raise "
+                   "max_ongoing_requests in its deployments: options", err=True)
 
 
 def _own_controllers(path: str) -> list[tuple[str, str]]:

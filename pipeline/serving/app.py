@@ -70,14 +70,6 @@ class EarlyExitDeployment:
         self.limits = self.config.batching
         self.labels = list(self.engine.predictor.label_names)
         self.app_name = serve.get_replica_context().app_name
-        try:  # Serve's own per-replica limit must let requests reach this replica's queue
-            ongoing = serve.get_replica_context()._deployment_config.max_ongoing_requests
-        except Exception:  # noqa: BLE001 - outside Serve, or a Serve without this field
-            ongoing = None
-        if ongoing is not None and ongoing < self.limits.max_queue:
-            log.warning("max_ongoing_requests=%d < batching.max_queue=%d: extra requests wait in Serve's router "
-                        "(unbounded unless max_queued_requests is set) instead of getting 429; raise "
-                        "max_ongoing_requests in the deployment options", ongoing, self.limits.max_queue)
 
     def _respond(self, body, status: int = 200, headers: dict | None = None) -> JSONResponse:
         h = {"X-Offramp-Replica": self.engine.replica,

@@ -32,3 +32,14 @@ def test_commands_on_a_folder_that_is_not_an_artifact_say_how_to_make_one(tmp_pa
 def test_replay_names_the_settings_it_knows(tiny_artifact, tmp_path):
     out = _run("replay", "--model", tiny_artifact, "--set", "nope=1", "--out", tmp_path / "o")
     assert out.exit_code == 2 and "tune_windows" in out.output
+
+
+def test_serve_warns_when_serve_would_queue_requests_before_the_replica_can_refuse_them(capsys):
+    from pipeline.commands.serve import _check_ongoing
+    from pipeline.serving.config import ServeAppConfig
+
+    cfg = ServeAppConfig(model="x", batching={"max_queue": 256})
+    _check_ongoing({"name": "a", "deployments": [{"name": "EarlyExitDeployment", "max_ongoing_requests": 64}]}, cfg)
+    assert "max_ongoing_requests=64 < batching.max_queue=256" in capsys.readouterr().err
+    _check_ongoing({"name": "a"}, cfg)  # the deployment's default (512) lets them through
+    assert capsys.readouterr().err == ""
