@@ -95,10 +95,23 @@ def test_a_request_bigger_than_the_batch_still_runs_alone():
     asyncio.run(main())
 
 
+class FakeClock:
+    """The queue's clock, moved only by the test's runner: timings are exact, not whatever the machine did."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def test_early_release_resolves_a_request_before_its_batch_finishes():
+    clock, late_may_finish = FakeClock(), threading.Event()
+
     def runner(encoded, keys, on_result):
         on_result(keys.index("early"), Prediction("early", 0, 0.99, 1))  # exits at ramp 1
-        time.sleep(0.4)  # the later layers of the batch
+        assert late_may_finish.wait(30)  # the test has seen `early` answered while this batch still runs
+        clock.t += 0.4  # the later layers of the batch
         preds = [Prediction(k, 0, 0.9, 4) for k in keys]
         on_result(keys.index("late"), preds[keys.index("late")])
         return PredictOutput([Prediction("early", 0, 0.99, 1) if k == "early" else p for k, p in zip(keys, preds)],
@@ -106,30 +119,24 @@ def test_early_release_resolves_a_request_before_its_batch_finishes():
 
     async def main():
         reports = []
-        q = BatchQueue(runner, settings(batch_wait_timeout_s=0.0), on_batch=reports.append)
-        t0 = time.monotonic()
-        done = {}
-
-        async def go(key):
-            out = await q.submit_timed(enc(1), [key])
-            done[key] = time.monotonic() - t0
-            return out
-
-        # both queued before the loop's first turn -> one batch
-        a, b = await asyncio.gather(go("early"), go("late"))
+        q = BatchQueue(runner, settings(batch_wait_timeout_s=0.0), on_batch=reports.append, clock=clock)
+        # both queued before the loop's next turn -> one batch
+        early = asyncio.ensure_future(q.submit_timed(enc(1), ["early"]))
+        late = asyncio.ensure_future(q.submit_timed(enc(1), ["late"]))
+        a = await asyncio.wait_for(early, 30)
+        assert not late.done()  # `early` was answered at its ramp, before its batch finished
+        late_may_finish.set()
+        b = await asyncio.wait_for(late, 30)
         assert a.predictions[0].exit_layer == 1 and b.predictions[0].exit_layer == 4
-        assert done["late"] - done["early"] > 0.3
-        # TEI's x-inference-time: `early` was answered at its ramp, `late` after the batch's later layers
-        assert a.inference_s < 0.1 < 0.3 < b.inference_s and 0 <= a.queue_s < 0.1 and 0 <= b.queue_s < 0.1
-        for _ in range(100):  # `late` may be answered (from the worker thread) before the batch's report is made
+        # TEI's x-inference-time: `early` at its ramp, `late` after the batch's later layers; neither queued
+        assert (a.inference_s, b.inference_s, a.queue_s, b.queue_s) == pytest.approx((0.0, 0.4, 0.0, 0.0))
+        for _ in range(10_000):  # the report is made after the worker thread's last answer reaches the loop
             if reports:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)
         assert len(reports) == 1 and reports[0].rows == 2
-        # How long before the batch ended each request was answered: `early` ~0.4 s. `late` was answered as the
-        # runner returned: a lead of ~0, or none when the batch's end was stamped first (thread timing).
-        leads = sorted(reports[0].release_lead_s)
-        assert leads[-1] > 0.3 and len(leads) <= 2 and all(x < 0.1 for x in leads[:-1])
+        # how long before the batch's end each request was answered: `early` 0.4 s; `late` at the end (no lead)
+        assert reports[0].release_lead_s == pytest.approx([0.4])
         await q.close()
 
     asyncio.run(main())
