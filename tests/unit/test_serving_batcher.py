@@ -38,6 +38,30 @@ class EchoRunner:
         return PredictOutput(preds, feedback=None)  # type: ignore[arg-type]
 
 
+class GatedRunner(EchoRunner):
+    """An EchoRunner whose every batch sets `started` and then waits for `gate`: the test, not the machine's
+    speed, decides how long the model is busy. With a `clock`, each batch advances it by `seconds`."""
+
+    def __init__(self, clock=None, seconds: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.started, self.gate = threading.Event(), threading.Event()
+        self.clock, self.seconds = clock, seconds
+
+    def __call__(self, encoded, keys, on_result):
+        self.started.set()
+        assert self.gate.wait(30), "the test never let the batch finish"
+        if self.clock is not None:
+            self.clock.t += self.seconds
+        return super().__call__(encoded, keys, on_result)
+
+
+async def busy_with(q: BatchQueue, runner: GatedRunner, key: str = "busy") -> asyncio.Future:
+    """Submit `key` and return once the model runs it (and waits for the gate)."""
+    fut = asyncio.ensure_future(q.submit(enc(1), [key]))
+    assert await asyncio.to_thread(runner.started.wait, 30)
+    return fut
+
+
 def settings(**kw) -> BatchingSettings:
     base = dict(max_batch_size=8, max_batch_tokens=4096, batch_wait_timeout_s=0.0, max_queue=64,
                 max_items_per_request=8)
@@ -64,11 +88,12 @@ def test_concurrent_requests_each_get_their_own_answers_in_order():
 
 def test_batches_respect_size_and_token_bounds_and_grow_with_the_queue():
     async def main():
-        runner = EchoRunner(delay_s=0.05)
+        runner = GatedRunner()
         q = BatchQueue(runner, settings(max_batch_size=6, max_batch_tokens=40))
-        first = asyncio.ensure_future(q.submit(enc(1), ["first"]))
-        await asyncio.sleep(0.01)  # `first` runs alone (idle model, light load: no waiting)
+        first = await busy_with(q, runner, "first")  # `first` runs alone (idle model, light load: no waiting)
         rest = [asyncio.ensure_future(q.submit(enc(1, length=5), [f"x{i}"])) for i in range(20)]
+        await asyncio.sleep(0)  # all 20 queued while `first` runs
+        runner.gate.set()
         await asyncio.gather(first, *rest)
         sizes = [len(b) for b in runner.batches]
         assert sizes[0] == 1
@@ -176,20 +201,19 @@ def test_unannounced_rows_are_filled_from_the_output_and_short_outputs_fail():
 
 
 def test_queue_time_is_the_wait_for_a_running_batch():
-    echo, started = EchoRunner(delay_s=0.3), threading.Event()
-
-    def runner(encoded, keys, on_result):
-        started.set()
-        return echo(encoded, keys, on_result)
+    clock = FakeClock()
+    runner = GatedRunner(clock, seconds=0.3)  # each batch takes 0.3 s of the queue's clock
 
     async def main():
-        q = BatchQueue(runner, settings())
+        q = BatchQueue(runner, settings(), clock=clock)
         busy = asyncio.ensure_future(q.submit_timed(enc(1), ["busy"]))
-        assert await asyncio.to_thread(started.wait, 10)  # `busy` is running; `next` waits for it
-        nxt = await q.submit_timed(enc(1), ["next"])
-        first = await busy
-        assert first.queue_s < 0.05 and 0.25 < first.inference_s
-        assert 0.2 < nxt.queue_s < 0.6 and 0.25 < nxt.inference_s  # it waited for `busy` (0.3 s), then ran
+        assert await asyncio.to_thread(runner.started.wait, 30)  # `busy` is running; `next` waits for it
+        nxt = asyncio.ensure_future(q.submit_timed(enc(1), ["next"]))
+        await asyncio.sleep(0)
+        runner.gate.set()
+        first, second = await busy, await nxt
+        assert (first.queue_s, first.inference_s) == pytest.approx((0.0, 0.3))
+        assert (second.queue_s, second.inference_s) == pytest.approx((0.3, 0.3))  # waited for `busy`, then ran
         await q.close()
 
     asyncio.run(main())
@@ -197,17 +221,16 @@ def test_queue_time_is_the_wait_for_a_running_batch():
 
 def test_overload_is_refused_at_once_with_retry_after_and_recovers():
     async def main():
-        runner = EchoRunner(delay_s=0.2)
+        runner = GatedRunner()
         q = BatchQueue(runner, settings(max_queue=4, max_batch_size=2, max_items_per_request=2))
-        running = asyncio.ensure_future(q.submit(enc(1), ["busy"]))
-        await asyncio.sleep(0.05)  # the model is busy with `busy`
+        running = await busy_with(q, runner)
         queued = [asyncio.ensure_future(q.submit(enc(2), [f"q{i}a", f"q{i}b"])) for i in range(2)]
         await asyncio.sleep(0)
         assert q.queued_rows == 4
-        t = time.monotonic()
-        with pytest.raises(QueueFull) as e:
+        with pytest.raises(QueueFull) as e:  # refused while the model is still busy: it did not wait for room
             await q.submit(enc(1), ["one too many"])
-        assert time.monotonic() - t < 0.05 and e.value.retry_after_s >= 1
+        assert e.value.retry_after_s >= 1 and not running.done()
+        runner.gate.set()
         await asyncio.gather(running, *queued)
         assert labels(await q.submit(enc(1), ["later"])) == ["later"]  # recovered
         assert q.rejected == 1
@@ -218,16 +241,16 @@ def test_overload_is_refused_at_once_with_retry_after_and_recovers():
 
 def test_a_cancelled_request_frees_its_place_and_is_not_run():
     async def main():
-        runner = EchoRunner(delay_s=0.1)
+        runner = GatedRunner()
         q = BatchQueue(runner, settings(max_queue=4, max_items_per_request=4))
-        busy = asyncio.ensure_future(q.submit(enc(1), ["busy"]))
-        await asyncio.sleep(0.02)
+        busy = await busy_with(q, runner)
         gone = asyncio.ensure_future(q.submit(enc(3), ["g1", "g2", "g3"]))
         await asyncio.sleep(0)
         assert q.queued_rows == 3
         gone.cancel()
         await asyncio.sleep(0)
         assert q.queued_rows == 0
+        runner.gate.set()
         await busy
         assert labels(await q.submit(enc(1), ["next"])) == ["next"]
         assert all("g1" not in b for b in runner.batches)
@@ -238,12 +261,15 @@ def test_a_cancelled_request_frees_its_place_and_is_not_run():
 
 def test_close_finishes_the_running_batch_and_fails_queued_requests():
     async def main():
-        q = BatchQueue(EchoRunner(delay_s=0.2), settings())
-        a = asyncio.ensure_future(q.submit(enc(1), ["a"]))
-        await asyncio.sleep(0.02)
+        runner = GatedRunner()
+        q = BatchQueue(runner, settings())
+        a = await busy_with(q, runner, "a")
         b = asyncio.ensure_future(q.submit(enc(1), ["b"]))
         await asyncio.sleep(0)
-        await q.close()
+        closing = asyncio.ensure_future(q.close())
+        await asyncio.sleep(0)
+        runner.gate.set()
+        await closing
         res = await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), timeout=5)
         assert labels(res[0]) == ["a"]  # the running batch finishes
         assert isinstance(res[1], BatchFailed)  # the queued one is told, not left hanging
