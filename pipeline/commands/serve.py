@@ -80,7 +80,9 @@ def deploy(path: str, host: str | None = None, port: int | None = None, timeout_
            echo=print) -> list[str]:
     """Deploy every application of the config file on the connected Ray; wait until RUNNING. URLs out."""
     from ray import serve
-    from ray.serve._private.api import serve_start  # what `serve run <file>` calls
+    # Ray's one private call here, on purpose: Ray has no public in-process API that deploys a Serve config file
+    # (its own `serve run <file>` calls this; `serve deploy` needs the dashboard's REST API).
+    from ray.serve._private.api import serve_start
     from ray.serve.config import gRPCOptions
 
     config = _load_config(path, host, port)
@@ -131,9 +133,7 @@ def serve(config_file, host, port, address, blocking, timeout_s):
     try:
         _load_config(config_file, host, port)  # bad args or a missing artifact fail before Ray starts
         if not ray.is_initialized():
-            from ray.serve._private.constants import SERVE_NAMESPACE
-
-            ray.init(address=address, namespace=SERVE_NAMESPACE, log_to_driver=True)
+            ray.init(address=address, namespace="serve", log_to_driver=True)  # the namespace `serve run` uses
             started = address is None
         deploy(config_file, host, port, timeout_s, echo=click.echo)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
