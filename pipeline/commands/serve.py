@@ -66,10 +66,10 @@ def _check_ongoing(app: dict, cfg) -> None:
                    "max_ongoing_requests in its deployments: options", err=True)
 
 
-def _own_controllers(path: str) -> list[tuple[str, str]]:
-    """(name, namespace) of the controllers this file's apps own (not shared ones)."""
+def _own_controllers(config) -> list[tuple[str, str]]:
+    """(name, namespace) of the controllers a loaded config's apps own (not shared ones)."""
     out = []
-    for app in _load_config(path, None, None).applications:
+    for app in config.applications:
         ctl = (app.args or {}).get("controller") or {}
         if app.import_path == OFFRAMP_IMPORT_PATH and ctl.get("enabled") and not ctl.get("share"):
             out.append((ctl["name"], ctl["namespace"]))
@@ -131,7 +131,7 @@ def serve(config_file, host, port, address, blocking, timeout_s):
 
     started = False
     try:
-        _load_config(config_file, host, port)  # bad args or a missing artifact fail before Ray starts
+        own = _own_controllers(_load_config(config_file, host, port))  # bad args or artifacts fail before Ray
         if not ray.is_initialized():
             ray.init(address=address, namespace="serve", log_to_driver=True)  # the namespace `serve run` uses
             started = address is None
@@ -156,7 +156,7 @@ def serve(config_file, host, port, address, blocking, timeout_s):
         from pipeline.control.actor import stop_controller
 
         ray_serve.shutdown()
-        for name, namespace in _own_controllers(config_file):  # the apps' own; shared ones stay
+        for name, namespace in own:  # the apps' own; shared ones stay
             stop_controller(name, namespace)
         if started:
             ray.shutdown()

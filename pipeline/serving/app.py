@@ -182,8 +182,10 @@ def resolve_config(args: dict, app_name: str | None = None) -> ServeAppConfig:
     if "://" not in cfg.model:  # a URL stays as it is: each replica's node fetches it (pipeline.data.cache)
         cfg = cfg.model_copy(update={"model": os.path.abspath(cfg.model)})
     if cfg.controller.enabled and not cfg.controller.name:
-        name = (controller_name(cfg.model) if cfg.controller.share or not app_name
-                else own_controller_name("serve", app_name))
+        # not the shared per-model name when unshared, even for an app built without its name
+        name = (controller_name(cfg.model) if cfg.controller.share
+                else own_controller_name("serve", app_name) if app_name
+                else controller_name(cfg.model, "offramp-serve"))
         cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"name": name})})
     return cfg
 

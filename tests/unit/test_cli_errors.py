@@ -43,3 +43,13 @@ def test_serve_warns_when_serve_would_queue_requests_before_the_replica_can_refu
     assert "max_ongoing_requests=64 < batching.max_queue=256" in capsys.readouterr().err
     _check_ongoing({"name": "a"}, cfg)  # the deployment's default (512) lets them through
     assert capsys.readouterr().err == ""
+
+
+def test_a_serve_apps_own_controller_never_takes_the_shared_per_model_name():
+    from pipeline.control.deployment import controller_name
+    from pipeline.serving.app import resolve_config
+
+    shared = resolve_config({"model": "m", "controller": {"share": True}}).controller.name
+    assert shared == controller_name("m")
+    assert resolve_config({"model": "m"}, "movies").controller.name == "offramp-serve-movies"
+    assert resolve_config({"model": "m"}).controller.name not in (shared, "offramp-serve-movies")
