@@ -378,6 +378,20 @@ def bench_accuracy(model_dir, config, corpora, out_json):
     run_accuracy_bench(model_dir, config, corpora or CORPORA, out_json, echo=click.echo)
 
 
+@bench.command("calibration")
+@click.option("--model", "model_dir", default="artifacts/minilm-movie-ee", show_default=True)
+@click.option("--corpora", default="movie-reviews", show_default=True,
+              help="Comma-separated built-in datasets (A+B+C = those in order).")
+@click.option("--seeds", default=30, show_default=True, type=click.IntRange(1), help="Draws per design.")
+@click.option("--out", "out_json", default="bench_results/calibration.json", show_default=True)
+def bench_calibration(model_dir, corpora, seeds, out_json):
+    """Calibration designs replayed on one recording of each corpus: what certifying costs in layer work, against
+    the uncertified start and an oracle, in the same run."""
+    from pipeline.bench.calibration_bench import run_calibration_bench
+
+    run_calibration_bench(model_dir, corpora, seeds, out_json, echo=click.echo)
+
+
 @bench.command("report")
 @click.option("--results", default="bench_results", show_default=True, help="Folder of benchmark result JSON.")
 @click.option("--out", default=None, help="Write the table into this markdown file (between its report markers), "

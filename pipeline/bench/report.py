@@ -51,6 +51,24 @@ def headlines(result: dict) -> list[dict]:
                         "ratio": "-" if ratio is None else f"layer work saved {ratio:.2f}x of the baseline's",
                         "accuracy": f"{after['disagreements']} disagreement" + ("" if after['disagreements'] == 1 else "s")})
         return out
+    if isinstance(result.get("corpora"), dict) and "seeds" in result:  # bench calibration
+        out = []
+        for corpus, c in result["corpora"].items():
+            by = {r["design"].strip(): r for r in c["results"]}
+            job, base = by.get("certified at the bulk's budget (the job)"), c["results"][0]
+            oracle = by.get("oracle: thresholds fitted to every row (not runnable)")
+            if job is None:
+                continue
+            out.append({"benchmark": f"calibration (replayed): {corpus}, {c['rows']} rows, {job['runs']} draws",
+                        "offramp": f"layer work saved {_pct(job['saved_mean'])} (p10 {_pct(job['saved_p10'])}); "
+                                   f"oracle {_pct(oracle['saved_mean']) if oracle else '-'}",
+                        "baseline": f"{_pct(base['saved_mean'])} at agreement {_pct(base['agreement_mean'])} "
+                                    "(artifact thresholds, uncertified)",
+                        "ratio": f"{job['saved_vs_uncertified']:.2f}x of the baseline's" if job.get(
+                            "saved_vs_uncertified") else "-",
+                        "accuracy": f"agreement {_pct(job['agreement_mean'])} (min {_pct(job['agreement_min'])}), "
+                                    f"{job['runs_under_promise']}/{job['runs']} under the promise"})
+        return out
     if "runs" in result and "plain" in result:  # bench online
         out = []
         plain = {r["fraction_of_plain_capacity"]: r for r in result["runs"] if r["app"] == "plain"}

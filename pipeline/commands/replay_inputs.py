@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from pipeline.commands.progress import progress
+from pipeline.model.artifact import fingerprint
 
 
 def shuffled_texts(ds, seed: int, limit: int | None) -> list[str]:
@@ -39,18 +40,6 @@ def bootstrap_and_stream(data: str, text_column: str, seed: int, limit: int | No
         return shuffled_texts(val, seed, limit), shuffled_texts(test, seed, limit), f"{data} test split"
     return (shuffled_texts(val, seed, limit), shuffled_texts(fit, seed, limit),
             f"{data} (the rows after the bootstrap's)")
-
-
-def fingerprint(model_dir: str) -> str:
-    """The artifact's identity for the cache: its manifest and ramps by content, its model files by size and time."""
-    h = hashlib.sha1()
-    root = Path(model_dir)
-    for name in ("manifest.json", "ramps.safetensors"):
-        h.update((root / name).read_bytes())
-    for f in sorted((root / "model").glob("*")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
 
 
 class Recordings:

@@ -194,6 +194,18 @@ def load_validation_feedback(path: str | Path, num_ramps: int | None = None):
         return None
 
 
+def fingerprint(model_dir: str) -> str:
+    """The artifact's identity for the cache: its manifest and ramps by content, its model files by size and time."""
+    h = hashlib.sha1()
+    root = Path(model_dir)
+    for name in ("manifest.json", "ramps.safetensors"):
+        h.update((root / name).read_bytes())
+    for f in sorted((root / "model").glob("*")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 def artifact_dir(path: str | Path) -> Path:
     """The artifact as a local directory: `path` itself, or for a URL (s3://, gs://, ...) this node's verified
     cached copy (pipeline.data.cache: fetched once per node, under a lock)."""

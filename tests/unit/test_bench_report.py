@@ -12,7 +12,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 def test_report_reads_the_committed_results_and_rewrites_only_its_block(tmp_path):
     table = render(str(DOCS / "results"))  # the JSON docs/benchmarks.md was written from, in the repository
     assert "| offline job: 50000 rows, 2 CPUs | 309.9 rows/s | 114.6 rows/s (Ray Data docs) | 2.70x |" in table
-    assert "AVX512-VNNI" in table and "accuracy: nyt-editorials" in table
+    assert "AVX512-VNNI" in table and "accuracy: nyt-editorials" in table and "calibration (replayed): tweets" in table
     doc = tmp_path / "bench.md"
     doc.write_text(f"# intro\n\n{BEGIN}\nstale\n{END}\n\n## history\nkept\n")
     write_into(str(doc), table)
