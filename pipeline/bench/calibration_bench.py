@@ -73,20 +73,39 @@ def _draw(c: Corpus, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(len(c), size=n, replace=False)
 
 
-def fixed_sample(c: Corpus, seed: int, *, credit: bool = True, delta: float = 0.05,
-                 oracle_shape: bool = False) -> tuple[np.ndarray, Schedule]:
-    """The job's design: one uniform sample sized by the constraint, certified once. `credit`: tested at the
-    bulk's budget (the calibration rows agree by construction), else at the bare constraint (the earlier build).
-    `oracle_shape`: the path shaped on every row of the corpus instead of the tune split (a bound on shaping)."""
-    n = c.sample_size(delta)
+def fixed_sample(c: Corpus, seed: int, *, credit: bool = True, delta: float = 0.05, oracle_shape: bool = False,
+                 path: list[np.ndarray] | None = None, n: int | None = None) -> tuple[np.ndarray, Schedule]:
+    """The job's design: one uniform sample sized by the constraint (or `n` rows), certified once. `credit`:
+    tested at the bulk's budget (the calibration rows agree by construction), else at the bare constraint (the
+    earlier build). `oracle_shape`: the path's shape fitted on every row of the corpus instead of the tune split;
+    `path`: a given path walked instead (both are bounds on the tune split's part)."""
+    n = n or c.sample_size(delta)
     idx = _draw(c, n, seed)
     budget = bulk_budget(c.constraint, len(c), n) if credit else c.constraint
-    if oracle_shape:
-        test = c.rows.take(idx[int(round(TUNE_SHARE * n)):])
+    test = c.rows.take(idx[int(round(TUNE_SHARE * n)):])
+    if path is not None:
+        thr = walk_path(c, path, test, budget, delta)
+    elif oracle_shape:
         thr = certify_thresholds(c.rows, test, c.costs, budget, delta, active=c.active).thresholds
     else:
         thr = calibrate_sample(c.rows.take(idx), c.warm, c.costs, budget, delta, c.active, seed).thresholds
     return idx, [(0, thr)]
+
+
+def greedy_path(c: Corpus, rows: FeedbackWindow, targets=tuple(np.linspace(0.0005, 0.014, 28))) -> list[np.ndarray]:
+    """Greedy tunes of `rows` at rising targets: the path a job would walk if it could tune on every row."""
+    return [tune_thresholds(rows, c.costs, t, c.active).thresholds for t in targets]
+
+
+def walk_path(c: Corpus, path: list[np.ndarray], test: FeedbackWindow, budget: float, delta: float) -> np.ndarray:
+    """Fixed-sequence testing along `path`: the last point whose test disagreements pass the binomial test."""
+    best, n = np.full(len(c.active), CLOSED), len(test)
+    for thr in path:
+        wrong = n - int(round(evaluate(test, c.costs, thr, c.active).agreement * n))
+        if binom_cdf(wrong, n, budget) > delta:
+            break
+        best = thr
+    return best
 
 
 def _split_fixed(c: Corpus, seed: int) -> np.ndarray:
@@ -160,12 +179,21 @@ def recertified_in_bulk(c: Corpus, seed: int, *, audit: float = 0.12, window: in
 def designs(c: Corpus) -> dict[str, Callable[[int], tuple[np.ndarray, Schedule]]]:
     none = np.zeros(0, np.int64)
     oracle = tune_thresholds(c.rows, c.costs, c.constraint, c.active).thresholds
+    cache: list = []
+
+    def rich() -> list[np.ndarray]:  # computed once, on first use
+        if not cache:
+            cache.append(greedy_path(c, c.rows))
+        return cache[0]
+
     return {
         "artifact thresholds, no calibration (uncertified start)": lambda s: (none, [(0, c.artifact_thresholds)]),
         "oracle: thresholds fitted to every row (not runnable)": lambda s: (none, [(0, oracle)]),
         "certified at the bare constraint (previous build)": lambda s: fixed_sample(c, s, credit=False),
         "certified at the bulk's budget (the job)": lambda s: fixed_sample(c, s),
         "  same, path shaped on every row (a bound on shaping)": lambda s: fixed_sample(c, s, oracle_shape=True),
+        "  same, greedy path tuned on every row (a bound on the path)": lambda s: fixed_sample(c, s, path=rich()),
+        "  same at 1,000 rows, greedy path tuned on every row": lambda s: fixed_sample(c, s, path=rich(), n=1000),
         "  same, 90% confidence": lambda s: fixed_sample(c, s, delta=0.1),
         "group-sequential, looks at 0.5/1/2x the sample": lambda s: group_sequential(c, s),
         "re-certified in the bulk from 12% audit rows": lambda s: recertified_in_bulk(c, s),
