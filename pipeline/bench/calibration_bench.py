@@ -21,8 +21,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.bench import machine, write_result
-from pipeline.control.calibration import (TUNE_SHARE, bulk_budget, calibrate_sample, calibration_rows,
-                                          certify_thresholds)
+from pipeline.control.calibration import TUNE_SHARE, bulk_budget, calibrate_sample, calibration_rows, certify_thresholds
 from pipeline.control.stats import binom_cdf
 from pipeline.control.tuner import evaluate, tune_thresholds
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow

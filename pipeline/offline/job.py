@@ -259,11 +259,10 @@ def repair_job(cfg: JobConfig, parts: list[int] | str | None = None, address: st
     through the original model, top up the audit of the rest, and rewrite the summary."""
     import ray
 
+    from pipeline.data import storage
     from pipeline.model.artifact import read_manifest
     from pipeline.offline.repair import repair
     from pipeline.offline.shards import Shard
-
-    from pipeline.data import storage
 
     storage.configure(cfg.storage)
     summary = sink.read_json(cfg.output.url, sink.SUMMARY)
