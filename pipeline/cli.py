@@ -210,12 +210,14 @@ def run(config, input_url, output_url, model, address, resume, allow_uncertified
 
 def _check_certificate(summary: dict, on_uncertified: str) -> None:
     """Say what the certificate says; exit 3 when the promise is not certified and the user did not allow it."""
-    from pipeline.offline.certificate import describe
+    from pipeline.offline.certificate import describe, describe_cost
 
     cert = summary.get("certificate")
     if not cert:
         return
     click.echo(describe(cert), err=True)
+    if describe_cost(cert):
+        click.echo(describe_cost(cert), err=True)
     if cert["certified"]:
         return
     parts = cert.get("parts_with_disagreements") or []

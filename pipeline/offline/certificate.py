@@ -73,3 +73,16 @@ def describe(cert: dict) -> str:
     return (f"agreement with the original model {cert['agreement']:.2%}, {cert['method'].split(' over')[0]} "
             f"interval [{lo:.2%}, {hi:.2%}] from {cert['audit_early']} audited of {cert['early']} early-exit "
             f"rows: {verdict}")
+
+
+def describe_cost(cert: dict) -> str | None:
+    """One line for the CLI: what the promise cost, as shares of the job's time (None when not measured)."""
+    cost = cert.get("cost") or {}
+    said = []
+    if cost.get("calibration_share_of_job_time") is not None:
+        said.append(f"calibration {cost['calibration_share_of_job_time']:.0%} of the job's time "
+                    f"({cost['calibration_seconds']:.1f} s)")
+    if cost.get("feedback_share_of_job_time_estimated") is not None:
+        said.append(f"audit and feedback rows run to the end ~{cost['feedback_share_of_job_time_estimated']:.0%} "
+                    f"(their {cost['feedback_share_of_bulk_layer_work']:.0%} of the bulk's layer work)")
+    return "the promise cost: " + "; ".join(said) if said else None

@@ -222,14 +222,19 @@ def _certificate(cfg: JobConfig, summaries: list[dict], finished: set[int], cons
     if calibration is not None:
         cert["calibration_report"] = calibration.report
     # What the promise cost: the calibration pass's share of the job's time, and the share of layer work
-    # spent running audit and feedback rows past their answer.
+    # spent running audit and feedback rows past their answer, with the bulk pass's time it stands for (an
+    # estimate: a layer costs about the same for every row of a batch).
     run = sum(sum(r["layer_rows"]) for r in summaries)
     answers = sum(r["bulk_answer_layers"] for r in summaries)
+    total = summary.get("seconds_total")
+    feedback = (run - answers) / run if run else None
     cert["cost"] = {
         "calibration_seconds": None if calibration is None else round(calibration.seconds, 2),
-        "calibration_share_of_job_time": (None if calibration is None or not summary.get("seconds_total")
-                                          else round(calibration.seconds / summary["seconds_total"], 4)),
-        "feedback_share_of_bulk_layer_work": round((run - answers) / run, 4) if run else None,
+        "calibration_share_of_job_time": (None if calibration is None or not total
+                                          else round(calibration.seconds / total, 4)),
+        "feedback_share_of_bulk_layer_work": None if feedback is None else round(feedback, 4),
+        "feedback_share_of_job_time_estimated": (None if feedback is None or not total
+                                                 else round(feedback * summary["seconds"] / total, 4)),
     }
     return cert
 

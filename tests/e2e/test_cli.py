@@ -66,6 +66,7 @@ def test_an_uncertified_job_exits_3_names_the_fix_and_verify_audits_it(ee_dir, t
     out = offramp("run", job, check=False)
     assert out.returncode == 3, out.stderr[-2000:]
     assert "NOT certified" in out.stderr and "--repair" in out.stderr
+    assert "the promise cost: audit and feedback rows run to the end" in out.stderr  # no calibration here
     summary = json.loads(out.stdout)
     assert summary["certificate"]["certified"] is False and summary["rows"] == 400
     again = offramp("run", job, "--output", tmp_path / "out2", "--allow-uncertified", check=False)

@@ -214,6 +214,11 @@ def test_certified_job_calibrates_on_its_own_rows_audits_the_rest_and_certifies(
     lo, hi = cert["interval"]
     assert lo <= (cert["agreement"] if cert["agreement"] is not None else hi) <= hi
     assert any("calibrating on 200 rows" in m for m in messages)
+    cost = cert["cost"]  # what the promise cost, as shares of the job's time
+    assert 0 < cost["calibration_share_of_job_time"] < 1
+    # Layers run past an answer: only audited rows that exited early (no controller, so no other feedback rows)
+    assert (cost["feedback_share_of_bulk_layer_work"] > 0) == (cert["audit_early"] > 0)
+    assert 0 <= cost["feedback_share_of_job_time_estimated"] <= cost["feedback_share_of_bulk_layer_work"] < 1
 
     # --resume: half the parts lost; the calibration sample is reused, and the certificate still counts every part
     parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))

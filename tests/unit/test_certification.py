@@ -11,7 +11,7 @@ from pipeline.control.stats import binom_cdf, binom_sf, clopper_pearson, rows_to
 from pipeline.control.synthetic import synthetic_window
 from pipeline.control.tuner import evaluate, tune_thresholds
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
-from pipeline.offline.certificate import certify
+from pipeline.offline.certificate import certify, describe_cost
 
 SKILLS = [0.45, 0.55, 0.65, 0.8, 0.9]
 COSTS = CostModel.uniform(6, [1, 2, 3, 4, 5], ramp_cost=0.004)
@@ -246,3 +246,14 @@ def test_a_restarted_controller_keeps_holding_its_certified_thresholds(tmp_path)
     assert again.get_state()["calibrated"] and np.array_equal(again.get_state()["thresholds"], base)
     again.report(FeedbackWindow.concat([_sample(100, seed=9)]), output_rows=600)
     assert np.all(np.array(again.get_state()["thresholds"]) >= base)
+
+
+def test_the_cost_line_names_each_share_of_the_job_time_it_has():
+    cost = {"calibration_seconds": 19.8, "calibration_share_of_job_time": 0.265,
+            "feedback_share_of_bulk_layer_work": 0.097, "feedback_share_of_job_time_estimated": 0.071}
+    line = describe_cost({"cost": cost})
+    assert line == ("the promise cost: calibration 26% of the job's time (19.8 s); audit and feedback rows run to "
+                    "the end ~7% (their 10% of the bulk's layer work)")
+    no_calibration = dict(cost, calibration_seconds=None, calibration_share_of_job_time=None)
+    assert describe_cost({"cost": no_calibration}).startswith("the promise cost: audit and feedback rows")
+    assert describe_cost({}) is None
