@@ -12,16 +12,15 @@ out: `offramp bench accuracy` runs the real jobs.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from pipeline.bench import machine, write_result
-from pipeline.control.calibration import TUNE_SHARE, bulk_budget, calibrate_sample, calibration_rows, certify_thresholds
+from pipeline.control.calibration import (TUNE_SHARE, bulk_budget, calibrate_sample, calibration_rows,
+                                          certify_thresholds, walk_path)
 from pipeline.control.stats import binom_cdf
 from pipeline.control.tuner import evaluate, tune_thresholds
 from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
@@ -83,7 +82,7 @@ def fixed_sample(c: Corpus, seed: int, *, credit: bool = True, delta: float = 0.
     budget = bulk_budget(c.constraint, len(c), n) if credit else c.constraint
     test = c.rows.take(idx[int(round(TUNE_SHARE * n)):])
     if path is not None:
-        thr = walk_path(c, path, test, budget, delta)
+        thr = walk_path(path, test, c.costs, budget, delta, c.active).thresholds
     elif oracle_shape:
         thr = certify_thresholds(c.rows, test, c.costs, budget, delta, active=c.active).thresholds
     else:
@@ -94,17 +93,6 @@ def fixed_sample(c: Corpus, seed: int, *, credit: bool = True, delta: float = 0.
 def greedy_path(c: Corpus, rows: FeedbackWindow, targets=tuple(np.linspace(0.0005, 0.014, 28))) -> list[np.ndarray]:
     """Greedy tunes of `rows` at rising targets: the path a job would walk if it could tune on every row."""
     return [tune_thresholds(rows, c.costs, t, c.active).thresholds for t in targets]
-
-
-def walk_path(c: Corpus, path: list[np.ndarray], test: FeedbackWindow, budget: float, delta: float) -> np.ndarray:
-    """Fixed-sequence testing along `path`: the last point whose test disagreements pass the binomial test."""
-    best, n = np.full(len(c.active), CLOSED), len(test)
-    for thr in path:
-        wrong = n - int(round(evaluate(test, c.costs, thr, c.active).agreement * n))
-        if binom_cdf(wrong, n, budget) > delta:
-            break
-        best = thr
-    return best
 
 
 def _split_fixed(c: Corpus, seed: int) -> np.ndarray:
@@ -285,14 +273,13 @@ def load_corpus(model: str, corpus: str, cache_dir: str = "bench_results/recordi
     import pyarrow.parquet as pq
 
     from pipeline.control.deployment import controller_constraint, cost_model, warm_start_window
-    from pipeline.engine.ramp_outputs import record_ramps
+    from pipeline.engine.ramp_outputs import record_ramps, recording_path
     from pipeline.model.artifact import fingerprint, read_manifest
     from pipeline.offline.job import materialize_builtin
 
     manifest = read_manifest(model)
     texts = pq.read_table(materialize_builtin(f"builtin:{corpus}"), columns=["text"]).column("text").to_pylist()
-    key = hashlib.sha1((fingerprint(model) + "\x00" + "\x1f".join(texts)).encode("utf-8")).hexdigest()[:16]
-    path = Path(cache_dir) / f"{corpus}-{key}.npz"
+    path = recording_path(cache_dir, corpus, fingerprint(model), texts)
     if path.exists():
         z = np.load(path)
         rows = FeedbackWindow(z["conf"], z["pred"], z["final"])

@@ -32,7 +32,7 @@ from .stats import binom_cdf, clopper_pearson, rows_to_certify
 from .tuner import evaluate, tune_thresholds
 
 __all__ = ["Calibration", "bulk_budget", "calibrate_sample", "calibration_rows", "certify_thresholds",
-           "split_rows"]
+           "split_rows", "walk_path"]
 
 TUNE_SHARE = 0.3
 """Share of the calibration sample that builds the path; the rest tests it (the test split sets the power)."""
@@ -117,6 +117,20 @@ def certify_thresholds(
 
     `scales`: the path, cautious first: point k is 1 - scales[k] * (1 - shape) per ramp (up to 2x the shape's
     distance from 1.0: a tune split can be pessimistic, and the test decides)."""
+    R = costs.num_ramps
+    act = np.ones(R, bool) if active is None else np.asarray(active, bool)
+    shape = tune_thresholds(tune, costs, constraint, act).thresholds
+    points = [np.where(shape < CLOSED, np.clip(1.0 - float(s) * (1.0 - shape), 0.0, CLOSED), CLOSED) for s in scales]
+    return walk_path(points, test, costs, constraint, delta, act, tune_rows=len(tune), scales=scales)
+
+
+def walk_path(points: Sequence[np.ndarray], test: FeedbackWindow, costs: CostModel, constraint: float,
+              delta: float = 0.05, active: np.ndarray | Sequence[bool] | None = None, *, tune_rows: int = 0,
+              scales: Sequence[float] | None = None) -> Calibration:
+    """Fixed-sequence testing along `points` (threshold sets, cautious first, fixed before `test` is looked at):
+    point k passes when its disagreements on `test` would be improbable (exact binomial tail <= delta) at a true
+    disagreement of `constraint`; the walk stops at the first point that does not pass, and the last that did is
+    the answer (every ramp closed when none did). `scales` labels the points in the recorded path."""
     if not 0 < delta < 1:
         raise ValueError(f"delta={delta} must be in (0, 1), e.g. 0.05")
     R = costs.num_ramps
@@ -125,21 +139,20 @@ def certify_thresholds(
     path: list[dict[str, Any]] = []
     best = np.full(R, CLOSED)
     chosen, wrong_at_best, savings_at_best = -1, 0, 0.0
-    shape = tune_thresholds(tune, costs, constraint, act).thresholds
-    for scale in scales:
-        thr = np.where(shape < CLOSED, np.clip(1.0 - float(scale) * (1.0 - shape), 0.0, CLOSED), CLOSED)
+    for k, thr in enumerate(points):
         out = evaluate(test, costs, thr, act)
         wrong = n - int(round(out.agreement * n))
         p_value = binom_cdf(wrong, n, constraint) if n else 1.0
         passed = p_value <= delta
-        path.append({"scale": float(scale), "thresholds": [round(float(x), 6) for x in thr],
+        path.append({**({"scale": float(scales[k])} if scales is not None else {"point": k}),
+                     "thresholds": [round(float(x), 6) for x in thr],
                      "test_disagreements": wrong, "p_value": round(p_value, 6), "passed": passed,
                      "test_layer_savings": round(out.layer_savings, 4)})
         if not passed:
             break
         best, chosen, wrong_at_best, savings_at_best = thr, len(path) - 1, wrong, out.layer_savings
     upper = clopper_pearson(wrong_at_best, n, 1 - 2 * delta)[1] if n else 1.0
-    return Calibration(best, constraint, delta, len(tune), n, chosen, wrong_at_best, upper, savings_at_best, path)
+    return Calibration(best, constraint, delta, tune_rows, n, chosen, wrong_at_best, upper, savings_at_best, path)
 
 
 def calibrate_sample(sample: FeedbackWindow, warm: FeedbackWindow | None, costs: CostModel, budget: float,
