@@ -2,7 +2,6 @@
 (every ramp's output) and cached in the output folder, keyed by the artifact and the exact texts."""
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -64,11 +63,10 @@ class Recordings:
 
     def __call__(self, texts: list[str], label: str):
         """(FeedbackWindow of every ramp, the original model's confidence per row [N])."""
-        from pipeline.engine.ramp_outputs import record_ramps
+        from pipeline.engine.ramp_outputs import record_ramps, recording_path
         from pipeline.feedback import FeedbackWindow
 
-        key = hashlib.sha1((self.fp + "\x00" + "\x1f".join(texts)).encode("utf-8")).hexdigest()[:16]
-        path = self.cache_dir / f"{label}-{key}.npz"
+        path = recording_path(self.cache_dir, label, self.fp, texts)
         if self.reuse and path.exists():
             z = np.load(path)
             if "score" in z.files:

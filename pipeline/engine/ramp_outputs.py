@@ -2,6 +2,8 @@
 and each ramp's confidence and label are kept. The recording that tuning, re-tuning and replay start from."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -11,6 +13,13 @@ from pipeline.data.texts import validate_text
 from pipeline.engine.policy import ExitPolicy
 from pipeline.engine.predictor import Predictor
 from pipeline.feedback import CLOSED, FeedbackWindow
+
+
+def recording_path(cache_dir: str | Path, label: str, fingerprint: str, texts: Sequence[str]) -> Path:
+    """Where a recording of exactly `texts` with the artifact of `fingerprint` (pipeline.model.artifact) is
+    cached: `<cache_dir>/<label>-<key>.npz`."""
+    key = hashlib.sha1((fingerprint + "\x00" + "\x1f".join(texts)).encode("utf-8")).hexdigest()[:16]
+    return Path(cache_dir) / f"{label}-{key}.npz"
 
 
 def record_ramps(
