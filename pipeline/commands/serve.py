@@ -23,7 +23,7 @@ def _load_config(path: str, host: str | None, port: int | None):
     """ServeDeploySchema with offramp args resolved and the bind address settled."""
     from ray.serve.schema import ServeDeploySchema
 
-    from pipeline.config import StorageConfig, load_yaml
+    from pipeline.config import load_yaml
     from pipeline.data import storage
     from pipeline.model.artifact import read_manifest
     from pipeline.serving.app import resolve_config
@@ -45,8 +45,7 @@ def _load_config(path: str, host: str | None, port: int | None):
                 cfg = resolve_config(app.get("args") or {}, app.get("name"))
             except ValueError as e:
                 raise ValueError(f"application {app.get('name')!r} in {path}: {e}") from e
-            if cfg.storage != StorageConfig():
-                storage.configure(cfg.storage)
+            storage.configure(cfg.storage)
             read_manifest(cfg.model)  # a missing or foreign artifact fails now, with advice
             _check_ongoing(app, cfg)
             app["args"] = cfg.model_dump(mode="json", exclude_unset=False)

@@ -48,9 +48,11 @@ class StorageError(ValueError):
 
 
 def configure(cfg: StorageConfig | dict | None) -> StorageConfig:
-    """Use `cfg` for every URL this process opens (the driver calls it with the job's / app's block)."""
+    """Use `cfg` for every URL this process opens (the driver calls it with the job's / app's block). An empty
+    block (every field at its default) or None leaves the settings to the environment (ENV, else defaults)."""
     global _configured
-    _configured = cfg if isinstance(cfg, StorageConfig) or cfg is None else StorageConfig.model_validate(cfg)
+    cfg = cfg if isinstance(cfg, StorageConfig) or cfg is None else StorageConfig.model_validate(cfg)
+    _configured = None if cfg == StorageConfig() else cfg
     return settings()
 
 

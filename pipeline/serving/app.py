@@ -193,14 +193,12 @@ def resolve_config(args: dict, app_name: str | None = None) -> ServeAppConfig:
 def build_app(args: "dict | ServeAppConfig", **deployment_options):
     """The bound application; `deployment_options` (num_replicas, ray_actor_options, ...) as in
     `serve.deployment` (a config file's `deployments:` section overrides them)."""
-    from pipeline.config import StorageConfig
     from pipeline.control.deployment import start_controller
     from pipeline.data import storage
     from pipeline.model.artifact import read_manifest
 
     cfg = resolve_config(args.model_dump() if isinstance(args, ServeAppConfig) else args)
-    if cfg.storage != StorageConfig():
-        storage.configure(cfg.storage)
+    storage.configure(cfg.storage)
     manifest = read_manifest(cfg.model)  # fails here, with advice, if the artifact is missing
     # exit mode feeds back only a share of texts: judge windows by an exact binomial test, close them on
     # answered texts, and ask for more feedback while the evidence is thin (release mode feeds back every text)

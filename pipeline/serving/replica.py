@@ -17,7 +17,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from pipeline.config import StorageConfig
 from pipeline.data import storage
 from pipeline.engine.encoder import Encoded, TextEncoder
 from pipeline.engine.microbatch import TokenBudget
@@ -65,8 +64,7 @@ class ReplicaEngine:
                  client=None, metrics_backend: str = "local"):
         self.config = config
         self.replica = replica
-        if config.storage != StorageConfig():  # the app's block; else what the environment says
-            storage.configure(config.storage)
+        storage.configure(config.storage)  # the app's block; else what the environment says
         self.predictor = p = import_class(config.predictor_class)(config.model, config.engine)
         p.budget = _OnlineBudget(p.config.token_budget, p.config.max_token_budget, p.config.latency_target_s)
         log.info("replica %s warmed up in %.1f s", replica, p.warm_up())  # a compiled model compiles now

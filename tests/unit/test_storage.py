@@ -212,3 +212,18 @@ def test_a_serve_replica_fetches_a_model_url_with_its_apps_storage_block(s3, tin
     engine = ReplicaEngine(ServeAppConfig(model=url, storage=block, controller={"enabled": False},
                                           engine={"num_threads": 1}))
     assert engine.predictor.manifest.ramp_layers == [1, 2, 3]
+
+
+def test_an_empty_block_leaves_the_settings_to_the_environment(monkeypatch):
+    """A Serve replica or job whose YAML has no `storage:` block keeps what the driver sent (ENV); a block wins."""
+    sent = StorageConfig.model_validate({"s3": {"endpoint_url": "http://127.0.0.1:9"}})
+    monkeypatch.setenv(storage.ENV, sent.model_dump_json())
+    try:
+        assert storage.configure(StorageConfig()) == sent
+        assert storage.configure({}) == sent
+        own = StorageConfig.model_validate({"s3": {"endpoint_url": "http://127.0.0.1:10"}})
+        assert storage.configure(own) == own
+        monkeypatch.delenv(storage.ENV)
+        assert storage.configure(None) == StorageConfig()
+    finally:
+        storage.configure(None)
