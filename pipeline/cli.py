@@ -216,8 +216,8 @@ def _check_certificate(summary: dict, on_uncertified: str) -> None:
     if not cert:
         return
     click.echo(describe(cert), err=True)
-    if describe_cost(cert):
-        click.echo(describe_cost(cert), err=True)
+    if cost := describe_cost(cert):
+        click.echo(cost, err=True)
     if cert["certified"]:
         return
     parts = cert.get("parts_with_disagreements") or []
