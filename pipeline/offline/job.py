@@ -245,11 +245,11 @@ def _top_up(cfg: JobConfig, shards, cert: dict, constraint: float, summary: dict
     from pipeline.offline.certificate import describe
     from pipeline.offline.repair import top_up
 
-    echo(describe(cert))
     t = time.perf_counter()
     new = top_up(cfg, shards, cert, constraint, int(summary["layers"]), echo)
-    if new is None:
+    if new is None:  # the CLI says what the certificate says; no second line for a top-up not made
         return cert
+    echo(f"before the top-up: {describe(cert)}")
     keep = ("audit_fraction", "calibration_report", "cost")
     looks = [{k: cert.get(k) for k in ("method", "agreement", "interval", "certified", "audit_early",
                                         "audit_early_disagree")}]
