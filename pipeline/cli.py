@@ -71,18 +71,24 @@ def finetune(base, dataset, out, text_column, label_column, epochs, batch_size, 
 @click.option("--data", default="movie-reviews", show_default=True, help="Bootstrap corpus: built-in name or path/URL (no labels needed).")
 @click.option("--out", required=True, help="Early-exit artifact: a directory or a URL (s3://...).")
 @click.option("--text-column", default="text", show_default=True)
-@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
+@click.option("--pooling", type=click.Choice(["auto", "mean", "cls", "last"]), default="auto", show_default=True,
+              help="How ramps pool a layer's tokens; auto: mean for encoders, the last real token for decoders.")
 @click.option("--constraint", default=0.01, show_default=True, type=float, help="Accuracy budget for initial thresholds.")
 @click.option("--epochs", default=30, show_default=True, type=int)
 @click.option("--limit", default=None, type=int, help="Use only N rows (a random sample).")
-def bootstrap(model_dir, data, out, text_column, pooling, constraint, epochs, limit):
-    """Train a ramp at every encoder layer by distillation from the frozen original model."""
+@click.option("--bins", default=None, help="A regression head's bin values, e.g. 0,1,2,3,4,5 (default: the rounded "
+              "integers over the range of its scores on --data).")
+@click.option("--label-threshold", default=0.5, show_default=True, type=float,
+              help="A multi-label head's cut: a label is on when its sigmoid is at least this.")
+def bootstrap(model_dir, data, out, text_column, pooling, constraint, epochs, limit, bins, label_threshold):
+    """Train a ramp after every layer by distillation from the frozen original model."""
     from pipeline.config import BootstrapConfig
     from pipeline.training.bootstrap import bootstrap as run
 
     try:
+        values = None if bins is None else [float(x) for x in bins.split(",") if x.strip()]
         cfg = BootstrapConfig(data=data, text_column=text_column, pooling=pooling, constraint=constraint,
-                              epochs=epochs, limit=limit)
+                              epochs=epochs, limit=limit, regression_bins=values, label_threshold=label_threshold)
         from pipeline.data.storage import staged_dir
 
         with staged_dir(out) as local:  # a URL: written here, then uploaded (manifest.json last)

@@ -114,8 +114,16 @@ class BootstrapConfig(_Strict):
     data: str = "movie-reviews"
     """A built-in dataset name or a parquet/jsonl/csv path or fsspec URL (labels not needed)."""
     text_column: str = "text"
-    pooling: Literal["mean", "cls"] = "mean"
-    """Ramp pooling: masked mean over tokens (measured far better on early layers) or the [CLS] vector."""
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    """Ramp pooling: masked mean over tokens (measured far better than [CLS] on early layers), the first token
+    (`cls`), or the last real token (`last`, where a decoder classifier's score head reads). `auto`: the
+    family's choice (mean for encoders, last for decoders)."""
+    regression_bins: list[float] | None = None
+    """A regression head's bins, as their values (e.g. [0, 1, 2, 3, 4, 5]: a score goes to the nearest, edges
+    halfway); agreement means the same bin. Default: integers over the range of the head's scores on the
+    bootstrap data, rounded (a score is rounded and clamped to that range)."""
+    label_threshold: float = Field(0.5, gt=0, lt=1)
+    """A multi-label head's cut: a label is in the answer when its sigmoid is at least this."""
     temperature: float = Field(2.0, gt=0)
     """Distillation temperature for the soft targets."""
     epochs: int = Field(30, ge=1)

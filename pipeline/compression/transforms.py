@@ -67,10 +67,10 @@ def _hf(model: nn.Module) -> nn.Module:
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The encoder layers (where ~all compute is) of an EarlyExitModel or an HF classifier."""
-    from pipeline.model.encoders import encoder_parts
+    """The distinct layer modules (where ~all compute is) of an EarlyExitModel or an HF classifier."""
+    from pipeline.model.families import backbone
 
-    return encoder_parts(_hf(model)).layers
+    return backbone(_hf(model)).modules
 
 
 def _int8_dynamic(model: nn.Module, cfg: Int8DynamicConfig) -> nn.Module:

@@ -53,23 +53,20 @@ class TailFeedback:
 
 @dataclass
 class BatchOutput:
-    label: torch.Tensor  # [B] long
-    score: torch.Tensor  # [B] float32, softmax probability of `label`
+    label: torch.Tensor  # [B] long, the answer id (pipeline.model.heads: label, bin or label bitmask)
+    score: torch.Tensor  # [B] float32, the answer's score (softmax probability of `label`, a regression's score)
     exit_layer: torch.Tensor  # [B] long, 1..L (L = answered by the original head)
     feedback_rows: torch.Tensor  # [F] long, rows (batch positions) that ran to the end, ascending
-    ramp_conf: torch.Tensor  # [F,R] float32 max softmax of every ramp
-    ramp_pred: torch.Tensor  # [F,R] long
-    final_pred: torch.Tensor  # [F] long, the original head's prediction
+    ramp_conf: torch.Tensor  # [F,R] float32 every ramp's confidence (max softmax for a single-label head)
+    ramp_pred: torch.Tensor  # [F,R] long, every ramp's answer id
+    final_pred: torch.Tensor  # [F] long, the original head's answer id
     final_conf: torch.Tensor  # [F] float32
     layer_rows: list[int]  # rows that entered each layer (compute actually spent)
     tail: Tail | None = None
     """Release mode with defer_tail: the rest of the batch's feedback (`finish_tail`)."""
     logits: torch.Tensor | None = None
-    """[B,C] float32 raw logits of the ramp or head that answered each row (Serve returns every label's score)."""
-
-
-def _conf_pred(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    """[B,C] float32 logits of the ramp or head that answered each row, in the original head's space (Serve and
+    the output's label scores read them through the head's kind)."""
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -97,6 +94,7 @@ def execute(
 
     on_exit(rows, labels, scores, layer, logits) is called as soon as rows exit at a ramp, before later
     layers run: the online path answers those requests early (Apparate's early release). logits [n,C].
+    What an answer is (its id, confidence and score) is the head's kind's to say (model.head_kind).
     """
     if mode not in ("exit", "release"):
         raise ValueError(f"mode {mode!r} must be 'exit' or 'release'")
@@ -104,6 +102,7 @@ def execute(
         raise ValueError(f"policy has {len(policy.thresholds)} thresholds for {len(model.ramps)} ramps")
     B, device = input_ids.shape[0], input_ids.device
     R, L = len(model.ramps), model.num_layers
+    kind = model.head_kind
     release = mode == "release"
     feedback = torch.zeros(B, dtype=torch.bool, device=device) if shadow is None else shadow.to(device).bool()
     if release and not defer_tail:
@@ -121,27 +120,26 @@ def execute(
     alive = torch.arange(B, device=device)  # batch positions still in the hot path
     mask = attention_mask
     h = model.embed(input_ids, token_type_ids)
-    lmask = model.layer_mask(h, mask)
+    state = model.layer_state(h, mask)
     layer_rows: list[int] = []
     for i in range(L):
         layer_rows.append(len(alive))
-        h = model.layer(i, h, lmask)
+        h = model.layer(i, h, state)
         r = model.ramp_at_layer.get(i + 1)
         if r is None or i + 1 == L:
             continue
         if not (release or policy.is_open(r) or feedback[alive].any()):
             continue  # a closed ramp costs nothing unless feedback needs its output
-        ramp_logits = model.ramp(r, h, mask)
-        conf, pred = _conf_pred(ramp_logits)
-        ramp_conf[alive, r], ramp_pred[alive, r] = conf, pred
-        new = policy.exits(r, conf) & ~decided[alive]
+        d = kind.decide_ramp(model.ramp(r, h, mask))
+        ramp_conf[alive, r], ramp_pred[alive, r] = d.conf, d.answer
+        new = policy.exits(r, d.conf) & ~decided[alive]
         if new.any():
             rows = alive[new]
-            label[rows], score[rows], exit_layer[rows] = pred[new], conf[new], i + 1
-            logits[rows] = ramp_logits[new].float()
+            label[rows], score[rows], exit_layer[rows] = d.answer[new], d.score[new], i + 1
+            logits[rows] = d.logits[new]
             decided[rows] = True
             if on_exit is not None:
-                on_exit(rows, pred[new], conf[new], i + 1, logits[rows])
+                on_exit(rows, d.answer[new], d.score[new], i + 1, logits[rows])
         if release and tail is None:
             continue  # plain release: every row runs to the end in the batch
         keep = ~decided[alive] | feedback[alive]
@@ -157,17 +155,17 @@ def execute(
             # compiled layer sees the same strides as on a fresh batch (else it recompiles).
             width = int(mask[keep].sum(1).max())
             alive, h, mask = alive[keep], h[keep, :width], mask[keep, :width]
-            lmask = model.layer_mask(h, mask)
+            state = model.layer_state(h, mask)
 
     final_pred = torch.empty(0, dtype=torch.long, device=device)
     final_conf = torch.empty(0, dtype=torch.float32, device=device)
     if len(alive):
-        head_logits = model.head(h)
-        final_conf, final_pred = _conf_pred(head_logits)
+        d = kind.decide(model.head(h, mask))
+        final_conf, final_pred = d.conf, d.answer
         rest = ~decided[alive]
         rows = alive[rest]
-        label[rows], score[rows] = final_pred[rest], final_conf[rest]
-        logits[rows] = head_logits[rest].float()
+        label[rows], score[rows] = final_pred[rest], d.score[rest]
+        logits[rows] = d.logits[rest]
         fb = feedback[alive]
         if tail is not None:  # unanswered non-shadow rows are reported with the tail
             tail.ended, tail.ended_final = alive[~fb], final_pred[~fb]
@@ -203,14 +201,15 @@ def finish_tail(model: EarlyExitModel, tail: Tail, stop: Callable[[], bool] | No
                 h = torch.cat([_pad_to(h, width), _pad_to(h2, width)])
                 mask = torch.cat([_pad_to(mask, width), _pad_to(m2, width)])
             k += 1
-            lmask = model.layer_mask(h, mask)  # the rows changed
+            state = model.layer_state(h, mask)  # the rows changed
         if stop is not None and stop():
             return None
-        h = model.layer(i, h, lmask)
+        h = model.layer(i, h, state)
         r = model.ramp_at_layer.get(i + 1)
         if r is not None and i + 1 != L:
-            tail.ramp_conf[rows, r], tail.ramp_pred[rows, r] = _conf_pred(model.ramp(r, h, mask))
+            d = model.head_kind.decide_ramp(model.ramp(r, h, mask))
+            tail.ramp_conf[rows, r], tail.ramp_pred[rows, r] = d.conf, d.answer
     if rows is not None:
-        done.append((rows, _conf_pred(model.head(h))[1]))
+        done.append((rows, model.head_kind.decide(model.head(h, mask)).answer))
     rows = torch.cat([d[0] for d in done])
     return TailFeedback(rows, tail.ramp_conf[rows], tail.ramp_pred[rows], torch.cat([d[1] for d in done]))

@@ -30,14 +30,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class Prediction:
     label: str | None
+    """The answer as text: a label, a regression's bin ("3"), a multi-label set ("a,b"; "" for none)."""
     label_id: int
+    """The answer's id (pipeline.model.heads): two answers agree when their ids are equal."""
     score: float
     exit_layer: int
     """Encoder layers run before the answer: 1..L-1 = a ramp, L = the original head, 0 = no answer."""
     truncated: bool = False
     error: str | None = None
     logits: np.ndarray | None = field(default=None, repr=False, compare=False)
-    """[C] float32 raw logits of the ramp or head that answered (None with an error): every label's score."""
+    """[C] float32 logits of the ramp or head that answered, in the original head's space (None with an error):
+    every label's score through `Predictor.head.label_scores`."""
     threshold_version: int | None = field(default=None, compare=False)
     """Version of the thresholds (ExitPolicy) the row was answered under."""
 
@@ -153,7 +156,8 @@ class Predictor:
         self.budget = TokenBudget(
             self.config.token_budget, self.config.max_token_budget, self.config.latency_target_s
         )
-        self.label_names = self.manifest.label_names
+        self.head = self.model.head_kind  # what an answer is (pipeline.model.heads)
+        self.label_names = self.head.label_names
 
     @property
     def num_ramps(self) -> int:
@@ -299,7 +303,7 @@ class Predictor:
             logits = logits.cpu().numpy()
             for n, (k, lid, sc) in enumerate(zip(rows.tolist(), labels.tolist(), scores.tolist())):
                 j = idx[k]
-                on_result(valid[j], Prediction(self.label_names[lid], lid, float(sc), layer, bool(truncated[j]),
+                on_result(valid[j], Prediction(self.head.label(lid), lid, float(sc), layer, bool(truncated[j]),
                                                logits=logits[n], threshold_version=version))
 
         return on_exit
@@ -312,7 +316,7 @@ class Predictor:
         for k, j in enumerate(idx):
             lid = int(label[k])
             out[valid[j]] = Prediction(
-                self.label_names[lid], lid, float(score[k]), int(exit_layer[k]), bool(truncated[j]),
+                self.head.label(lid), lid, float(score[k]), int(exit_layer[k]), bool(truncated[j]),
                 logits=logits[k], threshold_version=version,
             )
             if on_result and exit_layer[k] == L:  # ramp exits were already announced

@@ -63,6 +63,8 @@ class Manifest(BaseModel):
     thresholds: list[float]
     active: list[bool]
     constraint: float = 0.01
+    head: dict[str, Any] = Field(default_factory=lambda: {"kind": "single_label"})
+    """The head's kind and its settings (pipeline.model.heads): what an answer is and what agreement means."""
     profile: Profile | None = None
     bootstrap: dict[str, Any] = Field(default_factory=dict)
     compression: dict[str, Any] | None = None
@@ -240,14 +242,16 @@ def load_float_artifact(path: str | Path, device: str = "cpu", dtype=None):
     from safetensors.torch import load_file
 
     from pipeline.model.early_exit import EarlyExitModel
+    from pipeline.model.heads import head_kind
     from pipeline.model.ramps import RampSet
 
     path = artifact_dir(path)
     manifest = read_manifest(path)
     hf = load_classifier(str(path / "model"))
     tokenizer = load_tokenizer(str(path / "model"))
+    head = head_kind(hf.config, manifest.head)
     ramps = RampSet(
-        manifest.ramp_layers, manifest.hidden_size, manifest.num_labels, [r.pooling for r in manifest.ramps]
+        manifest.ramp_layers, manifest.hidden_size, head.ramp_outputs, [r.pooling for r in manifest.ramps]
     )
     state = load_file(str(path / "ramps.safetensors"))
     state = {k.removeprefix("ramps."): v for k, v in state.items()}
@@ -257,6 +261,6 @@ def load_float_artifact(path: str | Path, device: str = "cpu", dtype=None):
         raise ValueError(
             f"{path}/ramps.safetensors does not match manifest.json ({e}); re-run `offramp bootstrap`"
         ) from e
-    model = EarlyExitModel(hf, ramps)
+    model = EarlyExitModel(hf, ramps, head)
     model.to(device=torch.device(device), dtype=dtype or torch.float32)
     return model.eval(), tokenizer, manifest

@@ -1,7 +1,8 @@
-"""The early-exit model: an HF encoder classifier plus ramps, callable one piece at a time.
+"""The early-exit model: an HF sequence classifier plus ramps, callable one piece at a time.
 
 This module only computes. Which rows exit, and when, is decided outside it by an ExitPolicy
-(pipeline.engine.policy) inside the executor loop (pipeline.engine.executor).
+(pipeline.engine.policy) inside the executor loop (pipeline.engine.executor); what an answer is, by the
+head's kind (pipeline.model.heads).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline.model.encoders import EncoderParts, encoder_parts
+from pipeline.model.families import Backbone, backbone
+from pipeline.model.heads import HeadKind, head_kind
 from pipeline.model.ramps import RampSet
 
 # SDPA on CUDA without its cuDNN backend: cuDNN attention builds an execution plan for every new
@@ -23,19 +25,25 @@ from pipeline.model.ramps import RampSet
 _CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def attention_kernels(hidden: torch.Tensor):
+    """The context every layer runs in: on CUDA, SDPA without its cuDNN backend (see _CUDA_ATTENTION)."""
+    return sdpa_kernel(_CUDA_ATTENTION) if hidden.is_cuda else nullcontext()
+
+
 class EarlyExitModel(nn.Module):
-    def __init__(self, hf_model, ramps: RampSet):
+    def __init__(self, hf_model, ramps: RampSet, head: HeadKind | None = None):
         super().__init__()
         self.hf_model = hf_model.eval()
-        self.parts: EncoderParts = encoder_parts(hf_model)
+        self.parts: Backbone = backbone(hf_model)
         self.ramps = ramps
+        self.head_kind = head or head_kind(hf_model.config)
         self.num_labels = int(hf_model.config.num_labels)
-        check_ramps_match(ramps, self.parts, self.num_labels)
+        check_ramps_match(ramps, self.parts, self.head_kind.ramp_outputs)
         self.ramp_at_layer = ramps.at_layer()
 
     @property
     def num_layers(self) -> int:
-        return len(self.parts.layers)
+        return self.parts.num_layers
 
     @property
     def config(self):
@@ -44,48 +52,46 @@ class EarlyExitModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.parts.embed(input_ids, token_type_ids)  # [B,S,H]
 
-    def layer_mask(self, hidden: torch.Tensor, mask: torch.Tensor):
-        """2D padding mask [B,S] -> whatever the attention implementation wants. Always a mask, even when no
-        row is padded: a compiled layer that sees None for some batches compiles a second graph."""
-        from transformers.masking_utils import create_bidirectional_mask
+    def layer_state(self, hidden: torch.Tensor, mask: torch.Tensor):
+        """What every layer needs for these rows besides hidden [B,S,H] (the attention mask in the form the
+        attention implementation wants, a family's rotary tables or relative positions), from mask [B,S].
+        Computed again whenever the rows change."""
+        return self.parts.layer_state(hidden, mask)
 
-        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask,
-                                         allow_is_bidirectional_skip=False)
-
-    def layer(self, i: int, hidden: torch.Tensor, layer_mask) -> torch.Tensor:
-        """Run encoder layer i (0-based); on CUDA without SDPA's cuDNN backend (see _CUDA_ATTENTION)."""
-        with sdpa_kernel(_CUDA_ATTENTION) if hidden.is_cuda else nullcontext():
-            out = self.parts.layers[i](hidden, layer_mask)
-        return out[0] if isinstance(out, tuple) else out
+    def layer(self, i: int, hidden: torch.Tensor, state) -> torch.Tensor:
+        """Run layer i (0-based); on CUDA without SDPA's cuDNN backend (see _CUDA_ATTENTION)."""
+        with attention_kernels(hidden):
+            return self.parts.layer(i, hidden, state)
 
     def ramp(self, r: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.ramps.ramps[r](hidden, mask)  # [B,C]
+        return self.ramps.ramps[r](hidden, mask)  # [B,ramp_outputs]
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.parts.head(hidden)  # [B,C]
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.parts.head(hidden, mask)  # [B,C]
 
     @torch.inference_mode()
     def full_forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """No exits: the original model's logits, computed layer by layer."""
         h = self.embed(input_ids, token_type_ids)
-        m = self.layer_mask(h, attention_mask)
+        state = self.layer_state(h, attention_mask)
         for i in range(self.num_layers):
-            h = self.layer(i, h, m)
-        return self.head(h)
+            h = self.layer(i, h, state)
+        return self.head(h, attention_mask)
 
 
-def check_ramps_match(ramps: RampSet, parts: EncoderParts, num_labels: int) -> None:
+def check_ramps_match(ramps: RampSet, parts: Backbone, num_outputs: int) -> None:
     """A ramps file from another model must fail loudly, not produce garbage."""
-    n = len(parts.layers)
+    n = parts.num_layers
     if ramps.layers[-1] > n:
         raise ValueError(
             f"ramp at layer {ramps.layers[-1]} but the model has {n} layers: these ramps belong to another "
             "model; run `offramp bootstrap` for this one"
         )
     first = ramps.ramps[0]
-    if first.norm.normalized_shape[0] != parts.hidden_size or first.proj.out_features != num_labels:
+    if first.norm.normalized_shape[0] != parts.hidden_size or first.proj.out_features != num_outputs:
         raise ValueError(
-            f"ramps expect hidden size {first.norm.normalized_shape[0]} and {first.proj.out_features} classes, "
-            f"the model has {parts.hidden_size} and {num_labels}: these ramps belong to another model; "
+            f"ramps expect hidden size {first.norm.normalized_shape[0]} and {first.proj.out_features} outputs, "
+            f"the model has {parts.hidden_size} and its head's ramps {num_outputs}: these ramps belong to another "
+            "model; "
             "run `offramp bootstrap` for this one"
         )

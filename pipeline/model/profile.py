@@ -31,12 +31,12 @@ def measure_profile(model: EarlyExitModel, batch_rows: int = 64, seq_len: int = 
     ids = torch.randint(5, max(6, vocab - 1), (batch_rows, seq_len), device=device)
     mask = torch.ones_like(ids)
     h = model.embed(ids)
-    lmask = model.layer_mask(h, mask)
+    state = model.layer_state(h, mask)
     embed_ms = _time_ms(lambda: model.embed(ids), reps, device)
-    layer_ms = [_time_ms(lambda i=i: model.layer(i, h, lmask), reps, device) for i in range(model.num_layers)]
-    ramp_ms = [_time_ms(lambda r=r: torch.softmax(model.ramp(r, h, mask).float(), -1).max(-1), reps, device)
+    layer_ms = [_time_ms(lambda i=i: model.layer(i, h, state), reps, device) for i in range(model.num_layers)]
+    ramp_ms = [_time_ms(lambda r=r: model.head_kind.decide_ramp(model.ramp(r, h, mask)), reps, device)
                for r in range(len(model.ramps))]
-    head_ms = _time_ms(lambda: model.head(h), reps, device)
+    head_ms = _time_ms(lambda: model.head(h, mask), reps, device)
     return Profile(
         device=str(device), dtype=str(dtype).removeprefix("torch."), batch_rows=batch_rows, seq_len=seq_len,
         embed_ms=embed_ms, layer_ms=layer_ms, ramp_ms=ramp_ms, head_ms=head_ms,

@@ -44,15 +44,18 @@ def read_output(output_url: str):
 
 
 def original_predictions(model_dir: str, texts: list[str], batch_rows: int = 64, progress=None) -> np.ndarray:
-    """[N] argmax of the original classifier (EE_DIR/model), plain transformers in float32, length-sorted batches
-    (padding does not change a row's answer beyond float rounding)."""
-    from pipeline.model.artifact import load_classifier, load_tokenizer, model_max_length
+    """[N] the original classifier's answer ids (EE_DIR/model, its head's kind as the manifest records it: a label,
+    a regression's bin, a multi-label set), plain transformers in float32, length-sorted batches (padding does not
+    change a row's answer beyond float rounding)."""
+    from pipeline.model.artifact import load_classifier, load_tokenizer, model_max_length, read_manifest
     from pipeline.model.classify import classifier_logits
+    from pipeline.model.heads import head_kind
 
     model = load_classifier(f"{model_dir}/model").float()
     tok = load_tokenizer(f"{model_dir}/model")
+    head = head_kind(model.config, read_manifest(model_dir).head)
     max_length = model_max_length(model.config, tok)
-    return classifier_logits(model, tok, texts, max_length, batch_rows, progress).argmax(-1).numpy()
+    return head.decide(classifier_logits(model, tok, texts, max_length, batch_rows, progress)).answer.numpy()
 
 
 def _texts(plan: dict, text_column: str, shard: np.ndarray, row: np.ndarray) -> list:
@@ -60,7 +63,7 @@ def _texts(plan: dict, text_column: str, shard: np.ndarray, row: np.ndarray) -> 
     by_shard = {s["shard"]: Shard(s["shard"], s["path"], s["start"], s["stop"]) for s in plan["shards"]}
     texts: list = [None] * len(shard)
     for s in np.unique(shard):
-        table = read_shard(by_shard[int(s)])
+        table = read_shard(by_shard[int(s)], text_column)
         require_columns(table, [text_column], "input", "pass --text-column")
         col = table.column(text_column)
         for i in np.flatnonzero(shard == s):

@@ -12,12 +12,14 @@ Request (TEI's PredictRequest; unknown fields are ignored, as TEI's serde ignore
     "Right"|"Left" (default: the tokenizer's side), "raw_scores": false|true (the raw logits),
     "parameters": {"top_k": k, "function_to_apply": "softmax"|"sigmoid"|"none"} (what huggingface_hub sends).
 
-Response 200, per text every label sorted by score (softmax probabilities of the ramp or head that answered):
+Response 200, per text every label sorted by score (from the ramp or head that answered: softmax probabilities
+of a single-label head, a sigmoid per label of a multi-label head, a regression's score):
     one text:  [{"label": "positive", "score": 0.97, "exit_layer": 2, "threshold_version": 3},
                 {"label": "negative", "score": 0.03}]
     a batch:   [[{...}, {...}], [{...}, {...}], ...]   (input order)
 offramp's own keys (`exit_layer`: encoder layers run before the answer, L = the original head;
-`threshold_version`) ride on the top-ranked entry only, where TEI clients ignore them.
+`threshold_version`; for a regression or multi-label head `answer`, the bin or the label set that agreement is
+measured on) ride on the top-ranked entry only, where TEI clients ignore them.
 
 Errors, TEI's shape and status codes: {"error": "<what is wrong and how to fix it>", "error_type": ...}
     400 Validation: empty body, invalid JSON or UTF-8;   400 Empty: an empty text;
@@ -62,8 +64,8 @@ class PredictRequest:
     """None: the server's default (auto-truncate, as TEI's --auto-truncate default)."""
     truncation_direction: str | None = None
     """'right' | 'left', or None: the tokenizer's own truncation side."""
-    transform: str = "softmax"
-    """softmax | sigmoid | none (raw logits)."""
+    transform: str | None = None
+    """softmax | sigmoid | none (raw logits), or None: the head's own (pipeline.model.heads.HeadKind.transform)."""
     top_k: int | None = None
 
 
@@ -153,7 +155,7 @@ def _inputs(inputs) -> tuple[list[str], bool]:
 def _parameters(params) -> tuple[str, int | None]:
     """huggingface_hub's text-classification parameters; others are ignored."""
     if params is None:
-        return "softmax", None
+        return None, None
     if not isinstance(params, dict):
         raise ApiError(422, f'"parameters" must be an object, got {_kind(params)}')
     top_k = params.get("top_k")
@@ -161,7 +163,7 @@ def _parameters(params) -> tuple[str, int | None]:
         raise ApiError(422, f'"parameters.top_k" must be a positive integer, got {top_k!r}')
     fn = params.get("function_to_apply")
     if fn is None:
-        fn = "softmax"
+        return None, top_k
     if not isinstance(fn, str) or fn.lower() not in _TRANSFORMS:
         raise ApiError(422, f'"parameters.function_to_apply" must be one of {list(_TRANSFORMS)}, got {fn!r}')
     return fn.lower(), top_k
@@ -197,11 +199,16 @@ def label_scores(logits, labels: list[str], transform: str = "softmax", top_k: i
     return rows
 
 
-def prediction_body(predictions, labels: list[str], req: PredictRequest) -> list:
-    """TEI-shaped JSON for answered predictions (callers check `error` first). A prediction without logits
+def prediction_body(predictions, labels: list[str], req: PredictRequest, head_transform: str = "softmax",
+                    with_answer: bool = False) -> list:
+    """TEI-shaped JSON for answered predictions (callers check `error` first). `head_transform`: the scores when
+    the request names none (the head's kind's); `with_answer`: the answer rides on the top entry as `answer` (a
+    regression's bin or a multi-label set, which the top-scored label is not). A prediction without logits
     (a custom predictor_class that does not set them) gives its predicted label only."""
-    rows = [label_scores(p.logits, labels, req.transform, req.top_k,
-                         {"exit_layer": int(p.exit_layer), "threshold_version": p.threshold_version})
+    transform = req.transform or head_transform
+    rows = [label_scores(p.logits, labels, transform, req.top_k,
+                         {"exit_layer": int(p.exit_layer), "threshold_version": p.threshold_version,
+                          **({"answer": p.label} if with_answer else {})})
             if p.logits is not None else
             [{"label": p.label, "score": float(p.score), "exit_layer": int(p.exit_layer),
               "threshold_version": p.threshold_version}]

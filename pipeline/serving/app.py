@@ -120,7 +120,8 @@ class EarlyExitDeployment:
                        "X-Offramp-Threshold-Version": str(max(p.threshold_version or 0 for p in preds))}
             if req.single:
                 headers["x-offramp-exit-layer"] = str(preds[0].exit_layer)
-            body = prediction_body(preds, self.labels, req)
+            head = self.engine.predictor.head
+            body = prediction_body(preds, self.labels, req, head.transform, head.kind != "single_label")
             total = _ms(time.perf_counter() - t0)
             resp = self._respond(body, headers={**headers, "x-compute-time": total, "x-total-time": total})
         except ApiError as e:

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline.config import BootstrapConfig
 from pipeline.data.datasets import TextDataset
@@ -33,8 +32,9 @@ from pipeline.model.artifact import (
     save_artifact,
     save_validation_feedback,
 )
-from pipeline.model.early_exit import EarlyExitModel
-from pipeline.model.encoders import encoder_parts
+from pipeline.model.early_exit import EarlyExitModel, attention_kernels
+from pipeline.model.families import Backbone, backbone
+from pipeline.model.heads import HeadKind, head_from_scores
 from pipeline.model.profile import cost_arrays, measure_profile
 from pipeline.model.ramps import RampSet, pool
 
@@ -42,35 +42,41 @@ log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def collect_features(model: EarlyExitModel, tokenizer, texts: list[str], batch_size: int, max_length: int,
-                     pooling: str, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """pooled [N,R,H] at every ramp layer and the original logits [N,C], in input order."""
+def collect_features(parts: Backbone, ramp_layers: list[int], tokenizer, texts: list[str], batch_size: int,
+                     max_length: int, pooling: str, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """pooled [N,R,H] after every layer in `ramp_layers` (1-based) and the original head's logits [N,C], in
+    input order."""
     rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    pooled = torch.empty(len(texts), len(model.ramps), model.parts.hidden_size)
-    logits = torch.empty(len(texts), model.num_labels)
+    at = {layer: r for r, layer in enumerate(ramp_layers)}
+    pooled = torch.empty(len(texts), len(ramp_layers), parts.hidden_size)
+    logits = torch.empty(len(texts), int(parts.config.num_labels))
+    device = next(parts.model.parameters()).device
     done = 0
     for idx, ids, mask in padded_batches(rows, tokenizer.pad_token_id or 0, batch_size):
-        idx, ids, mask = torch.from_numpy(idx), torch.from_numpy(ids), torch.from_numpy(mask)
-        h = model.embed(ids)
-        lmask = model.layer_mask(h, mask)
-        for i in range(model.num_layers):
-            h = model.layer(i, h, lmask)
-            r = model.ramp_at_layer.get(i + 1)
-            if r is not None:
-                pooled[idx, r] = pool(h, mask, pooling).float()
-        logits[idx] = model.head(h).float()
+        idx, ids, mask = torch.from_numpy(idx), torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+        h = parts.embed(ids, None)
+        with attention_kernels(h):
+            state = parts.layer_state(h, mask)
+            for i in range(parts.num_layers):
+                h = parts.layer(i, h, state)
+                r = at.get(i + 1)
+                if r is not None:
+                    pooled[idx, r] = pool(h, mask, pooling).float().cpu()
+        logits[idx] = parts.head(h, mask).float().cpu()
         done += len(idx)
         if progress:
             progress(done, len(texts))
     return pooled, logits
 
 
-def train_ramps(ramps: RampSet, pooled: torch.Tensor, teacher_logits: torch.Tensor, cfg: BootstrapConfig) -> list[float]:
-    """KD from the original's soft targets, all ramps at once. Returns the last epoch's mean loss per ramp."""
+def train_ramps(ramps: RampSet, pooled: torch.Tensor, teacher_logits: torch.Tensor, cfg: BootstrapConfig,
+                head: HeadKind) -> list[float]:
+    """Distillation from the original head's outputs (soft targets, as the head's kind defines them), all ramps
+    at once. Returns the last epoch's mean loss per ramp."""
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(ramps.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
     T = cfg.temperature
-    target = torch.softmax(teacher_logits / T, dim=-1)  # [N,C]
+    target = head.ramp_targets(teacher_logits, T)  # [N,ramp_outputs]
     n = len(pooled)
     losses = np.zeros(len(ramps))
     ramps.train()
@@ -81,8 +87,7 @@ def train_ramps(ramps: RampSet, pooled: torch.Tensor, teacher_logits: torch.Tens
             b = perm[start : start + 256]
             total = 0.0
             for r, ramp in enumerate(ramps.ramps):
-                logp = torch.log_softmax(ramp.forward_pooled(pooled[b, r]) / T, dim=-1)
-                loss = nn.functional.kl_div(logp, target[b], reduction="batchmean") * T * T
+                loss = head.ramp_loss(ramp.forward_pooled(pooled[b, r]), target[b], T)
                 total = total + loss
                 losses[r] += float(loss.detach()) * len(b) / n
             opt.zero_grad()
@@ -93,13 +98,13 @@ def train_ramps(ramps: RampSet, pooled: torch.Tensor, teacher_logits: torch.Tens
 
 
 @torch.inference_mode()
-def ramp_outputs(ramps: RampSet, pooled: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """conf [N,R], pred [N,R] of every ramp on cached features."""
+def ramp_outputs(ramps: RampSet, pooled: torch.Tensor, head: HeadKind) -> tuple[np.ndarray, np.ndarray]:
+    """conf [N,R], pred [N,R] (answer ids) of every ramp on cached features."""
     conf, pred = [], []
     for r, ramp in enumerate(ramps.ramps):
-        c, p = torch.softmax(ramp.forward_pooled(pooled[:, r]), -1).max(-1)
-        conf.append(c)
-        pred.append(p)
+        d = head.decide_ramp(ramp.forward_pooled(pooled[:, r]))
+        conf.append(d.conf)
+        pred.append(d.answer)
     return torch.stack(conf, 1).numpy(), torch.stack(pred, 1).numpy()
 
 
@@ -113,24 +118,27 @@ def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, prog
     for p in hf.parameters():
         p.requires_grad_(False)
     tok = load_tokenizer(model_dir)
-    parts = encoder_parts(hf)
-    num_layers, hidden = len(parts.layers), parts.hidden_size
+    parts = backbone(hf)
+    num_layers, hidden = parts.num_layers, parts.hidden_size
     if num_layers < 2:
-        raise ValueError(f"{model_dir!r} has {num_layers} encoder layer; ramps need at least 2")
+        raise ValueError(f"{model_dir!r} has {num_layers} layer; ramps need at least 2")
+    pooling = parts.ramp_pooling if cfg.pooling == "auto" else cfg.pooling
     layers = list(range(1, num_layers))  # a ramp after every layer but the last (the original head is there)
-    ramps = RampSet(layers, hidden, hf.config.num_labels, cfg.pooling)
-    model = EarlyExitModel(hf, ramps)
     max_length = min(cfg.max_length, model_max_length(hf.config, tok))
 
     fit, val = split_data(cfg.data, cfg)
     log.info("bootstrap: caching features of %d + %d rows", len(fit), len(val))
-    f_pooled, f_logits = collect_features(model, tok, fit.texts, cfg.batch_size, max_length, cfg.pooling, progress)
-    v_pooled, v_logits = collect_features(model, tok, val.texts, cfg.batch_size, max_length, cfg.pooling)
+    # Features first: the ramps' size depends on the head's kind, and a regression's bins on its scores.
+    f_pooled, f_logits = collect_features(parts, layers, tok, fit.texts, cfg.batch_size, max_length, pooling, progress)
+    v_pooled, v_logits = collect_features(parts, layers, tok, val.texts, cfg.batch_size, max_length, pooling)
     t_feat = time.perf_counter() - t0
-    losses = train_ramps(ramps, f_pooled, f_logits, cfg)
+    head = head_from_scores(hf.config, f_logits, cfg.regression_bins, cfg.label_threshold)
+    ramps = RampSet(layers, hidden, head.ramp_outputs, pooling)
+    model = EarlyExitModel(hf, ramps, head)
+    losses = train_ramps(ramps, f_pooled, f_logits, cfg, head)
 
-    conf, pred = ramp_outputs(ramps, v_pooled)
-    final = v_logits.argmax(-1).numpy()
+    conf, pred = ramp_outputs(ramps, v_pooled, head)
+    final = head.decide(v_logits).answer.numpy()
     agreement = (pred == final[:, None]).mean(0)
     profile = measure_profile(model)
     layer_costs, ramp_costs = cost_arrays(profile, num_layers, len(layers))
@@ -139,15 +147,15 @@ def bootstrap(model_dir: str, out: str, cfg: BootstrapConfig | None = None, prog
     tuned = tune_thresholds(window, costs, constraint=cfg.constraint * cfg.tune_headroom)
     outcome = evaluate(window, costs, tuned.thresholds, np.ones(len(layers), bool))
 
-    label_names = [str(hf.config.id2label.get(i, i)) for i in range(hf.config.num_labels)]
     manifest = Manifest(
         family=model.parts.family,
         num_layers=num_layers,
         hidden_size=hidden,
         num_labels=hf.config.num_labels,
-        label_names=label_names,
+        label_names=head.label_names,
         max_length=max_length,
-        ramps=[RampInfo(layer=l, pooling=cfg.pooling, val_agreement=float(a)) for l, a in zip(layers, agreement)],
+        head=head.to_dict(),
+        ramps=[RampInfo(layer=l, pooling=pooling, val_agreement=float(a)) for l, a in zip(layers, agreement)],
         thresholds=[float(t) for t in tuned.thresholds],
         active=[True] * len(layers),
         constraint=cfg.constraint,
@@ -212,9 +220,10 @@ def write_validation_feedback(artifact_dir: str, data: str | None = None, batch_
     manifest = read_manifest(artifact_dir)
     cfg, val = validation_split(manifest, data, str(artifact_dir))
     model, tok, _ = load_artifact(artifact_dir, slow_compression="apply")  # the controller's warm start: its numerics
-    pooled, logits = collect_features(model, tok, val.texts, batch_size, manifest.max_length, cfg.pooling, progress)
-    conf, pred = ramp_outputs(model.ramps, pooled)
-    final = logits.argmax(-1).numpy()
+    pooled, logits = collect_features(model.parts, model.ramps.layers, tok, val.texts, batch_size, manifest.max_length,
+                                      cfg.pooling, progress)
+    conf, pred = ramp_outputs(model.ramps, pooled, model.head_kind)
+    final = model.head_kind.decide(logits).answer.numpy()
     path = save_validation_feedback(artifact_dir, conf, pred, final)
     return {
         "path": str(path),

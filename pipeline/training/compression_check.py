@@ -49,8 +49,15 @@ def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     return float("inf") if noise == 0 else float(20 * torch.log10(ref.float().norm() / noise))
 
 
-def check(source_logits: torch.Tensor, logits: torch.Tensor, gold, data: str, budget: float) -> dict:
-    src, pred = source_logits.argmax(-1).numpy(), logits.argmax(-1).numpy()
+def check(source_logits: torch.Tensor, logits: torch.Tensor, gold, data: str, budget: float, head=None) -> dict:
+    """Agreement of two models' answers (as `head`, a pipeline.model.heads.HeadKind, defines them; default: a
+    single-label softmax head) on the same rows; gold accuracy when labels exist and the head is single-label."""
+    from pipeline.model.heads import SingleLabel
+
+    head = head or SingleLabel([str(i) for i in range(source_logits.shape[1])])
+    src, pred = head.decide(source_logits).answer.numpy(), head.decide(logits).answer.numpy()
+    if head.kind != SingleLabel.kind:
+        gold = None  # gold labels here are class ids: accuracy means something for a single-label head only
     agreement = float((src == pred).mean())
     out = {
         "data": data,
@@ -74,8 +81,8 @@ def check_artifact(source, target, tokenizer, manifest, texts: list[str], gold, 
     max_len = min(manifest.max_length, 512)
     s_final, s_label, s_layer = run_early_exit(source, tokenizer, texts, manifest.thresholds, manifest.active, max_len)
     c_final, c_label, c_layer = run_early_exit(target, tokenizer, texts, manifest.thresholds, manifest.active, max_len)
-    result = check(s_final, c_final, gold, data, budget)
-    ref = s_final.argmax(-1)
+    result = check(s_final, c_final, gold, data, budget, source.head_kind)
+    ref = source.head_kind.decide(s_final).answer
     result["exit_agreement"] = float((c_label == ref).float().mean())
     result["source_exit_agreement"] = float((s_label == ref).float().mean())
     result["mean_exit_layer"] = float(c_layer.float().mean())

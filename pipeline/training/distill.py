@@ -83,9 +83,9 @@ def choose_layers(teacher_layers: int, keep_layers: list[int] | None = None, num
 
 def _layers_prefix(model: nn.Module) -> str:
     """State-dict prefix of the encoder's layer list, e.g. 'bert.encoder.layer'."""
-    from pipeline.model.encoders import encoder_parts
+    from pipeline.model.families import backbone
 
-    layers = encoder_parts(model).layers
+    layers = backbone(model).modules
     for name, mod in model.named_modules():
         if mod is layers:
             return name
@@ -94,9 +94,9 @@ def _layers_prefix(model: nn.Module) -> str:
 
 def make_student(teacher: nn.Module, keep: list[int]) -> nn.Module:
     """A copy of `teacher` with only the encoder layers `keep` (0-based), weights copied from the teacher."""
-    from pipeline.model.encoders import encoder_parts
+    from pipeline.model.families import backbone
 
-    n = len(encoder_parts(teacher).layers)
+    n = len(backbone(teacher).modules)
     keep = choose_layers(n, keep_layers=keep)
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(keep)  # DistilBertConfig maps this to n_layers
@@ -166,9 +166,9 @@ def distill(teacher_dir: str, out: str, cfg: DistillConfig, progress=None) -> di
     t0 = time.perf_counter()
     teacher = load_classifier(teacher_dir)
     tok = load_tokenizer(teacher_dir)
-    from pipeline.model.encoders import encoder_parts
+    from pipeline.model.families import backbone
 
-    n_teacher = len(encoder_parts(teacher).layers)
+    n_teacher = len(backbone(teacher).modules)
     keep = choose_layers(n_teacher, cfg.keep_layers, cfg.num_layers)
     student = make_student(teacher, keep)
     train, test = _splits(cfg)

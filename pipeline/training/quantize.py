@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.compression.capability import cannot_run_here, slow_here
 from pipeline.compression.registry import apply, make_config, to_record
 from pipeline.model.classify import classifier_logits
+from pipeline.model.heads import head_from_scores
 from pipeline.training.compression_check import check, check_artifact, heldout_texts
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,9 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
         tok = load_tokenizer(str(src_dir))
         source = load_classifier(str(src_dir)).to(device)
         target = apply(load_classifier(str(src_dir)).to(device), method, config)
-        result = check(classifier_logits(source, tok, texts, 128), classifier_logits(target, tok, texts, 128), gold,
-                       name, budget)
+        source_logits = classifier_logits(source, tok, texts, 128)
+        result = check(source_logits, classifier_logits(target, tok, texts, 128), gold, name, budget,
+                       head_from_scores(source.config, source_logits))
     result["device"] = str(device)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     record = {**record, "source": str(model_dir), "check": result}

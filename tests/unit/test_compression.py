@@ -186,11 +186,11 @@ def test_choose_layers():
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
 def test_student_keeps_requested_teacher_layers(family):
-    from pipeline.model.encoders import encoder_parts
+    from pipeline.model.families import backbone
 
     teacher = tiny_classifier(family, num_layers=4)
     student = make_student(teacher, [1, 3])
-    t_layers, s_layers = encoder_parts(teacher).layers, encoder_parts(student).layers
+    t_layers, s_layers = backbone(teacher).modules, backbone(student).modules
     assert len(s_layers) == 2 and student.config.num_hidden_layers == 2
     for j, k in enumerate([1, 3]):
         ts, ss = t_layers[k].state_dict(), s_layers[j].state_dict()

@@ -54,7 +54,7 @@ def test_unpadded_batch_gets_a_mask_and_still_matches_the_original_model(family)
     ids = torch.randint(5, 2000, (4, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     with torch.inference_mode():
-        assert isinstance(m.layer_mask(m.embed(ids), mask), torch.Tensor)
+        assert isinstance(m.layer_state(m.embed(ids), mask), torch.Tensor)
         ref = torch.softmax(m.hf_model(input_ids=ids, attention_mask=mask).logits, -1)
     out = execute(m, ids, mask, ExitPolicy.closed(len(m.ramps)), "exit")
     assert torch.equal(out.label, ref.argmax(-1))
@@ -108,7 +108,7 @@ def test_threshold_zero_exits_every_row_at_the_first_ramp():
     out = execute(m, ids, mask, ExitPolicy(thr), "exit")
     assert (out.exit_layer == 1).all()
     assert out.layer_rows == [7]  # nothing ran after layer 1
-    ramp = torch.softmax(m.ramp(0, m.layer(0, m.embed(ids), m.layer_mask(m.embed(ids), mask)), mask), -1)
+    ramp = torch.softmax(m.ramp(0, m.layer(0, m.embed(ids), m.layer_state(m.embed(ids), mask)), mask), -1)
     assert torch.equal(out.label, ramp.argmax(-1))
 
 

@@ -19,7 +19,7 @@ def parse(obj, max_items=4, max_body=1000, raw=None):
 
 def test_tei_input_forms():
     r = parse({"inputs": "great film"})
-    assert r.texts == ["great film"] and r.single and r.truncate is None and r.transform == "softmax"
+    assert r.texts == ["great film"] and r.single and r.truncate is None and r.transform is None
     r = parse({"inputs": ["great film"]})  # TEI: a one-string list is one text, answered unnested
     assert r.texts == ["great film"] and r.single
     r = parse({"inputs": [["a"], ["b"]], "truncate": False, "raw_scores": False, "truncation_direction": "Left"})
@@ -31,7 +31,7 @@ def test_tei_input_forms():
 def test_huggingface_hub_parameters_and_unknown_fields():
     # what InferenceClient.text_classification sends: parameters with None values dropped
     r = parse({"inputs": "a", "parameters": {}})
-    assert (r.transform, r.top_k) == ("softmax", None)
+    assert (r.transform, r.top_k) == (None, None)  # None: the head's own (softmax for a single-label head)
     r = parse({"inputs": "a", "parameters": {"top_k": 1, "function_to_apply": "sigmoid", "other": 3}})
     assert (r.transform, r.top_k) == ("sigmoid", 1)
     assert parse({"inputs": "a", "parameters": {"function_to_apply": "none"}}).transform == "none"

@@ -1,0 +1,8 @@
+"""Model families: one module each, registered by the transformers classes they serve (see base.py).
+
+To add a family: a module here with a `Backbone` subclass decorated with `@register("XForSequenceClassification")`,
+imported below, and a tiny random model of it in the equivalence tests (tests/unit/test_families.py)."""
+from pipeline.model.families import bert, distilbert, roberta  # noqa: F401 - registers them
+from pipeline.model.families.base import Backbone, backbone, register, supported_classes
+
+__all__ = ["Backbone", "backbone", "register", "supported_classes"]
