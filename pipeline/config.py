@@ -343,12 +343,18 @@ class InputSpec(_Strict):
     """parquet/jsonl/csv file, directory or glob on any fsspec URL (local, file://, memory://, s3://, gs://),
     or `builtin:NAME` for a packaged dataset (movie-reviews, trec, ...; written to parquet first)."""
     text_column: str = "text"
+    """Column (a JSONL record's field) with the text to classify."""
     id_column: str | None = None
-    """Column with row ids; default: stable ids `<file name>:<row number>`."""
+    """Column with row ids; default: stable ids `<file name>:<row number>` (rows counted from 0, blank JSONL lines
+    skipped). A row whose id is null gets a null id."""
     passthrough: list[str] = Field(default_factory=list)
     """Input columns copied to the output unchanged."""
     rows_per_shard: int = Field(2048, ge=1)
     """Rows per unit of work / output part. Small inputs are cut finer so every actor gets work."""
+    strict: bool = False
+    """JSONL only. False: a line that is not JSON, not a JSON object, has no text field or a text that is not a
+    string comes back as a row with an `error` naming its line (the summary's `errors_by_kind` counts them), and
+    the job goes on. True: such a file fails the job before it starts (pyarrow's reader, one bad line fails it)."""
 
     @field_validator("passthrough")
     @classmethod

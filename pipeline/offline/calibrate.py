@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.data.readers import row_errors
 from pipeline.offline.shards import Shard, read_shard, row_ids
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ def run_full_depth(model: str, engine: dict, text_column: str, id_column: str | 
     cols: dict[str, list] = {k: [] for k in ("shard", "row", *ANSWER_COLUMNS, "conf", "pred", "final")}
     for shard_dict, rows in items:
         shard = Shard(**shard_dict)
-        table = read_shard(shard)
+        table = read_shard(shard, text_column)
         texts = [table.column(text_column)[int(r)].as_py() for r in rows]
         ids = row_ids(table, shard, id_column, rows)
         enc = predictor.encoder.encode(texts)
+        read = row_errors(table)  # a line that is no row: its reading error wins, as in tokenize_shards
+        enc.errors = [read[int(r)] or e for r, e in zip(rows, enc.errors)]
         out = predictor.predict_encoded(enc, [f"{shard.shard}:{r}" for r in rows], shadow=np.ones(len(rows), bool))
         fb = {int(i): k for k, i in enumerate(out.feedback_rows.tolist())}
         for i, p in enumerate(out.predictions):

@@ -1,7 +1,9 @@
 """Shards: the unit of offline work, output and resume.
 
 A shard is a row range of one input file. Planning reads only metadata for parquet (row counts);
-jsonl/csv files are read once to count rows. Small inputs are cut into at least `min_shards`
+jsonl/csv files are read once to count rows. Given the job's text column, JSONL is read tolerantly
+(pipeline.data.readers.read_jsonl: a bad line is a row with an error), in planning and reading alike, so
+the rows planned are the rows read. Small inputs are cut into at least `min_shards`
 shards so every actor gets work (the new parquet reader makes one block of small files).
 """
 from __future__ import annotations
@@ -31,19 +33,21 @@ class Shard:
         return asdict(self)
 
 
-def _count_rows(fs, path: str) -> int:
+def _count_rows(fs, path: str, text_column: str | None = None) -> int:
     if detect_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata.num_rows
-    return _read_one(fs, path).num_rows
+    return _read_one(fs, path, text_column).num_rows
 
 
-def plan_shards(url: str, rows_per_shard: int, min_shards: int = 1) -> list[Shard]:
-    """The input's shards, in input order (paths protocol-qualified for reading them back anywhere)."""
+def plan_shards(url: str, rows_per_shard: int, min_shards: int = 1, text_column: str | None = None) -> list[Shard]:
+    """The input's shards, in input order (paths protocol-qualified for reading them back anywhere).
+    `text_column`: JSONL read tolerantly (read_shard must be given the same); None: strictly, so a file
+    with a bad line fails here."""
     fs, files = expand(url)
-    counts = [_count_rows(fs, f) for f in files]
+    counts = [_count_rows(fs, f, text_column) for f in files]
     total = sum(counts)
     if total == 0:
         raise ValueError(f"input {url!r} has no rows")
@@ -55,8 +59,9 @@ def plan_shards(url: str, rows_per_shard: int, min_shards: int = 1) -> list[Shar
     return shards
 
 
-def read_shard(shard: Shard) -> pa.Table:
-    """The shard's rows (whole parquet row groups are read, then sliced)."""
+def read_shard(shard: Shard, text_column: str | None = None) -> pa.Table:
+    """The shard's rows (whole parquet row groups are read, then sliced). `text_column`: JSONL read
+    tolerantly, with the planning's rows (row_errors gives each row's reading error)."""
     fs, path = storage.filesystem(shard.path)
     if detect_format(path) == "parquet":
         import pyarrow.parquet as pq
@@ -72,7 +77,7 @@ def read_shard(shard: Shard) -> pa.Table:
                 offset += n
             table = pf.read_row_groups(groups)
         return table.slice(shard.start - first, shard.rows)
-    return _read_one(fs, path).slice(shard.start, shard.rows)
+    return _read_one(fs, path, text_column).slice(shard.start, shard.rows)
 
 
 def row_ids(table: pa.Table, shard: Shard, id_column: str | None, rows=None) -> list:

@@ -11,12 +11,14 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data.readers import require_columns
+from pipeline.data.readers import require_columns, row_errors
+from pipeline.data.texts import error_kind
 from pipeline.offline import attempts
 from pipeline.offline.shards import Shard, read_shard, row_ids
 from pipeline.offline.sink import write_part
@@ -33,11 +35,12 @@ def _encoder(model: str, max_length: int | None):
 
 def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: str | None,
                     passthrough: list[str], max_length: int | None) -> pa.Table:
-    """One output table for the shard(s) in `batch`. Bad rows keep their place with an error."""
+    """One output table for the shard(s) in `batch`. Bad rows keep their place with an error (a line that could
+    not be read as a row, else the text's)."""
     out = []
     for d in batch.to_pylist():
         shard = Shard(d["shard"], d["path"], d["start"], d["stop"])
-        table = read_shard(shard)
+        table = read_shard(shard, text_column)
         require_columns(table, [text_column, id_column, *passthrough], shard.path,
                         "every input file must have the job's input columns")
         texts = table.column(text_column).to_pylist()
@@ -47,7 +50,7 @@ def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: st
             "id": pa.array(ids, pa.string()),
             "input_ids": pa.array(enc.input_ids, pa.list_(pa.int32())),
             "truncated": pa.array(enc.truncated),
-            "error": pa.array(enc.errors, pa.string()),
+            "error": pa.array([r or e for r, e in zip(row_errors(table), enc.errors)], pa.string()),
             "shard": pa.array([shard.shard] * len(texts), pa.int64()),
             "row": pa.array(range(len(texts)), pa.int64()),
         }
@@ -149,6 +152,7 @@ class EarlyExitWorker:
                 "shard": int(shard),
                 "rows": len(values),
                 "errors": sum(v[6] is not None for v in values),
+                "errors_by_kind": json.dumps(Counter(error_kind(v[6]) for v in values if v[6] is not None)),
                 "truncated": sum(bool(v[5]) for v in values),
                 "exits": np.bincount(exits, minlength=L + 1).tolist(),
                 "layer_rows": out.stats["layer_rows"],
