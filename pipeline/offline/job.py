@@ -13,12 +13,13 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 from pipeline.config import JobConfig
 from pipeline.control.deployment import ControllerMismatch, controller_constraint, own_controller_name, start_controller
 from pipeline.data.readers import require_columns
-from pipeline.offline import attempts, sink
+from pipeline.offline import attempts, ray_session, sink
 from pipeline.offline.shards import plan_shards, read_shard
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,13 @@ def _init_ray(cfg: JobConfig, address: str | None) -> bool:
     # The job's storage settings travel to every task and actor with the job (pipeline.data.storage).
     env = storage.ray_env_vars()
     runtime_env = {"env_vars": env} if env else None
+    # ray_session: SIGTERM / SIGINT stop the job through its `finally:`, and ray_session.shutdown() leaves nothing
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        ray_session.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return True
     local = cfg.local_ray
-    ray.init(num_cpus=local.num_cpus, num_gpus=local.num_gpus, object_store_memory=local.object_store_memory,
-             include_dashboard=False, runtime_env=runtime_env)
+    ray_session.init(num_cpus=local.num_cpus, num_gpus=local.num_gpus, object_store_memory=local.object_store_memory,
+                     include_dashboard=False, runtime_env=runtime_env)
     return True
 
 
@@ -90,11 +92,14 @@ def check_inputs(cfg: JobConfig):
     except FileNotFoundError as e:
         raise JobError(f"model {cfg.model!r} does not exist or is not an early-exit artifact; create it with "
                        "`offramp bootstrap` (or `offramp demo`)") from e
+    # Tolerant JSONL (a bad line is a row with an error) unless input.strict: then a bad line fails here.
+    text = None if cfg.input.strict else cfg.input.text_column
     try:
-        shards = plan_shards(cfg.input.url, cfg.input.rows_per_shard, min_shards=2 * cfg.actors.max_actors)
+        shards = plan_shards(cfg.input.url, cfg.input.rows_per_shard, min_shards=2 * cfg.actors.max_actors,
+                             text_column=text)
     except (FileNotFoundError, ValueError) as e:
         raise JobError(f"cannot read input: {e}") from e
-    first = read_shard(shards[0])
+    first = read_shard(shards[0], text)
     try:
         require_columns(first, [cfg.input.text_column, cfg.input.id_column, *cfg.input.passthrough], cfg.input.url,
                         "set input.text_column / input.id_column / input.passthrough in the job YAML (or --text-column)")
@@ -184,7 +189,7 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
 
             stop_controller(controller["name"], controller["namespace"])
         if started:
-            ray.shutdown()
+            ray_session.shutdown()
     sink.write_json(cfg.output.url, sink.SUMMARY, summary)
     return summary
 
@@ -284,7 +289,7 @@ def repair_job(cfg: JobConfig, parts: list[int] | str | None = None, address: st
                       parts, echo)
     finally:
         if started:
-            ray.shutdown()
+            ray_session.shutdown()
     old = summary["certificate"]
     summary["certificate"] = {**cert, "repaired": True, "repair_seconds": round(time.perf_counter() - t, 2),
                               "earlier_looks": old.get("earlier_looks", []) + [
@@ -359,6 +364,9 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
     answered = int(exits[1:].sum())
     budgets = [int(r["token_budget"]) for r in rows]
     calibrated = sum(json.loads(r["part_stats"])["calibration"] for r in rows if r.get("part_stats"))
+    kinds: Counter = Counter()
+    for r in rows:
+        kinds.update(json.loads(r["errors_by_kind"]))
     per_worker: dict[str, int] = {}
     busy: dict[str, float] = {}  # seconds each actor spent classifying (the rest: start-up, waiting for input)
     for r in rows:
@@ -380,6 +388,8 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "seconds": round(elapsed, 3),
         "rows_per_s": round(n / elapsed, 1) if elapsed else None,
         "errors": int(sum(r["errors"] for r in rows)),
+        # rows per kind of error (pipeline.data.texts.ERROR_KINDS), only the kinds that occurred
+        "errors_by_kind": dict(sorted(kinds.items())),
         "truncated": int(sum(r["truncated"] for r in rows)),
         "exits_per_layer": {str(i): int(exits[i]) for i in range(1, L + 1)},
         "mean_exit_layer": round(float((exits * np.arange(L + 1)).sum() / answered), 3) if answered else None,
