@@ -21,6 +21,7 @@ import torch
 
 from pipeline.engine.policy import ExitPolicy
 from pipeline.model.early_exit import EarlyExitModel
+from pipeline.model.heads import Decision
 
 
 @dataclass
@@ -67,6 +68,9 @@ class BatchOutput:
     logits: torch.Tensor | None = None
     """[B,C] float32 logits of the ramp or head that answered each row, in the original head's space (Serve and
     the output's label scores read them through the head's kind)."""
+    reference: Decision | None = None
+    """The float original's answers for the feedback rows ([F], in their order), when the predictor holds a
+    reference model (pipeline.engine.predictor.Predictor)."""
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

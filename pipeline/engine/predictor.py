@@ -22,7 +22,7 @@ from pipeline.engine.encoder import Encoded, TextEncoder
 from pipeline.engine.executor import Tail, execute, finish_tail
 from pipeline.engine.microbatch import MicroBatchQueue, TokenBudget, plan_microbatches
 from pipeline.engine.policy import ExitPolicy
-from pipeline.feedback import FeedbackWindow
+from pipeline.feedback import CLOSED, FeedbackWindow
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,10 @@ class PredictOutput:
         return int((released == self.feedback.final).sum()), len(self.feedback)
 
 
-def _window(ramp_conf: torch.Tensor, ramp_pred: torch.Tensor, final_pred: torch.Tensor) -> FeedbackWindow:
-    return FeedbackWindow(ramp_conf.cpu().numpy(), ramp_pred.cpu().numpy(), final_pred.cpu().numpy())
+def _window(ramp_conf: torch.Tensor, ramp_pred: torch.Tensor, final_pred: torch.Tensor,
+            reference: torch.Tensor | None = None) -> FeedbackWindow:
+    return FeedbackWindow(ramp_conf.cpu().numpy(), ramp_pred.cpu().numpy(), final_pred.cpu().numpy(),
+                          None if reference is None else reference.cpu().numpy())
 
 
 def shadow_mask(keys: list, fraction: float) -> np.ndarray:
@@ -129,24 +131,36 @@ class _OncePerRow:
 
 
 class Predictor:
-    """Loads an early-exit artifact once and classifies batches of texts."""
+    """Loads an early-exit artifact once and classifies batches of texts.
 
-    def __init__(self, artifact: str, config: EngineConfig | None = None):
+    `reference`: when the model that runs is not the float original itself (a compressed artifact, or a
+    float16 / bfloat16 dtype), also hold the float32 original and give every feedback row its answer
+    (`FeedbackWindow.reference`), so agreement is measured against the original, never against the
+    compressed model's own head. `exact` says whether answers of the running model's head are the original's."""
+
+    def __init__(self, artifact: str, config: EngineConfig | None = None, reference: bool = False):
         from pipeline.engine.loader import load_artifact
-        from pipeline.model.artifact import model_max_length
+        from pipeline.model.artifact import load_float_artifact, model_max_length
 
         self.config = config or EngineConfig()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
-        from pipeline.compression import apply_at_load, compression_status
+        from pipeline.compression import apply_at_load, compression_of, compression_status
 
         slow = self.config.slow_compression
         self.model, self.tokenizer, self.manifest = load_artifact(artifact, self.device, self.dtype, slow)
         if self.config.compression:  # a method named in the job/serve YAML, applied at load time
             apply_at_load(self.model, self.config.compression, slow)
         self.compression = compression_status(self.model)  # "none", the method, or why it was skipped here
+        self.exact = compression_of(self.model) is None and self.dtype == torch.float32
+        """Answers of the running model's head are the float original's (up to float rounding)."""
+        self.reference = None
+        if reference and not self.exact:
+            self.reference = load_float_artifact(artifact, self.device, torch.float32)[0]
+        self.reference_seconds = 0.0
+        """Time spent running the float original on feedback rows (`reference`), since construction."""
         self.max_length = min(self.config.max_length or 10**9, model_max_length(self.model.config, self.tokenizer))
         self.encoder = TextEncoder(self.tokenizer, self.max_length)
         thresholds = self.config.thresholds if self.config.thresholds is not None else self.manifest.thresholds
@@ -201,7 +215,8 @@ class Predictor:
 
     def predict_encoded(self, encoded: Encoded, keys: list, mode: str | None = None,
                         on_result: Callable[[int, Prediction], None] | None = None,
-                        defer_tail: bool = False, shadow: np.ndarray | None = None) -> PredictOutput:
+                        defer_tail: bool = False, shadow: np.ndarray | None = None,
+                        policy: ExitPolicy | None = None, by_original: bool = False) -> PredictOutput:
         """Like predict, on rows already tokenized by a TextEncoder (keys pick the shadow rows).
         `defer_tail` (release mode): rows answered at a ramp are not run to the end here; the output's
         `tails` hold them, with the other non-shadow rows' feedback, for `finish_tail` (Serve runs them when
@@ -209,8 +224,12 @@ class Predictor:
         With `on_result`, a row's prediction is the one announced, even if its micro-batch then failed (it
         stays answered, not an error) or was retried after an OOM (feedback, tails and stats come from the
         retry, which can differ by float rounding).
-        `shadow` [n] bool: the rows that run to the end as feedback (default: `shadow_fraction` of the keys)."""
+        `shadow` [n] bool: the rows that run to the end as feedback (default: `shadow_fraction` of the keys).
+        `policy`: these thresholds instead of the predictor's own. `by_original` (with every ramp closed, see
+        `record_encoded`): feedback rows are answered by `reference`, when the predictor holds one."""
         mode = mode or self.config.mode
+        if defer_tail and self.reference is not None:
+            raise ValueError("a deferred release tail gets no reference answers; hold no reference, or do not defer")
         n = len(encoded)
         if on_result is not None:
             on_result = _OncePerRow(on_result)
@@ -225,7 +244,7 @@ class Predictor:
         fb_rows: list = []
         tails: list[Tail] = []
         layer_rows = np.zeros(self.model.num_layers, np.int64)
-        t0 = time.perf_counter()
+        t0, ref0 = time.perf_counter(), self.reference_seconds
         if valid:
             enc = [encoded.input_ids[i] for i in valid]
             truncated = encoded.truncated[valid]
@@ -237,12 +256,12 @@ class Predictor:
             while pending:
                 idx = pending.pop(self.budget.value)  # the budget as of now: it adapts within a call
                 tokens = len(idx) * int(lengths[idx].max())  # padded size, what the budget counts
-                policy = self.policy  # one policy per micro-batch (set_policy may swap it from another thread)
+                this = policy or self.policy  # one per micro-batch (set_policy may swap it from another thread)
                 try:
                     start = time.perf_counter()
-                    early = (self._early_callback(idx, valid, truncated, on_result, policy.version) if on_result
+                    early = (self._early_callback(idx, valid, truncated, on_result, this.version) if on_result
                              else None)
-                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, defer_tail, policy)
+                    res = self._execute([enc[j] for j in idx], shadow[idx], mode, early, defer_tail, this)
                     self.budget.observe(tokens, time.perf_counter() - start)
                 except Exception as e:  # noqa: BLE001 - every row must get an answer or an error
                     if _is_oom(e) and len(idx) > 1 and self.budget.on_oom(tokens):
@@ -259,7 +278,8 @@ class Predictor:
                         if on_result:
                             on_result(valid[j], out[valid[j]])
                     continue
-                self._update(res, idx, valid, truncated, out, feedback, layer_rows, on_result, policy.version)
+                self._update(res, idx, valid, truncated, out, feedback, layer_rows, on_result, this.version,
+                             by_original)
                 fb_rows += [valid[idx[k]] for k in res.feedback_rows.tolist()]
                 if res.tail is not None:
                     tails.append(res.tail)
@@ -273,11 +293,20 @@ class Predictor:
             "seconds": elapsed,
             "layer_rows": layer_rows.tolist(),
             "token_budget": self.budget.value,
-            "policy_version": self.policy.version,
+            "policy_version": (policy or self.policy).version,
             "mode": mode,
+            "reference_seconds": self.reference_seconds - ref0,
         }
         fb = FeedbackWindow.concat(feedback) if feedback else FeedbackWindow.empty(self.num_ramps)
         return PredictOutput(out, fb, stats, np.asarray(fb_rows, np.int64), tails)  # type: ignore[arg-type]
+
+    def record_encoded(self, encoded: Encoded, keys: list) -> PredictOutput:
+        """Every row run to the end with every ramp recorded (`feedback` holds them all, with the float
+        original's answers as `reference` when the running model is not the original), and every row answered
+        by the float original: the calibration sample of a certified job."""
+        closed = ExitPolicy(np.full(self.num_ramps, CLOSED), self.policy.active, self.policy.version)
+        return self.predict_encoded(encoded, keys, "exit", shadow=np.ones(len(encoded), bool), policy=closed,
+                                    by_original=True)
 
     def finish_tail(self, tail: Tail, stop: Callable[[], bool] | None = None) -> tuple[FeedbackWindow, int] | None:
         """Run a deferred release tail to the end: (its feedback, how many of its answers agree with the
@@ -293,8 +322,14 @@ class Predictor:
         input_ids, mask = self._pad(seqs)
         shadow_t = torch.from_numpy(shadow).to(self.device)
         policy = self.policy if policy is None else policy
-        return execute(self.model, input_ids, mask, policy, mode, shadow_t, on_exit=on_exit,
-                       defer_tail=defer_tail)
+        res = execute(self.model, input_ids, mask, policy, mode, shadow_t, on_exit=on_exit, defer_tail=defer_tail)
+        if self.reference is not None and len(res.feedback_rows):
+            t = time.perf_counter()
+            rows = res.feedback_rows
+            width = int(mask[rows].sum(1).max())  # right-padded: the rows' own longest
+            res.reference = self.head.decide(self.reference.full_forward(input_ids[rows, :width], mask[rows, :width]))
+            self.reference_seconds += time.perf_counter() - t
+        return res
 
     def _early_callback(self, idx, valid, truncated, on_result, version: int):
         """Executor rows exiting at a ramp -> on_result(caller index, Prediction) right away."""
@@ -309,10 +344,14 @@ class Predictor:
         return on_exit
 
     def _update(self, res, idx, valid, truncated, out, feedback, layer_rows, on_result=None,
-                version: int | None = None) -> None:
+                version: int | None = None, by_original: bool = False) -> None:
         label, score, exit_layer = res.label.cpu().numpy(), res.score.cpu().numpy(), res.exit_layer.cpu().numpy()
         logits = res.logits.cpu().numpy()
         L = self.model.num_layers
+        if by_original and res.reference is not None:  # feedback rows: the float original's answer
+            rows, ref = res.feedback_rows.cpu().numpy(), res.reference
+            label[rows], score[rows] = ref.answer.cpu().numpy(), ref.score.cpu().numpy()
+            logits[rows], exit_layer[rows] = ref.logits.cpu().numpy(), L
         for k, j in enumerate(idx):
             lid = int(label[k])
             out[valid[j]] = Prediction(
@@ -322,5 +361,6 @@ class Predictor:
             if on_result and exit_layer[k] == L:  # ramp exits were already announced
                 on_result(valid[j], out[valid[j]])
         if len(res.feedback_rows):
-            feedback.append(_window(res.ramp_conf, res.ramp_pred, res.final_pred))
+            ref = None if res.reference is None else res.reference.answer
+            feedback.append(_window(res.ramp_conf, res.ramp_pred, res.final_pred, ref))
         layer_rows[: len(res.layer_rows)] += res.layer_rows

@@ -185,3 +185,32 @@ def test_feedback_rows_point_at_the_rows_that_ran_to_the_end(tiny_artifact):
         assert out.feedback.final[k] == final_by_row[i]
     agree, total = rel.shadow_agreement()
     assert total == 120 and 0 <= agree <= 120
+
+
+def test_a_bf16_predictor_measures_agreement_against_the_float_original(tiny_artifact):
+    from pipeline.data.datasets import load_dataset
+
+    texts = list(load_dataset("movie-reviews").texts[:120])
+    keys = [str(i) for i in range(len(texts))]
+    fp32 = Predictor(tiny_artifact, reference=True)
+    assert fp32.exact and fp32.reference is None  # the float original needs no second copy
+    enc = fp32.encoder.encode(texts)
+    truth = [p.label_id for p in fp32.record_encoded(enc, keys).predictions]
+
+    own = Predictor(tiny_artifact, EngineConfig(dtype="bfloat16"))
+    bf = Predictor(tiny_artifact, EngineConfig(dtype="bfloat16"), reference=True)
+    assert not bf.exact and bf.reference is not None
+    rec = bf.record_encoded(enc, keys)
+    # every row answered by the float original, and recorded with the bf16 model's own ramps and head
+    assert [p.label_id for p in rec.predictions] == truth
+    order = np.argsort(rec.feedback_rows)
+    assert rec.feedback.take(order).reference.tolist() == truth
+    assert rec.feedback.take(order).final.tolist() == [p.label_id for p in own.record_encoded(enc, keys).predictions]
+    assert rec.stats["reference_seconds"] > 0
+
+    shadow = np.arange(len(texts)) % 3 == 0
+    out = bf.predict_encoded(enc, keys, shadow=shadow)  # exit mode: feedback rows get the original's answer
+    assert sorted(out.feedback_rows.tolist()) == np.flatnonzero(shadow).tolist()
+    assert out.feedback.reference.tolist() == [truth[i] for i in out.feedback_rows.tolist()]
+    with pytest.raises(ValueError, match="deferred"):
+        bf.predict_encoded(enc, keys, mode="release", defer_tail=True)
