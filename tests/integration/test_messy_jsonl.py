@@ -80,6 +80,12 @@ def test_messy_jsonl_every_line_once_bad_ones_with_their_error_and_line(ray_sess
     assert summary["errors_by_kind"] == {"empty_text": 1, "malformed_json": 2, "missing_text": 1, "not_an_object": 1,
                                          "null_text": 1, "text_not_string": 2}
 
+    # `offramp verify` finds each answered row's text in the messy file (rows are the tolerant reader's)
+    from pipeline.offline.verify import verify
+
+    report = verify(str(tmp_path / "out"), echo=lambda *a: None)
+    assert report["rows_output"] == LINES - len(BLANK) and report["rows_checked"] == len(good)
+
 
 def test_messy_jsonl_strict_fails_up_front_and_no_text_anywhere_is_a_config_error(ray_session, tiny_artifact,
                                                                                   tmp_path):
