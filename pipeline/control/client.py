@@ -132,7 +132,8 @@ class ControllerClient:
                 self.reports_failed += 1
                 return False
             if isinstance(window, FeedbackWindow):  # numpy arrays travel cheaper than lists
-                window = {"conf": window.conf, "pred": window.pred, "final": window.final}
+                window = {"conf": window.conf, "pred": window.pred, "final": window.final,
+                          **({} if window.reference is None else {"reference": window.reference})}
             if output_rows:
                 window = {**window, "output_rows": int(output_rows)}
             self._in_flight.append(handle.report.remote(window))

@@ -81,15 +81,17 @@ def violating_ramps(
 ) -> np.ndarray:
     """[R] bool: ramps whose own exits on ``window`` disagree with the original model too often.
 
-    A ramp violates when wrong exits / exits at that ramp > ``constraint``. Whenever the window as a
-    whole violates, at least one ramp does (the overall rate is a weighted mean of per-ramp rates and
-    non-exiting rows, which are never wrong), so a back-off always has a target.
+    A ramp violates when wrong exits / exits at that ramp > ``constraint``. Without a reference, whenever
+    the window as a whole violates, at least one ramp does (the overall rate is a weighted mean of per-ramp
+    rates and non-exiting rows, which are never wrong), so a back-off always has a target. With one (a
+    compressed model's head can disagree with the float original) the head alone may break the budget; no
+    ramp is to blame then, and the certificate says so.
     """
     out = evaluate(window, costs, thresholds, active)
     R = window.num_ramps
     exited = out.exit_ramp >= 0
     j = out.exit_ramp[exited]
-    wrong = window.pred[np.flatnonzero(exited), j] != window.final[exited]
+    wrong = window.pred[np.flatnonzero(exited), j] != window.labels[exited]
     wrong_counts = np.bincount(j[wrong], minlength=R)
     rate = np.divide(wrong_counts, out.exit_counts, out=np.zeros(R), where=out.exit_counts > 0)
     return rate > constraint

@@ -61,11 +61,12 @@ class PredictOutput:
     """Release mode with defer_tail: the rest of each micro-batch's feedback (Predictor.finish_tail)."""
 
     def shadow_agreement(self) -> tuple[int, int]:
-        """(agreeing, total) over feedback rows: released answer vs the original model's prediction."""
+        """(agreeing, total) over feedback rows: released answer vs the original model's prediction (the float
+        original's, when the predictor holds a reference)."""
         if not len(self.feedback):
             return 0, 0
         released = np.array([self.predictions[i].label_id for i in self.feedback_rows])
-        return int((released == self.feedback.final).sum()), len(self.feedback)
+        return int((released == self.feedback.labels).sum()), len(self.feedback)
 
 
 def _window(ramp_conf: torch.Tensor, ramp_pred: torch.Tensor, final_pred: torch.Tensor,

@@ -56,6 +56,24 @@ def test_violating_ramps_names_the_ramp_with_wrong_exits():
     assert bad.tolist() == [False, True, False]
 
 
+def test_violating_ramps_judge_against_the_reference_not_the_compressed_head():
+    """A compressed model's ramp that copies its own head is wrong wherever that head differs from the float
+    original (the reference)."""
+    rng = np.random.default_rng(1)
+    N = 1000
+    reference = rng.integers(0, 2, N)
+    final = reference.copy()
+    final[rng.uniform(size=N) < 0.1] ^= 1  # the compressed head disagrees with the original on ~10%
+    conf = rng.uniform(0.6, 1.0, (N, 2)).astype(np.float32)
+    pred = np.stack([reference, final], 1)  # ramp 0 follows the original, ramp 1 the compressed head
+    costs = CostModel.uniform(3, [1, 2], 0.01)
+    thr = np.array([0.8, 0.6])
+    # judged against the compressed head, the ramp that is right takes the blame
+    assert violating_ramps(FeedbackWindow(conf, pred, final), costs, thr, None, 0.01).tolist() == [True, False]
+    with_ref = FeedbackWindow(conf, pred, final, reference=reference)
+    assert violating_ramps(with_ref, costs, thr, None, 0.01).tolist() == [False, True]
+
+
 # ----------------------------------------------------------------------------- controller loop
 def _stream(rows, seed, ramp0_right=True):
     """Two ramps; ramp 1 always right; ramp 0 right (or a coin flip), confident either way."""
