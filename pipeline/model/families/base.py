@@ -53,6 +53,10 @@ class Backbone:
     family: ClassVar[str]
     ramp_pooling: ClassVar[str] = "mean"
     """How ramps bootstrapped on this family pool a layer's tokens by default (pipeline.model.ramps.pool)."""
+    half_dtype: ClassVar[str] = "float16"
+    """The 16-bit dtype this family runs in when an engine on a GPU is asked for half precision: float16 by default;
+    bfloat16 for families trained in bf16 (the decoder classifiers), whose activations can exceed float16's range
+    (max 65504) and turn into inf / NaN."""
 
     def __init__(self, model: nn.Module):
         self.model = model
