@@ -2,7 +2,12 @@
 
 To add a family: a module here with a `Backbone` subclass decorated with `@register("XForSequenceClassification")`,
 imported below, and a tiny random model of it in the equivalence tests (tests/unit/test_families.py)."""
-from pipeline.model.families import bert, distilbert, roberta  # noqa: F401 - registers them
+from pipeline.model.families import (  # noqa: F401 - registers them
+    bert,
+    deberta_v2,
+    distilbert,
+    roberta,
+)
 from pipeline.model.families.base import Backbone, backbone, register, supported_classes
 
 __all__ = ["Backbone", "backbone", "register", "supported_classes"]
