@@ -6,6 +6,7 @@ from pipeline.model.families import (  # noqa: F401 - registers them
     bert,
     deberta_v2,
     distilbert,
+    modernbert,
     roberta,
 )
 from pipeline.model.families.base import Backbone, backbone, register, supported_classes
