@@ -6,6 +6,7 @@ from pipeline.model.families import (  # noqa: F401 - registers them
     bert,
     deberta_v2,
     distilbert,
+    electra,
     modernbert,
     roberta,
 )
