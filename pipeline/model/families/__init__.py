@@ -3,6 +3,7 @@
 To add a family: a module here with a `Backbone` subclass decorated with `@register("XForSequenceClassification")`,
 imported below, and a tiny random model of it in the equivalence tests (tests/unit/test_families.py)."""
 from pipeline.model.families import (  # noqa: F401 - registers them
+    albert,
     bert,
     deberta_v2,
     distilbert,
