@@ -124,7 +124,7 @@ def load_tokenizer(path: str):
 def model_max_length(config, tokenizer) -> int:
     """The longest input the model takes (position embeddings), capped by the tokenizer's limit."""
     limit = int(getattr(config, "max_position_embeddings", 512))
-    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "mpnet"):
         limit -= 2  # positions start after the padding index
     tok_max = getattr(tokenizer, "model_max_length", limit) or limit
     return int(min(limit, tok_max if tok_max < 1_000_000 else limit))

@@ -9,6 +9,7 @@ from pipeline.model.families import (  # noqa: F401 - registers them
     distilbert,
     electra,
     modernbert,
+    mpnet,
     roberta,
 )
 from pipeline.model.families.base import Backbone, backbone, register, supported_classes
