@@ -8,8 +8,12 @@ from pipeline.model.families import (  # noqa: F401 - registers them
     deberta_v2,
     distilbert,
     electra,
+    gemma,
+    llama,
+    mistral,
     modernbert,
     mpnet,
+    qwen,
     roberta,
 )
 from pipeline.model.families.base import Backbone, backbone, register, supported_classes
