@@ -366,9 +366,34 @@ class InputSpec(_Strict):
         return v
 
 
+class FilterSpec(_Strict):
+    """Which answered rows the output keeps (NeMo Curator's `filter_by`); rows with an error are always kept."""
+
+    labels: list[str] | None = None
+    """Keep rows whose label is one of these (a multi-label answer: any of its labels)."""
+    min_score: float | None = None
+    """Keep rows whose `score` is at least this (a regression's score, else the answer's probability)."""
+    max_score: float | None = None
+    """Keep rows whose `score` is at most this."""
+
+    @model_validator(mode="after")
+    def _something(self) -> "FilterSpec":
+        if self.labels is None and self.min_score is None and self.max_score is None:
+            raise ValueError("output.filter keeps every row as written: give labels, min_score or max_score")
+        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
+            raise ValueError(f"output.filter: min_score={self.min_score} > max_score={self.max_score} keeps nothing")
+        return self
+
+
 class OutputSpec(_Strict):
     url: str
     """Directory (fsspec URL) for `part-NNNNNN.parquet` files and `_offramp_summary.json`."""
+    probabilities: bool = False
+    """Add every label's score as a column `prob_<label>` (softmax probabilities; a multi-label head's sigmoid
+    per label; a regression's raw score is the `score` column already)."""
+    filter: FilterSpec | None = None
+    """Keep only the rows this filter passes (the parts then carry each row's position in its shard, `row`);
+    the summary counts the rows removed. The certificate covers every answer, before the filter."""
 
 
 class ActorPoolSpec(_Strict):
@@ -404,6 +429,10 @@ class CertifySpec(_Strict):
     enabled: bool = True
     """Off: the artifact's (or the controller's) thresholds, the engine's shadow_fraction as feedback, and a
     point estimate in the summary, with no promise."""
+    constraint: float | None = Field(None, gt=0, lt=1)
+    """The promise: at most this share of the answered rows disagree with the float original model (default:
+    the artifact's constraint). What the job calibrates, audits and certifies against; the controller guards
+    the same budget (`controller.tuning.constraint`, if set, must equal it)."""
     confidence: float = Field(0.95, gt=0.5, lt=1)
     """Level of the reported two-sided Clopper-Pearson interval; calibration certifies its thresholds with
     probability >= this (Learn then Test at delta = 1 - confidence)."""

@@ -61,12 +61,16 @@ def warm_start_window(model: str, manifest) -> FeedbackWindow | None:
     return None if arrays is None else FeedbackWindow(*arrays)
 
 
-def controller_constraint(manifest) -> float:
-    """The disagreement the controller may spend: the artifact's constraint (against the original float
-    model) less what compression already lost on its held-out check. The controller only sees the deployed
-    model's own final head, so for a compressed artifact the rest of the budget is all it can hold."""
+def controller_constraint(manifest, promise: float | None = None, reference: bool = False) -> float:
+    """The disagreement a controller may spend: the promise (default: the artifact's constraint), against the float
+    original. With `reference` its feedback carries the float original's answers (a certified job), so it holds the
+    whole promise; without, it sees only a compressed model's own head, so it holds the promise less what
+    compression lost on its held-out check (Serve)."""
+    promise = float(manifest.constraint) if promise is None else float(promise)
+    if reference:
+        return promise
     check = (manifest.compression or {}).get("check") or {}
-    return max(0.0, float(manifest.constraint) - float(check.get("agreement_loss", 0.0)))
+    return max(0.0, promise - float(check.get("agreement_loss", 0.0)))
 
 
 def initial_state(manifest, thresholds: list[float] | None = None):
@@ -78,11 +82,12 @@ def initial_state(manifest, thresholds: list[float] | None = None):
 
 def start_controller(model: str, manifest, settings, *, own_name: str, detached: bool = False,
                      thresholds: list[float] | None = None, defaults: dict | None = None,
-                     warm_start: bool = True) -> dict | None:
+                     warm_start: bool = True, constraint: float | None = None) -> dict | None:
     """Start the controller of one deployment; None when `settings.enabled` is off.
 
-    `settings` is a pipeline.config.ControllerSettings; `defaults` are TuningConfig fields the deployment
-    sets (the user's `settings.tuning` wins). Without `settings.share` the deployment gets its own controller
+    `settings` is a pipeline.config.ControllerSettings; `constraint` the budget it guards (default:
+    `controller_constraint(manifest)`); `defaults` are TuningConfig fields the deployment sets (the user's
+    `settings.tuning` wins). Without `settings.share` the deployment gets its own controller
     called `settings.name` or `own_name` (owned by this driver unless `detached`; one left running under that
     name with other settings is replaced). With `settings.share` it joins the detached controller called
     `settings.name` (default: one per model path), starting it if none runs; ControllerMismatch when the
@@ -97,8 +102,8 @@ def start_controller(model: str, manifest, settings, *, own_name: str, detached:
     from pipeline.config import TuningConfig
     from pipeline.control.actor import get_or_create_controller, stop_controller
 
-    tuning = {"constraint": controller_constraint(manifest), **(defaults or {}),
-              **settings.tuning.model_dump(exclude_unset=True)}
+    budget = controller_constraint(manifest) if constraint is None else constraint
+    tuning = {**(defaults or {}), **settings.tuning.model_dump(exclude_unset=True), "constraint": budget}
     costs = cost_model(manifest)
     wanted = {"config": TuningConfig.model_validate(tuning).resolved().model_dump(), "costs": costs.to_dict(),
               "checkpoint_url": settings.checkpoint_url}

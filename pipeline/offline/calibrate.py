@@ -1,16 +1,21 @@
-"""Calibration of an offline job on its own corpus, before the bulk pass.
+"""Calibration of an offline job on its own corpus, inside its actor pool.
 
-A uniform random sample of the job's rows (across every shard) runs through the whole model with every
-ramp recorded, in a few Ray tasks placed like the early-exit actors. Their answers are the original head's:
-they go into the output as they are (the bulk pass skips them), so nothing is computed twice. Their ramp
-records certify the thresholds the bulk pass starts from (pipeline.control.calibration). The sample and its
-answers are kept in the output (`_offramp_calibration.parquet`), so `--resume` calibrates once.
+A uniform random sample of the job's rows (across every shard) enters the actor pool first, as calibration
+items: the actors run them through the whole model with every ramp recorded, and answer each with the float
+original (the model itself, or for a compressed artifact or a float16 / bfloat16 engine its float32 original,
+`Predictor(reference=True)`). The driver gathers their records as they stream out of the pool, certifies
+thresholds on them (pipeline.control.calibration), and publishes the decision in the output
+(`_offramp_calibration.parquet`: the sample, its records and answers; `_offramp_calibrated.json`: thresholds,
+audit rate, which model answers the bulk). The actors read it before each shard: a shard they reach first is
+answered by the float original in full (exact, no thresholds needed yet); later shards run at the certified
+thresholds and take the sample's answers for its rows. One model load per actor, and `--resume` calibrates
+once.
 """
 from __future__ import annotations
 
+import io
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +26,10 @@ from pipeline.offline.shards import Shard, read_shard, row_ids
 log = logging.getLogger(__name__)
 
 FILE = "_offramp_calibration.parquet"
+DECISION = "_offramp_calibrated.json"
 ANSWER_COLUMNS = ("id", "label", "label_id", "score", "exit_layer", "truncated", "error")
+VALUE_COLUMNS = (*ANSWER_COLUMNS, "logits")
+"""A calibration row's values as the worker writes them: its output columns, then its head-space logits."""
 
 
 def sample_rows(shards: list[Shard], n: int, seed: int = 0) -> dict[int, np.ndarray]:
@@ -34,55 +42,67 @@ def sample_rows(shards: list[Shard], n: int, seed: int = 0) -> dict[int, np.ndar
     return {int(shards[k].shard): picks[which == k] - starts[k] for k in np.unique(which)}
 
 
+def record_table(shard: int, positions: list[int], ids: list, out) -> pa.Table:
+    """`Predictor.record_encoded`'s output for rows at `positions` of `shard` as the calibration table: one row
+    per input row with the float original's answer (ANSWER_COLUMNS) and the running model's ramp record
+    (`conf`, `pred`: one entry per ramp, empty for an error row; `final`: its own head's answer id, -1 for an
+    error row)."""
+    fb = {int(i): k for k, i in enumerate(out.feedback_rows.tolist())}
+    conf, pred, final = [], [], []
+    for i in range(len(positions)):
+        k = fb.get(i)
+        conf.append([] if k is None else out.feedback.conf[k].tolist())
+        pred.append([] if k is None else out.feedback.pred[k].tolist())
+        final.append(-1 if k is None else int(out.feedback.final[k]))
+    p = out.predictions
+    return pa.table({
+        "shard": pa.array([shard] * len(positions), pa.int64()),
+        "row": pa.array(positions, pa.int64()),
+        "id": pa.array(ids, pa.string()),
+        "label": pa.array([x.label for x in p], pa.string()),
+        "label_id": pa.array([x.label_id for x in p], pa.int64()),
+        "score": pa.array([x.score for x in p], pa.float32()),
+        "exit_layer": pa.array([x.exit_layer for x in p], pa.int16()),
+        "truncated": pa.array([x.truncated for x in p], pa.bool_()),
+        "error": pa.array([x.error for x in p], pa.string()),
+        "conf": pa.array(conf, pa.list_(pa.float32())),
+        "pred": pa.array(pred, pa.list_(pa.int64())),
+        "final": pa.array(final, pa.int64()),
+        "logits": pa.array([None if x.logits is None else x.logits.tolist() for x in p], pa.list_(pa.float32())),
+    })
+
+
+def to_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue()
+
+
+def from_bytes(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(io.BytesIO(data)).read_all()
+
+
 def run_full_depth(model: str, engine: dict, text_column: str, id_column: str | None,
                    items: list[tuple[dict, list[int]]]) -> pa.Table:
-    """Rows of some shards through the whole model, every ramp recorded: one output row per input row with
-    the original head's answer, plus its ramp record (`conf`, `pred`: one entry per ramp, empty for an
-    error row; `final`: the head's label id)."""
+    """Rows of some shards through the whole model, every ramp recorded, each answered by the float original
+    (`record_table`): a Ray task's work when `--repair` or a top-up re-runs rows of a finished job."""
     from pipeline.config import EngineConfig
-    from pipeline.engine.policy import ExitPolicy
     from pipeline.engine.predictor import Predictor
 
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    predictor = Predictor(model, EngineConfig(**engine))
-    R = predictor.num_ramps
-    predictor.set_policy(ExitPolicy(np.ones(R), predictor.policy.active, 0))  # every ramp closed
-    cols: dict[str, list] = {k: [] for k in ("shard", "row", *ANSWER_COLUMNS, "conf", "pred", "final")}
+    predictor = Predictor(model, EngineConfig(**engine), reference=True)
+    tables = []
     for shard_dict, rows in items:
         shard = Shard(**shard_dict)
         table = read_shard(shard, text_column)
         texts = [table.column(text_column)[int(r)].as_py() for r in rows]
-        ids = row_ids(table, shard, id_column, rows)
         enc = predictor.encoder.encode(texts)
         read = row_errors(table)  # a line that is no row: its reading error wins, as in tokenize_shards
         enc.errors = [read[int(r)] or e for r, e in zip(rows, enc.errors)]
-        out = predictor.predict_encoded(enc, [f"{shard.shard}:{r}" for r in rows], shadow=np.ones(len(rows), bool))
-        fb = {int(i): k for k, i in enumerate(out.feedback_rows.tolist())}
-        for i, p in enumerate(out.predictions):
-            k = fb.get(i)
-            cols["shard"].append(shard.shard)
-            cols["row"].append(int(rows[i]))
-            cols["id"].append(ids[i])
-            cols["label"].append(p.label)
-            cols["label_id"].append(p.label_id)
-            cols["score"].append(p.score)
-            cols["exit_layer"].append(p.exit_layer)
-            cols["truncated"].append(p.truncated)
-            cols["error"].append(p.error)
-            cols["conf"].append([] if k is None else out.feedback.conf[k].tolist())
-            cols["pred"].append([] if k is None else out.feedback.pred[k].tolist())
-            cols["final"].append(-1 if k is None else int(out.feedback.final[k]))
-    return pa.table({
-        **{k: cols[k] for k in ("shard", "row", "id", "label")},
-        "label_id": pa.array(cols["label_id"], pa.int32()),
-        "score": pa.array(cols["score"], pa.float32()),
-        "exit_layer": pa.array(cols["exit_layer"], pa.int16()),
-        "truncated": cols["truncated"],
-        "error": pa.array(cols["error"], pa.string()),
-        "conf": pa.array(cols["conf"], pa.list_(pa.float32())),
-        "pred": pa.array(cols["pred"], pa.list_(pa.int64())),
-        "final": pa.array(cols["final"], pa.int64()),
-    })
+        out = predictor.record_encoded(enc, [f"{shard.shard}:{r}" for r in rows])
+        tables.append(record_table(shard.shard, [int(r) for r in rows], row_ids(table, shard, id_column, rows), out))
+    return pa.concat_tables(tables)
 
 
 def run_sample(cfg, shards: list[Shard], sample: dict[int, np.ndarray], tasks: int) -> pa.Table:
@@ -105,28 +125,19 @@ def run_sample(cfg, shards: list[Shard], sample: dict[int, np.ndarray], tasks: i
     return pa.concat_tables(ray.get(refs))
 
 
-@dataclass
-class JobCalibration:
-    """What the bulk pass needs from calibration, and what the summary reports of it."""
-
-    answers: dict[int, dict[int, tuple]]
-    """shard -> position -> the row's output values (ANSWER_COLUMNS): final answers, skipped by the bulk pass."""
-    thresholds: list[float]
-    report: dict
-    seconds: float
-    rows: int
-
-
 def answers_by_shard(table: pa.Table) -> dict[int, dict[int, tuple]]:
+    """shard -> position -> the row's values (VALUE_COLUMNS)."""
     out: dict[int, dict[int, tuple]] = {}
-    cols = [table.column(c).to_pylist() for c in ("shard", "row", *ANSWER_COLUMNS)]
+    cols = [table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+            for c in ("shard", "row", *VALUE_COLUMNS)]
     for shard, row, *values in zip(*cols):
         out.setdefault(int(shard), {})[int(row)] = tuple(values)
     return out
 
 
 def feedback_of(table: pa.Table, num_ramps: int):
-    """The sample's ramp records as a FeedbackWindow (error rows left out)."""
+    """The sample's ramp records as a FeedbackWindow (error rows left out), its reference the float original's
+    answers (the rows' answers): for a model that is not the original, its own head can disagree."""
     from pipeline.feedback import FeedbackWindow
 
     final = np.asarray(table.column("final").to_pylist(), np.int64)
@@ -137,41 +148,127 @@ def feedback_of(table: pa.Table, num_ramps: int):
         np.asarray([conf[i] for i in keep], np.float32).reshape(len(keep), num_ramps),
         np.asarray([pred[i] for i in keep], np.int64).reshape(len(keep), num_ramps),
         final[keep],
+        reference=np.asarray(table.column("label_id").to_pylist(), np.int64)[keep],
     )
 
 
-def calibrate_job(cfg, shards: list[Shard], manifest, constraint: float, echo=print) -> JobCalibration:
-    """Draw (or, on --resume, reload) the calibration sample, run it, certify thresholds on it."""
-    from pipeline.control.calibration import bulk_budget, calibrate_sample, calibration_rows
+@dataclass
+class JobCalibration:
+    """The calibration's decision for the bulk pass, and what the summary reports of it."""
+
+    thresholds: list[float]
+    audit_fraction: float
+    original_only: bool
+    """The bulk is answered by the float original with every ramp closed: nothing could be certified for the
+    running model (a compressed model whose own head disagrees with the original past the budget)."""
+    report: dict
+    rows: int
+    seconds: float = 0.0
+    """Wall time from the job's start until the decision was published."""
+    answers: dict[int, dict[int, tuple]] = field(default_factory=dict)
+
+    def decision(self) -> dict:
+        """What the actors read (`DECISION`)."""
+        return {"thresholds": self.thresholds, "audit_fraction": self.audit_fraction,
+                "original_only": self.original_only, "rows": self.rows}
+
+
+def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int, constraint: float) -> float:
+    """The audit's rate: enough bulk rows that the certificate's lower end clears the promise when the
+    output disagrees at what calibration measured, plus a quarter of the way to its bound (the estimate of
+    the boldest point that passed is optimistic; planning at the bound itself oversizes the audit ~2x)."""
+    from pipeline.control.stats import rows_to_certify
+
+    if c.audit_fraction is not None:
+        return c.audit_fraction
+    if bulk_rows <= 0:
+        return c.max_audit_fraction
+    if calibration is None:  # nothing measured: plan for half the budget
+        rate = constraint / 2
+    else:
+        rate = calibration["test_disagreement"] + (calibration["upper_bound"] - calibration["test_disagreement"]) / 4
+    # The interval covers the bulk's disagreements, spread over every answered row (calibration's agree).
+    budget = constraint * total_rows / bulk_rows
+    # x1.25: the audit's size is itself random (Bernoulli), and a count just at the need fails half the time
+    need = 1.25 * rows_to_certify(rate, budget, c.confidence)
+    return float(min(c.max_audit_fraction, max(c.min_audit_fraction, need / bulk_rows)))
+
+
+def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int, echo=print) -> JobCalibration:
+    """Certify thresholds on the calibration table (None: `certify.calibrate` off, the engine's thresholds are
+    audited as they are) and size the audit."""
+    from pipeline.control.calibration import bulk_budget, calibrate_sample
     from pipeline.control.deployment import cost_model, warm_start_window
-    from pipeline.offline import sink
 
     c = cfg.certify
-    t = time.perf_counter()
-    total = sum(s.rows for s in shards)
-    delta = 1 - c.confidence
-    wanted = c.calibration_rows or calibration_rows(constraint, delta)
-    n = min(wanted, int(c.max_calibration_share * total))
-    table = sink.read_table(cfg.output.url, FILE) if cfg.resume else None
     if table is None:
-        echo(f"calibrating on {n} rows drawn uniformly from all {total} ({n / total:.1%}; {wanted} wanted for a "
-             f"{constraint:.2%} budget at {c.confidence:.0%} confidence), every ramp recorded")
-        sample = sample_rows(shards, n, c.seed)
-        table = run_sample(cfg, shards, sample, cfg.actors.max_actors)
-        sink.write_table(cfg.output.url, FILE, table)
-    else:
-        echo(f"calibration sample of {table.num_rows} rows reloaded from the output (--resume)")
+        thresholds = cfg.engine.thresholds or list(manifest.thresholds)
+        audit = audit_fraction(c, None, total, total, constraint)
+        return JobCalibration([float(t) for t in thresholds], audit, False, {}, 0)
+    fb = feedback_of(table, len(manifest.ramps))
     budget = bulk_budget(constraint, total, table.num_rows)
-    cal = calibrate_sample(feedback_of(table, len(manifest.ramps)), warm_start_window(cfg.model, manifest),
-                           cost_model(manifest), budget, delta, manifest.active, c.seed)
-    seconds = time.perf_counter() - t
-    report = {**cal.to_dict(), "promise_constraint": constraint, "rows": table.num_rows, "rows_wanted": wanted,
-              "seconds": round(seconds, 2)}
-    echo(f"calibration: thresholds {[round(x, 4) for x in cal.thresholds.tolist()]} certified "
-         f"(test split: {cal.test_disagreements}/{cal.test_rows} disagreements, upper bound {cal.upper_bound:.2%} "
-         f"<= {budget:.2%}, the bulk's share of the {constraint:.2%} budget; estimated layer compute saved "
-         f"{cal.test_layer_savings:.1%}) in {seconds:.1f} s"
-         if cal.chosen >= 0 else
-         f"calibration: no threshold set could be certified on {cal.test_rows} test rows: every ramp stays closed")
-    return JobCalibration(answers_by_shard(table), [float(x) for x in cal.thresholds], report, seconds,
-                          table.num_rows)
+    cal = calibrate_sample(fb, warm_start_window(cfg.model, manifest), cost_model(manifest), budget,
+                           1 - c.confidence, manifest.active, c.seed)
+    head_disagree = int((fb.final != fb.labels).sum())
+    report = {**cal.to_dict(), "promise_constraint": constraint, "rows": table.num_rows,
+              "head_disagreements": head_disagree}
+    original_only = cal.chosen < 0 and head_disagree > 0
+    audit = 0.0 if original_only else audit_fraction(c, report, total - table.num_rows, total, constraint)
+    if cal.chosen >= 0:
+        echo(f"calibration: thresholds {[round(x, 4) for x in cal.thresholds.tolist()]} certified on {table.num_rows} "
+             f"rows (test split: {cal.test_disagreements}/{cal.test_rows} disagreements with the original, upper "
+             f"bound {cal.upper_bound:.2%} <= {budget:.2%}, the bulk's share of the {constraint:.2%} budget; "
+             f"estimated layer compute saved {cal.test_layer_savings:.1%})"
+             + (f"; the running model's own head disagreed with the float original on {head_disagree} of "
+                f"{len(fb)} rows" if head_disagree else ""))
+    elif original_only:
+        echo(f"calibration: nothing certified on {cal.test_rows} test rows: the running model's own head disagreed "
+             f"with the float original on {head_disagree} of {len(fb)} rows; the bulk is answered by the float "
+             "original, every ramp closed")
+    else:
+        echo(f"calibration: no threshold set could be certified on {cal.test_rows} test rows: every ramp stays closed")
+    return JobCalibration([float(x) for x in cal.thresholds], audit, original_only, report, table.num_rows,
+                          answers=answers_by_shard(table))
+
+
+def publish(output_url: str, calibration: JobCalibration, table: pa.Table | None) -> None:
+    """The decision, where every actor reads it: the sample first, then the decision that points to it."""
+    from pipeline.offline import sink
+
+    if table is not None:
+        sink.write_table(output_url, FILE, table)
+    sink.write_json(output_url, DECISION, calibration.decision())
+
+
+def read_published(output_url: str) -> tuple[dict, dict[int, dict[int, tuple]]] | None:
+    """(decision, shard -> position -> answer values) once the driver has published them, else None."""
+    from pipeline.offline import sink
+
+    decision = sink.read_json(output_url, DECISION)
+    if decision is None:
+        return None
+    table = sink.read_table(output_url, FILE) if decision.get("rows") else None
+    return decision, ({} if table is None else answers_by_shard(table))
+
+
+def calibration_items(shards: list[Shard], sample: dict[int, np.ndarray]) -> list[dict]:
+    """One actor-pool item per shard with sampled rows: the shard and those positions."""
+    by_id = {s.shard: s for s in shards}
+    return [{**by_id[k].to_dict(), "positions": v.tolist()} for k, v in sorted(sample.items())]
+
+
+class Gatherer:
+    """The driver's side: calibration records as they stream out of the pool, until every sampled row is in."""
+
+    def __init__(self, wanted_rows: int):
+        self.wanted = wanted_rows
+        self.tables: dict[int, pa.Table] = {}  # by shard: one item per shard (a retried item counts once)
+        self.seconds = 0.0  # actor time spent on calibration items
+
+    def add(self, summary: dict) -> pa.Table | None:
+        """One calibration item's summary; the whole table once the last one is in (else None)."""
+        self.tables[int(summary["shard"])] = from_bytes(summary["calibration"])
+        self.seconds += float(summary["seconds"])
+        if sum(t.num_rows for t in self.tables.values()) < self.wanted:
+            return None
+        return pa.concat_tables([self.tables[k] for k in sorted(self.tables)])

@@ -1,11 +1,12 @@
-"""The certified accuracy of a job's output: an interval for its agreement with the original model.
+"""The certified accuracy of a job's output: an interval for its agreement with the float original model.
 
 Every answered row of the output is one of two kinds:
-- exact: answered by the original head (calibration rows, and bulk rows no ramp answered): they agree by
-  construction (for a compressed artifact: with its own head, whose loss is in the artifact's check);
-- early: answered at a ramp. The audit, a Bernoulli sample of the bulk rows drawn from a hash of their
-  position (independent of their content and of when they ran), runs to the end with them, so its early
-  rows are a uniform sample of the early rows with their true agreement known.
+- exact: answered by the float original itself (calibration rows, rows reached before the calibration
+  decision, and for an uncompressed float32 model the bulk rows no ramp answered): they agree by construction;
+- early: answered by anything else: a ramp, or the head of a compressed (int8, float16, bfloat16) model. The
+  audit, a Bernoulli sample of the bulk rows drawn from a hash of their position (independent of their content
+  and of when they ran), runs to the end with them and through the float original, so its early rows are a
+  uniform sample of the early rows with their true agreement known.
 
 Disagreements of the output = early rows x the early-row disagreement rate, whose exact Clopper-Pearson
 interval from the audit gives the output's interval. The same per part (wide: a part holds few audit rows).
@@ -41,8 +42,8 @@ def certify(parts: list[dict], constraint: float, confidence: float = 0.95) -> d
         per_part.append({"shard": p["shard"], "first_row": p.get("first_row", 0),
                          **{k: int(p.get(k, 0)) for k in COUNTS}, **_interval(p, confidence)})
     out = {
-        "method": f"Clopper-Pearson {100 * confidence:g}% two-sided over the audited early-exit rows; rows answered "
-                  "by the original head count as agreeing",
+        "method": f"Clopper-Pearson {100 * confidence:g}% two-sided over the audited rows not answered by the float "
+                  "original (a ramp's, or a compressed head's); rows the float original answered count as agreeing",
         "constraint": constraint,
         "promise": 1 - constraint,
         "confidence": confidence,
@@ -70,19 +71,25 @@ def describe(cert: dict) -> str:
     lo, hi = cert["interval"]
     verdict = (f"promise of >= {cert['promise']:.2%} kept" if cert["certified"] else
                f"PROMISE OF >= {cert['promise']:.2%} NOT CERTIFIED (lower end under it)")
-    return (f"agreement with the original model {cert['agreement']:.2%}, {cert['method'].split(' over')[0]} "
-            f"interval [{lo:.2%}, {hi:.2%}] from {cert['audit_early']} audited of {cert['early']} early-exit "
-            f"rows: {verdict}")
+    return (f"agreement with the float original {cert['agreement']:.2%}, {cert['method'].split(' over')[0]} "
+            f"interval [{lo:.2%}, {hi:.2%}] from {cert['audit_early']} audited of the {cert['early']} rows it did not "
+            f"answer itself: {verdict}")
 
 
 def describe_cost(cert: dict) -> str | None:
-    """One line for the CLI: what the promise cost, as shares of the job's time (None when not measured)."""
+    """One line for the CLI: what the promise cost, as shares of the actors' time (None when not measured)."""
     cost = cert.get("cost") or {}
     said = []
-    if cost.get("calibration_share_of_job_time") is not None:
-        said.append(f"calibration {cost['calibration_share_of_job_time']:.0%} of the job's time "
-                    f"({cost['calibration_seconds']:.1f} s)")
-    if cost.get("feedback_share_of_job_time_estimated") is not None:
-        said.append(f"audit and feedback rows run to the end ~{cost['feedback_share_of_job_time_estimated']:.0%} "
+    if cost.get("calibration_share_of_actor_time") is not None and cost.get("calibration_actor_seconds"):
+        said.append(f"calibration {cost['calibration_share_of_actor_time']:.0%} of the actors' time "
+                    f"({cost['calibration_actor_seconds']:.1f} s, decided {cost.get('calibration_decided_after_seconds') or 0:.1f}"
+                    " s into the job)")
+    if cost.get("rows_answered_in_full_before_the_decision"):
+        said.append(f"{cost['rows_answered_in_full_before_the_decision']} rows answered in full before it "
+                    f"({cost['before_decision_share_of_actor_time']:.0%})")
+    if cost.get("reference_share_of_actor_time"):
+        said.append(f"the float original on feedback rows {cost['reference_share_of_actor_time']:.0%}")
+    if cost.get("feedback_share_of_actor_time_estimated") is not None:
+        said.append(f"audit and feedback rows run to the end ~{cost['feedback_share_of_actor_time_estimated']:.0%} "
                     f"(their {cost['feedback_share_of_bulk_layer_work']:.0%} of the bulk's layer work)")
     return "the promise cost: " + "; ".join(said) if said else None

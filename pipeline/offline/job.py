@@ -20,6 +20,7 @@ from pipeline.config import JobConfig
 from pipeline.control.deployment import ControllerMismatch, controller_constraint, own_controller_name, start_controller
 from pipeline.data.readers import require_columns
 from pipeline.offline import attempts, ray_session, sink
+from pipeline.offline.calibrate import decide
 from pipeline.offline.shards import plan_shards, read_shard
 
 log = logging.getLogger(__name__)
@@ -132,12 +133,23 @@ def check_inputs(cfg: JobConfig):
     return manifest, shards, finished, plan
 
 
-def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
-    import ray
+def promise_of(cfg: JobConfig, manifest) -> float:
+    """The job's promise: `certify.constraint`, default the artifact's constraint. A `controller.tuning.constraint`
+    set to another value fails here, before any model work: one job, one budget."""
+    promise = cfg.certify.constraint if cfg.certify.constraint is not None else float(manifest.constraint)
+    tuning = cfg.controller.tuning
+    if "constraint" in tuning.model_fields_set and abs(tuning.constraint - promise) > 1e-12:
+        where = "certify.constraint" if cfg.certify.constraint is not None else "the artifact's constraint"
+        raise JobError(f"controller.tuning.constraint={tuning.constraint} differs from the job's promise, {where} "
+                       f"({promise}): set the promise with certify.constraint alone (the controller guards it too)")
+    return promise
 
+
+def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
     if cfg.input.url.startswith("builtin:"):
         cfg = cfg.model_copy(update={"input": cfg.input.model_copy(update={"url": materialize_builtin(cfg.input.url)})})
     manifest, shards, finished, plan = check_inputs(cfg)
+    constraint = promise_of(cfg, manifest)
     todo = [s for s in shards if s.shard not in finished]
     sink.clean_temporaries(cfg.output.url)
     attempts.clear(cfg.output.url)
@@ -150,36 +162,34 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
     t0 = time.perf_counter()
     controller = None
     try:
-        constraint = controller_constraint(manifest)
         c = cfg.certify
-        defaults = None if not c.enabled else {
-            "window_output_rows": c.window_output_rows, "guard_alpha": 1 - c.confidence,
-            "feedback_min": c.feedback_min, "feedback_max": c.feedback_max}
+        plan_cal = _plan_calibration(cfg, shards, manifest, constraint, total_rows, echo) if c.enabled and todo else None
         try:
             controller = start_controller(cfg.model, manifest, cfg.controller, thresholds=cfg.engine.thresholds,
                                           own_name=own_controller_name("job", cfg.name, uuid.uuid4().hex[:8]),
-                                          defaults=defaults, warm_start=not c.enabled)
+                                          constraint=_controller_budget(c, manifest, constraint, total_rows, plan_cal),
+                                          defaults=None if not c.enabled else {
+                                              "window_output_rows": c.window_output_rows,
+                                              "guard_alpha": 1 - c.confidence,
+                                              "feedback_min": c.feedback_min, "feedback_max": c.feedback_max},
+                                          warm_start=not c.enabled)
         except ControllerMismatch as e:
             raise JobError(str(e)) from e
-        certify = calibration = None
-        if c.enabled and todo:
-            if c.calibrate:
-                from pipeline.offline.calibrate import calibrate_job
+        calibration = None
+        if plan_cal is not None and plan_cal["decided"] is not None:  # --resume, or certify.calibrate off
+            calibration = _announce(cfg, plan_cal["decided"], plan_cal["table"], controller, t0)
+        items = plan_cal["items"] if plan_cal is not None and plan_cal["decided"] is None else []
 
-                calibration = calibrate_job(cfg, shards, manifest, constraint, echo)
-                thresholds = calibration.thresholds
-                cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"thresholds": thresholds})})
-                if controller is not None:
-                    ray.get(controller["handle"].calibrate.remote(thresholds, calibration.report), timeout=60)
-            bulk = total_rows - (calibration.rows if calibration else 0)
-            audit = audit_fraction(c, calibration.report if calibration else None, bulk, total_rows, constraint)
-            echo(f"audit: {audit:.1%} of the bulk rows run to the end for the certificate")
-            certify = {"audit_fraction": audit, "seed": c.seed, "calibrated": calibration.answers if calibration else {}}
-        summaries = _run_pipeline(cfg, todo, controller, certify) if todo else []
+        def on_sample(table):
+            nonlocal calibration
+            decided = decide(cfg, table, manifest, constraint, total_rows, echo)
+            calibration = _announce(cfg, decided, table, controller, t0)
+
+        summaries = _run_pipeline(cfg, items, todo, controller, c.enabled, on_sample, echo) if todo else []
         summary = _summarize(cfg, shards, finished, summaries, controller, manifest)
         summary["seconds_total"] = round(time.perf_counter() - t0, 3)
         if c.enabled:
-            cert = _certificate(cfg, summaries, finished, constraint, calibration, certify, summary)
+            cert = _certificate(cfg, summaries, finished, constraint, calibration, summary)
             if not cert["certified"] and c.top_up:
                 cert = _top_up(cfg, shards, cert, constraint, summary, echo)
             summary["certificate"] = cert
@@ -194,54 +204,103 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
     return summary
 
 
-def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int, constraint: float) -> float:
-    """The audit's rate: enough bulk rows that the certificate's lower end clears the promise when the
-    output disagrees at what calibration measured, plus a quarter of the way to its bound (the estimate of
-    the boldest point that passed is optimistic; planning at the bound itself oversizes the audit ~2x)."""
-    from pipeline.control.stats import rows_to_certify
+def _plan_calibration(cfg: JobConfig, shards, manifest, constraint: float, total_rows: int, echo) -> dict:
+    """What the certified job calibrates on: {"items": calibration items for the actor pool, "rows": sample size,
+    "decided": a JobCalibration already known (--resume: from the stored sample; `certify.calibrate` off: the
+    engine's thresholds), "table": the stored sample}."""
+    from pipeline.control.calibration import calibration_rows
+    from pipeline.offline.calibrate import DECISION, FILE, calibration_items, decide, sample_rows
 
-    if c.audit_fraction is not None:
-        return c.audit_fraction
-    if bulk_rows <= 0:
-        return c.max_audit_fraction
-    if calibration is None:  # nothing measured: plan for half the budget
-        rate = constraint / 2
-    else:
-        rate = calibration["test_disagreement"] + (calibration["upper_bound"] - calibration["test_disagreement"]) / 4
-    # The interval covers the bulk's disagreements, spread over every answered row (calibration's agree).
-    budget = constraint * total_rows / bulk_rows
-    # x1.25: the audit's size is itself random (Bernoulli), and a count just at the need fails half the time
-    need = 1.25 * rows_to_certify(rate, budget, c.confidence)
-    return float(min(c.max_audit_fraction, max(c.min_audit_fraction, need / bulk_rows)))
+    c = cfg.certify
+    if not c.calibrate:
+        return {"items": [], "rows": 0, "decided": decide(cfg, None, manifest, constraint, total_rows, echo),
+                "table": None}
+    table = sink.read_table(cfg.output.url, FILE) if cfg.resume else None
+    if table is not None:
+        echo(f"calibration sample of {table.num_rows} rows reloaded from the output (--resume)")
+        return {"items": [], "rows": table.num_rows, "table": table,
+                "decided": decide(cfg, table, manifest, constraint, total_rows, echo)}
+    sink.remove(cfg.output.url, DECISION)  # an older run's decision must not reach this run's actors
+    wanted = c.calibration_rows or calibration_rows(constraint, 1 - c.confidence)
+    n = min(wanted, int(c.max_calibration_share * total_rows))
+    if n == 0:  # too few rows to calibrate on: the float original answers them all
+        return {"items": [], "rows": 0, "decided": None, "table": None}
+    echo(f"calibrating on {n} rows drawn uniformly from all {total_rows} ({n / total_rows:.1%}; {wanted} wanted for "
+         f"a {constraint:.2%} promise at {c.confidence:.0%} confidence), run first by the actors, every ramp recorded;"
+         " shards reached before the decision are answered by the float original")
+    return {"items": calibration_items(shards, sample_rows(shards, n, c.seed)), "rows": n, "decided": None,
+            "table": None}
+
+
+def _controller_budget(c, manifest, constraint: float, total_rows: int, plan_cal: dict | None) -> float:
+    """The disagreement the job's controller guards: the bulk's share of the promise when it calibrates (the
+    calibration rows agree by construction), the promise when its feedback is measured against the float original
+    (a certified job), else the promise less what compression lost on its check."""
+    from pipeline.control.calibration import bulk_budget
+
+    if plan_cal is not None and plan_cal["rows"]:
+        return bulk_budget(constraint, total_rows, plan_cal["rows"])
+    return controller_constraint(manifest, constraint, reference=c.enabled)
+
+
+def _announce(cfg: JobConfig, decided, table, controller, t0: float):
+    """Hand the calibration decision to the controller, then publish it to the actors (in that order: an actor
+    that reads the decision finds the controller holding it)."""
+    import ray
+
+    from pipeline.offline.calibrate import publish
+
+    if controller is not None:
+        ray.get(controller["handle"].calibrate.remote(decided.thresholds, decided.report), timeout=60)
+    publish(cfg.output.url, decided, table)
+    decided.seconds = time.perf_counter() - t0
+    return decided
 
 
 def _certificate(cfg: JobConfig, summaries: list[dict], finished: set[int], constraint: float, calibration,
-                 certify: dict | None, summary: dict) -> dict:
+                 summary: dict) -> dict:
     """The certificate from this run's parts and, on --resume, the finished parts' stored counts."""
     from pipeline.offline.certificate import certify as certify_parts
 
     parts = [json.loads(r["part_stats"]) for r in summaries if r.get("part_stats")]
     parts += sink.part_stats(cfg.output.url, finished)
     cert = certify_parts(parts, constraint, cfg.certify.confidence)
-    cert["audit_fraction"] = None if certify is None else round(certify["audit_fraction"], 4)
-    if calibration is not None:
+    cert["audit_fraction"] = None if calibration is None else round(calibration.audit_fraction, 4)
+    if calibration is not None and calibration.report:  # certify.calibrate off: the engine's thresholds, audited
         cert["calibration_report"] = calibration.report
-    # What the promise cost: the calibration pass's share of the job's time, and the share of layer work
-    # spent running audit and feedback rows past their answer, with the bulk pass's time it stands for (an
-    # estimate: a layer costs about the same for every row of a batch).
-    run = sum(sum(r["layer_rows"]) for r in summaries)
-    answers = sum(r["bulk_answer_layers"] for r in summaries)
-    total = summary.get("seconds_total")
-    feedback = (run - answers) / run if run else None
-    cert["cost"] = {
-        "calibration_seconds": None if calibration is None else round(calibration.seconds, 2),
-        "calibration_share_of_job_time": (None if calibration is None or not total
-                                          else round(calibration.seconds / total, 4)),
-        "feedback_share_of_bulk_layer_work": None if feedback is None else round(feedback, 4),
-        "feedback_share_of_job_time_estimated": (None if feedback is None or not total
-                                                 else round(feedback * summary["seconds"] / total, 4)),
-    }
+        cert["original_only"] = calibration.original_only
+    cert["cost"] = promise_cost(summaries, summary, calibration)
     return cert
+
+
+def promise_cost(summaries: list[dict], summary: dict, calibration) -> dict:
+    """What the promise cost, as shares of the actors' busy time (what a job's time is made of once its actors
+    run): the calibration items; the float original run beside a compressed or half-precision model on
+    feedback rows (its reference answers); audit and feedback rows run past their answer (an estimate from
+    layer work: a layer costs about the same for every row of a batch); and the rows answered by the float
+    original in full because they were reached before the calibration decision."""
+    busy = sum(r["seconds"] for r in summaries)
+    cal = sum(r["seconds"] for r in summaries if r["kind"] == "calibration")
+    bulk = [r for r in summaries if r["kind"] == "bulk"]
+    ran = sum(sum(r["layer_rows"]) for r in bulk if not r["exact_before_decision"])
+    answers = sum(r["bulk_answer_layers"] for r in bulk if not r["exact_before_decision"])
+    feedback = (ran - answers) / ran if ran else None
+    bulk_busy = sum(r["seconds"] - r["reference_seconds"] for r in bulk if not r["exact_before_decision"])
+
+    def share(x):
+        return round(x / busy, 4) if busy else None
+
+    return {
+        "actor_seconds": round(busy, 2),
+        "calibration_actor_seconds": round(cal, 2),
+        "calibration_share_of_actor_time": share(cal),
+        "calibration_decided_after_seconds": None if calibration is None else round(calibration.seconds, 2),
+        "rows_answered_in_full_before_the_decision": int(sum(r["exact_before_decision"] for r in bulk)),
+        "before_decision_share_of_actor_time": share(sum(r["seconds"] for r in bulk if r["exact_before_decision"])),
+        "reference_share_of_actor_time": share(sum(r["reference_seconds"] for r in summaries)),
+        "feedback_share_of_bulk_layer_work": None if feedback is None else round(feedback, 4),
+        "feedback_share_of_actor_time_estimated": None if feedback is None else share(feedback * bulk_busy),
+    }
 
 
 def _top_up(cfg: JobConfig, shards, cert: dict, constraint: float, summary: dict, echo) -> dict:
@@ -285,8 +344,8 @@ def repair_job(cfg: JobConfig, parts: list[int] | str | None = None, address: st
     started = _init_ray(cfg, address)
     t = time.perf_counter()
     try:
-        cert = repair(cfg, shards, summary["certificate"], controller_constraint(manifest), manifest.num_layers,
-                      parts, echo)
+        cert = repair(cfg, shards, summary["certificate"], float(summary["certificate"]["constraint"]),
+                      manifest.num_layers, parts, echo)
     finally:
         if started:
             ray_session.shutdown()
@@ -303,10 +362,14 @@ def _model_ref(model: str) -> str:
     return model if "://" in model else os.path.abspath(model)
 
 
-def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None) -> list[dict]:
+def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certified: bool, on_sample,
+                  echo=print) -> list[dict]:
+    """Stream the calibration `items`, then the `todo` shards, through tokenize tasks and the actor pool; call
+    `on_sample(table)` as soon as every calibration row is back. Returns every item's summary row."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    from pipeline.offline.calibrate import Gatherer
     from pipeline.offline.worker import EarlyExitWorker, tokenize_shards
 
     ctx = DataContext.get_current()
@@ -314,7 +377,9 @@ def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None)
     a = cfg.actors
     engine = cfg.engine.model_dump()
     ctl = None if controller is None else {k: v for k, v in controller.items() if k != "handle"}
-    ds = ray.data.from_items([s.to_dict() for s in todo], override_num_blocks=len(todo))
+    # Calibration items first: the actors take them before any shard, so most shards run at certified thresholds.
+    work = items + [{**s.to_dict(), "positions": None} for s in todo]
+    ds = ray.data.from_items(work, override_num_blocks=len(work))
     ds = ds.map_batches(
         tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=a.tokenize_cpus,
         fn_kwargs=dict(model=_model_ref(cfg.model),
@@ -330,11 +395,21 @@ def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None)
         # and its batch is retried; parts are atomic with deterministic names, so no duplicates.
         fn_constructor_kwargs=dict(model=_model_ref(cfg.model),
                                    engine=engine, output_url=cfg.output.url, passthrough=cfg.input.passthrough,
-                                   controller=ctl, certify=certify),
+                                   controller=ctl, certify={"seed": cfg.certify.seed} if certified else None,
+                                   output=cfg.output.model_dump(exclude={"url"})),
     )
+    gather = Gatherer(sum(len(i["positions"]) for i in items)) if items else None
     t = time.perf_counter()
+    rows: list[dict] = []
     try:
-        rows = ds.take_all()
+        for row in ds.iter_rows():
+            row = dict(row)
+            rows.append(row)
+            if row["kind"] == "calibration" and gather is not None:
+                table = gather.add(row)
+                if table is not None:
+                    gather = None
+                    on_sample(table)
     except Exception as e:  # noqa: BLE001 - translate the usual resource failure into advice
         text = str(e)
         if "actors" in text.lower() and ("timed out" in text.lower() or "wait" in text.lower()):
@@ -344,6 +419,9 @@ def _run_pipeline(cfg: JobConfig, todo, controller, certify: dict | None = None)
                 f"{ray.cluster_resources()}); lower actors.min_actors / num_gpus or add nodes"
             ) from e
         raise
+    if gather is not None:
+        log.warning("calibration rows missing at the end of the job (%d wanted): every shard was answered by the "
+                    "float original", gather.wanted)
     elapsed = time.perf_counter() - t
     for r in rows:
         r["_elapsed"] = elapsed
@@ -354,22 +432,23 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
     import numpy as np
 
     L = manifest.num_layers
+    work = rows  # every item: calibration items ran layers too
+    rows = [r for r in rows if r["kind"] == "bulk"]  # the shards' parts: one row of output per input row
     exits = np.zeros(L + 1, np.int64)
     for r in rows:
         exits += np.asarray(r["exits"], np.int64)
     n = int(sum(r["rows"] for r in rows))
-    elapsed = rows[0]["_elapsed"] if rows else 0.0
+    elapsed = work[0]["_elapsed"] if work else 0.0
     shadow = int(sum(r["shadow_rows"] for r in rows))
     agree = int(sum(r["shadow_agree"] for r in rows))
     answered = int(exits[1:].sum())
     budgets = [int(r["token_budget"]) for r in rows]
-    calibrated = sum(json.loads(r["part_stats"])["calibration"] for r in rows if r.get("part_stats"))
     kinds: Counter = Counter()
     for r in rows:
         kinds.update(json.loads(r["errors_by_kind"]))
     per_worker: dict[str, int] = {}
     busy: dict[str, float] = {}  # seconds each actor spent classifying (the rest: start-up, waiting for input)
-    for r in rows:
+    for r in work:
         per_worker[r["worker"]] = per_worker.get(r["worker"], 0) + r["rows"]
         busy[r["worker"]] = busy.get(r["worker"], 0.0) + r["seconds"]
     summary = {
@@ -396,13 +475,14 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "layer_compute_saved": round(1 - float((exits * np.arange(L + 1)).sum()) / (answered * L), 4) if answered else None,
         # The above counts each row at its answer; this counts the layers that ran (calibration, audit and
         # feedback rows run to the end).
-        "layer_compute_saved_actual": (round(1 - float(sum(sum(r["layer_rows"]) for r in rows) + calibrated * L)
-                                             / (answered * L), 4) if answered else None),
+        "layer_compute_saved_actual": (round(1 - float(sum(sum(r["layer_rows"]) for r in work)) / (answered * L), 4)
+                                       if answered else None),
+        "filtered_out": int(sum(r["filtered_out"] for r in rows)),
         "shadow_rows": shadow,
         "shadow_agreement": round(agree / shadow, 4) if shadow else None,
         "threshold_versions_seen": sorted({int(r["policy_version"]) for r in rows}),
         # a compression without fast kernels on a node's device is skipped there (EngineConfig.slow_compression)
-        "compression_per_worker": {r["worker"]: r["compression"] for r in rows},
+        "compression_per_worker": {r["worker"]: r["compression"] for r in work},
         "rows_per_worker": per_worker,
         "model_seconds_per_worker": {w: round(t, 1) for w, t in busy.items()},
         # the micro-batch token budget at the end of each shard part (it follows the latency target; OOM caps it)

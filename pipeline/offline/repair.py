@@ -1,7 +1,8 @@
 """Bringing a finished job's output within its promise: more evidence, or the original model's answers.
 
-Both steps re-run rows of the output that were answered at a ramp through the whole model (the calibration
-tasks' code) and rewrite their parts with the original head's answer, so every re-run row agrees afterwards.
+Both steps re-run rows of the output that the float original did not answer (a ramp's answers, and a compressed
+model's own head's) through the whole float original (the calibration code) and rewrite their parts with its
+answer, so every re-run row agrees afterwards.
 
 - top-up: a fresh uniform sample of the early-exit rows. Their old answers against the new ones measure the
   early rows' disagreement afresh; the certificate of the rows still answered early then rests on this
@@ -32,19 +33,32 @@ def _parts(output_url: str) -> list[tuple[int, int, str]]:
     return sorted(out)
 
 
+def _positions(part: pa.Table, first: int) -> list[int]:
+    """Each row's position in its shard: the `row` column of a filtered part, else counted from its first row."""
+    if "row" in part.column_names:
+        return part.column("row").to_pylist()
+    return list(range(first, first + part.num_rows))
+
+
 def early_rows(output_url: str, num_layers: int) -> dict[int, np.ndarray]:
-    """shard -> positions of its rows answered at a ramp (no error)."""
+    """shard -> positions of its rows not answered by the float original (a ramp's or a compressed head's
+    answers), as each part's stats list them (parts written without: rows answered at a ramp)."""
     import pyarrow.parquet as pq
 
     fs, _ = sink.filesystem(output_url)
     out: dict[int, list] = {}
     for shard, first, path in _parts(output_url):
         with fs.open(path, "rb") as f:
-            t = pq.read_table(f, columns=["exit_layer", "error"]).to_pydict()
-        for i, (layer, err) in enumerate(zip(t["exit_layer"], t["error"])):
+            part = pq.read_table(f)
+        stats = json.loads((part.schema.metadata or {}).get(sink.STATS_KEY, b"{}") or "{}")
+        if "early_positions" in stats:
+            out.setdefault(shard, []).extend(stats["early_positions"])
+            continue
+        t = part.select(["exit_layer", "error"]).to_pydict()
+        for pos, layer, err in zip(_positions(part, first), t["exit_layer"], t["error"]):
             if err is None and layer < num_layers:
-                out.setdefault(shard, []).append(first + i)
-    return {k: np.asarray(v, np.int64) for k, v in out.items()}
+                out.setdefault(shard, []).append(pos)
+    return {k: np.asarray(sorted(v), np.int64) for k, v in out.items()}
 
 
 def rerun(cfg, shards: list[Shard], targets: dict[int, np.ndarray], num_layers: int) -> dict[int, dict]:
@@ -69,18 +83,22 @@ def rerun(cfg, shards: list[Shard], targets: dict[int, np.ndarray], num_layers: 
             part = pq.read_table(f)
         d = part.to_pydict()
         stats = json.loads((part.schema.metadata or {}).get(sink.STATS_KEY, b"{}") or "{}")
-        hit = [i for i in range(part.num_rows) if (shard, first + i) in new]
+        positions = _positions(part, first)
+        hit = [i for i in range(part.num_rows) if (shard, positions[i]) in new]
         if not hit:
             continue
         c = counts.setdefault(shard, {"rows": 0, "disagree": 0})
         for i in hit:
-            lab, lid, sc = new[(shard, first + i)]
+            lab, lid, sc = new[(shard, positions[i])]
             c["rows"] += 1
             c["disagree"] += int(d["label_id"][i] != lid)
             d["label"][i], d["label_id"][i], d["score"][i], d["exit_layer"][i] = lab, lid, sc, num_layers
         if stats:
             stats["early"] = stats.get("early", 0) - len(hit)
             stats["exact"] = stats.get("exact", 0) + len(hit)
+            if "early_positions" in stats:
+                done = {positions[i] for i in hit}
+                stats["early_positions"] = [p for p in stats["early_positions"] if p not in done]
         sink.write_part(pa.Table.from_pydict(d, schema=part.schema.remove_metadata()), cfg.output.url, shard,
                         first, stats or None)
     return counts

@@ -98,8 +98,11 @@ def finished_shards(output_url: str, shard_rows: dict[int, int]) -> set[int]:
         for p in paths:
             try:
                 with fs.open(p, "rb") as f:
-                    rows += pq.ParquetFile(f).metadata.num_rows
-            except (OSError, ValueError, pa.ArrowException):
+                    pf = pq.ParquetFile(f)
+                    stats = (pf.schema_arrow.metadata or {}).get(STATS_KEY)
+                    # the input rows a part stands for (an output.filter writes fewer than that)
+                    rows += json.loads(stats)["rows"] if stats else pf.metadata.num_rows
+            except (OSError, ValueError, KeyError, pa.ArrowException):
                 rows = None
                 break
         if rows is not None and rows == shard_rows.get(shard):
@@ -135,3 +138,11 @@ def read_json(output_url: str, name: str) -> dict | None:
         return None
     with fs.open(path, "r") as f:
         return json.loads(f.read())
+
+
+def remove(output_url: str, name: str) -> None:
+    """Remove `name` under the output, if it is there."""
+    fs, root = filesystem(output_url)
+    path = f"{root.rstrip('/')}/{name}"
+    if fs.exists(path):
+        fs.rm(path)

@@ -33,10 +33,12 @@ def read_output(output_url: str):
         for p in sorted(paths):
             first = int(sink.PART.search(p).group(2))
             with fs.open(p, "rb") as f:
-                t = pq.read_table(f, columns=["id", "label_id", "exit_layer", "error"]).to_pydict()
+                t = pq.read_table(f)
+            t = t.select([c for c in ("id", "label_id", "exit_layer", "error", "row") if c in t.column_names])
+            t = t.to_pydict()
             n = len(t["id"])
             cols["shard"] += [shard] * n
-            cols["row"] += list(range(first, first + n))
+            cols["row"] += t["row"] if "row" in t else list(range(first, first + n))  # `row`: a filtered part
             for k in ("id", "label_id", "exit_layer", "error"):
                 cols[k] += t[k]
     rows = {k: np.asarray(v, dtype=object if k in ("id", "error") else np.int64) for k, v in cols.items()}
@@ -129,6 +131,8 @@ def verify(output_url: str, sample: int | None = None, seed: int = 0, text_colum
             entry["claimed_interval"] = claimed[int(s)].get("interval")
         report["per_part"][str(int(s))] = entry
     report["claimed"] = _claim(summary)
+    if summary.get("filtered_out"):  # the certificate covers every answer; the output holds the rows kept
+        report["filtered_out"] = int(summary["filtered_out"])
     iv = (report["claimed"] or {}).get("interval")
     if iv and exact:
         report["claim_interval_contains_truth"] = bool(iv[0] - 1e-9 <= report["agreement"] <= iv[1] + 1e-9)

@@ -1,8 +1,10 @@
 """The two stages that run on the cluster: tokenize (stateless tasks) and infer (actor pool).
 
-tokenize_shards: shard descriptors -> rows with ids, token ids, per-row errors (Ray tasks, CPU).
-EarlyExitWorker: tokenized rows -> predictions written as the shard's part file; returns a
-one-row summary per shard (rows, exits per layer, shadow agreement, thresholds version, worker).
+tokenize_shards: shard descriptors (and calibration items) -> rows with ids, token ids, per-row errors (Ray
+tasks, CPU).
+EarlyExitWorker: tokenized rows -> predictions written as the shard's part file; returns a one-row summary
+per shard (rows, exits per layer, shadow agreement, thresholds version, worker). A calibration item's rows
+are recorded instead (pipeline.offline.calibrate) and come back in its summary.
 """
 from __future__ import annotations
 
@@ -35,16 +37,20 @@ def _encoder(model: str, max_length: int | None):
 
 def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: str | None,
                     passthrough: list[str], max_length: int | None) -> pa.Table:
-    """One output table for the shard(s) in `batch`. Bad rows keep their place with an error (a line that could
-    not be read as a row, else the text's)."""
+    """One output table for the item(s) in `batch`: a shard, or a calibration item (a shard's `positions`
+    only). Bad rows keep their place with an error (a line that could not be read as a row, else the text's)."""
     out = []
     for d in batch.to_pylist():
         shard = Shard(d["shard"], d["path"], d["start"], d["stop"])
         table = read_shard(shard, text_column)
         require_columns(table, [text_column, id_column, *passthrough], shard.path,
                         "every input file must have the job's input columns")
+        calibration = d.get("positions") is not None
+        rows = list(d["positions"]) if calibration else list(range(table.num_rows))
+        ids = row_ids(table, shard, id_column, rows)
+        if calibration:
+            table = table.take(pa.array(rows, pa.int64()))
         texts = table.column(text_column).to_pylist()
-        ids = row_ids(table, shard, id_column)
         enc = _encoder(model, max_length).encode(texts)
         cols = {
             "id": pa.array(ids, pa.string()),
@@ -52,7 +58,8 @@ def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: st
             "truncated": pa.array(enc.truncated),
             "error": pa.array([r or e for r, e in zip(row_errors(table), enc.errors)], pa.string()),
             "shard": pa.array([shard.shard] * len(texts), pa.int64()),
-            "row": pa.array(range(len(texts)), pa.int64()),
+            "row": pa.array(rows, pa.int64()),
+            "calibration": pa.array([calibration] * len(texts), pa.bool_()),
         }
         for c in passthrough:
             cols[c] = table.column(c)
@@ -61,21 +68,29 @@ def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: st
 
 
 class EarlyExitWorker:
-    """Hosts one early-exit model; classifies whole shards and writes their parts."""
+    """Hosts one early-exit model; classifies whole shards and writes their parts.
+
+    In a certified job (`certify`) the float original also runs on every feedback row (Predictor(reference=True)),
+    so audit and feedback measure agreement with it, and calibration items are recorded for the driver. Until
+    the driver has published its calibration decision (pipeline.offline.calibrate), a shard is answered by the
+    float original in full; after, at the decided thresholds with a fixed-rate audit."""
 
     def __init__(self, model: str, engine: dict, output_url: str, passthrough: list[str],
-                 controller: dict | None = None, certify: dict | None = None):
+                 controller: dict | None = None, certify: dict | None = None, output: dict | None = None):
         from pipeline.config import EngineConfig
         from pipeline.engine.predictor import Predictor
 
         logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load on CPU
-        self.predictor = Predictor(model, EngineConfig(**engine))
+        self.predictor = Predictor(model, EngineConfig(**engine), reference=certify is not None)
         log.info("worker warmed up in %.1f s", self.predictor.warm_up())  # a compiled model compiles now
         self.output_url = output_url
         self.passthrough = passthrough
-        # Certified jobs: the calibration rows' answers (shard -> position -> output values), the audit's
-        # sampling rate and seed. None: the engine's shadow_fraction alone feeds the controller.
+        self.output = output or {}
+        """OutputSpec fields: `probabilities` (a column per label), `filter` (which rows the parts keep)."""
         self.certify = certify
+        """{"seed"}: the audit's hash seed. None: no promise, the engine's shadow_fraction feeds the controller."""
+        self.decision: dict | None = None  # the published calibration decision, once read
+        self.known: dict[int, dict[int, tuple]] = {}  # its sample's answers: shard -> position -> values
         import ray
 
         # node id, not host name: several nodes can share one host (ray.cluster_utils.Cluster)
@@ -86,7 +101,27 @@ class EarlyExitWorker:
 
             self.client = ControllerClient.for_policy(controller, self.predictor.policy)
 
-    def _shadow(self, shard: int, positions: list[int]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _published(self) -> dict | None:
+        """The calibration decision once the driver has published it (read once, then kept)."""
+        if self.certify is None or self.decision is not None:
+            return self.decision
+        from pipeline.engine.policy import ExitPolicy
+        from pipeline.offline.calibrate import read_published
+
+        got = read_published(self.output_url)
+        if got is None:
+            return None
+        self.decision, self.known = got
+        if self.decision["original_only"]:
+            self.predictor.use_original()
+        if self.client is not None:
+            self.client.refresh()  # the driver set the controller's thresholds before publishing
+        if self.client is None or self.client.version <= self.predictor.policy.version:
+            p = self.predictor.policy
+            self.predictor.set_policy(ExitPolicy(self.decision["thresholds"], p.active, p.version + 1))
+        return self.decision
+
+    def _shadow(self, shard: int, positions: list[int], audit: float) -> tuple[np.ndarray | None, np.ndarray | None]:
         """([n] rows to run to the end, [n] the audit among them): the audit is a fixed-rate sample for the
         certificate, the rest the extra rows the controller asks for while its evidence is thin.
         (None, None): the engine's shadow_fraction, no audit."""
@@ -95,97 +130,159 @@ class EarlyExitWorker:
         if self.certify is None:
             return None, None
         keys = [f"{shard}:{r}" for r in positions]
-        seed, audit = self.certify["seed"], self.certify["audit_fraction"]
+        seed = self.certify["seed"]
         extra = max(0.0, (self.client.feedback_fraction if self.client else 0.0) - audit)
         audited = key_uniforms(keys, f"audit{seed}") < audit
         return audited | (key_uniforms(keys, f"steer{seed}") < extra), audited
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.engine.encoder import Encoded
-
-        L = self.predictor.model.num_layers
         summaries = []
+        kinds = batch.column("calibration") if "calibration" in batch.column_names else None
         for shard in sorted(set(batch.column("shard").to_pylist())):
             rows = batch.filter(pc.equal(batch.column("shard"), shard))
-            if self.client is not None:
-                self.client.refresh_policy(self.predictor)
-            t = time.perf_counter()
-            positions = rows.column("row").to_pylist()
-            attempts.mark(self.output_url, int(shard), int(min(positions)))
-            known = (self.certify or {}).get("calibrated", {}).get(int(shard), {})
-            todo = [i for i, r in enumerate(positions) if r not in known]  # calibration rows are answered
-            sub = rows.take(pa.array(todo, pa.int64())) if len(todo) < len(positions) else rows
-            enc = Encoded(
-                [list(x) for x in sub.column("input_ids").to_numpy(zero_copy_only=False)],
-                sub.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
-                sub.column("error").to_pylist(),
-            )
-            ids = rows.column("id").to_pylist()
-            shadow, audited = self._shadow(int(shard), [positions[i] for i in todo])
-            out = self.predictor.predict_encoded(enc, keys=[ids[i] for i in todo], shadow=shadow)
-            seconds = time.perf_counter() - t
-            values = [known[r] if r in known else None for r in positions]  # ANSWER_COLUMNS order
-            for i, p in zip(todo, out.predictions):
-                values[i] = (ids[i], p.label, p.label_id, p.score, p.exit_layer, p.truncated, p.error)
-            cols = list(zip(*values))
-            table = {
-                "id": list(cols[0]),
-                "label": list(cols[1]),
-                "label_id": pa.array(cols[2], pa.int32()),
-                "score": pa.array(cols[3], pa.float32()),
-                "exit_layer": pa.array(cols[4], pa.int16()),
-                "truncated": list(cols[5]),
-                "error": pa.array(cols[6], pa.string()),
-            }
-            for c in self.passthrough:
-                table[c] = rows.column(c)
-            first_row = int(min(positions))
-            stats = self._part_stats(int(shard), first_row, values, out, audited, len(positions) - len(todo), L)
-            write_part(pa.table(table), self.output_url, int(shard), first_row, stats if self.certify else None)
-
-            fb = out.feedback
-            shadow_agree, _ = out.shadow_agreement()
-            if self.client is not None and len(fb):
-                self.client.report(fb, output_rows=len(todo))
-            exits = [v[4] for v in values]
-            summaries.append({
-                "shard": int(shard),
-                "rows": len(values),
-                "errors": sum(v[6] is not None for v in values),
-                "errors_by_kind": json.dumps(Counter(error_kind(v[6]) for v in values if v[6] is not None)),
-                "truncated": sum(bool(v[5]) for v in values),
-                "exits": np.bincount(exits, minlength=L + 1).tolist(),
-                "layer_rows": out.stats["layer_rows"],
-                "bulk_answer_layers": int(sum(p.exit_layer for p in out.predictions)),
-                "shadow_rows": len(fb),
-                "shadow_agree": shadow_agree,
-                "policy_version": int(self.predictor.policy.version),
-                "seconds": seconds,
-                "token_budget": out.stats["token_budget"],
-                "worker": self.worker,
-                "compression": self.predictor.compression,
-                "part_stats": json.dumps(stats),
-            })
+            if kinds is not None:
+                for calibration in (True, False):
+                    part = rows.filter(pc.equal(rows.column("calibration"), calibration))
+                    if part.num_rows:
+                        summaries.append(self._calibration(int(shard), part) if calibration
+                                         else self._shard(int(shard), part))
+            else:
+                summaries.append(self._shard(int(shard), rows))
         return pa.Table.from_pylist(summaries)
 
-    def _part_stats(self, shard: int, first_row: int, values: list[tuple], out, audited: np.ndarray | None,
-                    calibration: int, L: int) -> dict:
-        """The part's counts for the certificate (pipeline.offline.certificate.COUNTS)."""
-        answered = [v for v in values if v[6] is None]
-        early = sum(v[4] < L for v in answered)
-        stats = {"shard": shard, "first_row": first_row, "rows": len(values), "answered": len(answered),
-                 "calibration": int(calibration), "early": int(early), "exact": len(answered) - int(early),
-                 "audit": 0, "audit_disagree": 0, "audit_early": 0, "audit_early_disagree": 0}
+    def _encoded(self, rows: pa.Table):
+        from pipeline.engine.encoder import Encoded
+
+        return Encoded(
+            [list(x) for x in rows.column("input_ids").to_numpy(zero_copy_only=False)],
+            rows.column("truncated").to_numpy(zero_copy_only=False).astype(bool),
+            rows.column("error").to_pylist(),
+        )
+
+    def _calibration(self, shard: int, rows: pa.Table) -> dict:
+        """A calibration item: every row to the end, every ramp recorded, answered by the float original; the
+        record goes back to the driver in the summary (no part: the shard's part takes these answers)."""
+        from pipeline.offline.calibrate import record_table, to_bytes
+
+        t = time.perf_counter()
+        positions, ids = rows.column("row").to_pylist(), rows.column("id").to_pylist()
+        out = self.predictor.record_encoded(self._encoded(rows), [f"{shard}:{r}" for r in positions])
+        table = record_table(shard, positions, ids, out)
+        return self._summary(shard, "calibration", [], out, time.perf_counter() - t, None, to_bytes(table))
+
+    def _shard(self, shard: int, rows: pa.Table) -> dict:
+        L = self.predictor.model.num_layers
+        decision = self._published()
+        if self.client is not None and (self.certify is None or decision is not None):
+            self.client.refresh_policy(self.predictor)
+        t = time.perf_counter()
+        positions = rows.column("row").to_pylist()
+        attempts.mark(self.output_url, shard, int(min(positions)))
+        known = self.known.get(shard, {})
+        todo = [i for i, r in enumerate(positions) if r not in known]  # calibration rows are answered
+        sub = rows.take(pa.array(todo, pa.int64())) if len(todo) < len(positions) else rows
+        ids = rows.column("id").to_pylist()
+        keys = [ids[i] for i in todo]
+        exact_first = self.certify is not None and decision is None
+        if exact_first:  # before the calibration decision: the float original answers every row, in full
+            out, audited = self.predictor.record_encoded(self._encoded(sub), keys), None
+        else:
+            shadow, audited = self._shadow(shard, [positions[i] for i in todo], (decision or {}).get("audit_fraction", 0))
+            out = self.predictor.predict_encoded(self._encoded(sub), keys=keys, shadow=shadow)
+        seconds = time.perf_counter() - t
+        values = [known.get(r) for r in positions]  # ANSWER_COLUMNS order, then the logits
+        exact = np.array([r in known for r in positions])
+        for i, p in zip(todo, out.predictions):
+            values[i] = (ids[i], p.label, p.label_id, p.score, p.exit_layer, p.truncated, p.error, p.logits)
+            exact[i] = exact_first or (self.predictor.exact and p.exit_layer == L)
+        first_row = int(min(positions))
+        stats = self._part_stats(shard, positions, values, exact, out, audited, len(known), L)
+        table, removed = self._table(rows, positions, values)
+        stats["filtered_out"], stats["before_decision"] = removed, exact_first
+        write_part(table, self.output_url, shard, first_row, stats)
+        if self.client is not None and len(out.feedback):
+            self.client.report(out.feedback, output_rows=len(todo))
+        return self._summary(shard, "bulk", values, out, seconds, stats, None, exact_first, removed)
+
+    def _table(self, rows: pa.Table, positions: list[int], values: list[tuple]) -> tuple[pa.Table, int]:
+        """The part: one row per input row (ANSWER_COLUMNS, passthrough columns, every label's score when
+        `output.probabilities`), less the rows `output.filter` removes (then each row keeps its position in
+        the shard, `row`); and how many it removed."""
+        from pipeline.offline.output import keep_mask, label_score_columns
+
+        cols = list(zip(*values))
+        table = {
+            "id": list(cols[0]),
+            "label": list(cols[1]),
+            "label_id": pa.array(cols[2], pa.int64()),
+            "score": pa.array(cols[3], pa.float32()),
+            "exit_layer": pa.array(cols[4], pa.int16()),
+            "truncated": list(cols[5]),
+            "error": pa.array(cols[6], pa.string()),
+        }
+        for c in self.passthrough:
+            table[c] = rows.column(c)
+        if self.output.get("probabilities"):
+            table.update(label_score_columns(self.predictor.head, cols[7]))
+        out = pa.table(table)
+        spec = self.output.get("filter")
+        if not spec:
+            return out, 0
+        keep = keep_mask(spec, cols[1], cols[3], cols[6], self.predictor.head.kind == "multi_label")
+        out = out.append_column("row", pa.array(positions, pa.int64())).filter(pa.array(keep))
+        return out, int((~keep).sum())
+
+    def _summary(self, shard: int, kind: str, values: list[tuple], out, seconds: float, stats: dict | None,
+                 calibration: bytes | None, exact_first: bool = False, removed: int = 0) -> dict:
+        """The row this item adds to the job's summary (the same keys for every kind of item)."""
+        L = self.predictor.model.num_layers
+        fb = out.feedback
+        shadow_agree, _ = out.shadow_agreement() if kind == "bulk" else (0, 0)
+        return {
+            "kind": kind,
+            "shard": shard,
+            "rows": len(values),
+            "errors": sum(v[6] is not None for v in values),
+            "errors_by_kind": json.dumps(Counter(error_kind(v[6]) for v in values if v[6] is not None)),
+            "truncated": sum(bool(v[5]) for v in values),
+            "exits": np.bincount([v[4] for v in values], minlength=L + 1).tolist(),
+            "layer_rows": out.stats["layer_rows"],
+            "bulk_answer_layers": int(sum(p.exit_layer for p in out.predictions)) if kind == "bulk" else 0,
+            "shadow_rows": len(fb) if kind == "bulk" else 0,
+            "shadow_agree": shadow_agree,
+            "exact_before_decision": len(out.predictions) if exact_first else 0,
+            "filtered_out": removed,
+            "policy_version": int(self.predictor.policy.version),
+            "seconds": seconds,
+            "reference_seconds": out.stats.get("reference_seconds", 0.0),
+            "token_budget": out.stats["token_budget"],
+            "worker": self.worker,
+            "compression": self.predictor.compression,
+            "part_stats": None if stats is None else json.dumps(stats),
+            "calibration": calibration,
+        }
+
+    def _part_stats(self, shard: int, positions: list[int], values: list[tuple], exact: np.ndarray, out,
+                    audited: np.ndarray | None, calibration: int, L: int) -> dict:
+        """The part's counts for the certificate (pipeline.offline.certificate.COUNTS): `exact` rows were
+        answered by the float original; the audit measures the others against it."""
+        answered = np.array([v[6] is None for v in values])
+        early = answered & ~exact
+        stats = {"shard": shard, "first_row": int(min(positions)), "rows": len(values), "answered": int(answered.sum()),
+                 "calibration": int(calibration), "early": int(early.sum()), "exact": int((answered & exact).sum()),
+                 "audit": 0, "audit_disagree": 0, "audit_early": 0, "audit_early_disagree": 0,
+                 # which rows the float original did not answer: what --repair and a top-up re-run
+                 "early_positions": [positions[i] for i in np.flatnonzero(early)]}
         if audited is None or not len(out.feedback):
             return stats
         for k, i in enumerate(out.feedback_rows.tolist()):
             if not audited[i]:
                 continue
             p = out.predictions[i]
-            wrong = int(p.label_id != int(out.feedback.final[k]))
+            wrong = int(p.label_id != int(out.feedback.labels[k]))
             stats["audit"] += 1
             stats["audit_disagree"] += wrong
-            if p.exit_layer < L:
+            if not (self.predictor.exact and p.exit_layer == L):
                 stats["audit_early"] += 1
                 stats["audit_early_disagree"] += wrong
         return stats

@@ -194,7 +194,7 @@ def resolve_config(args: dict, app_name: str | None = None) -> ServeAppConfig:
 def build_app(args: "dict | ServeAppConfig", **deployment_options):
     """The bound application; `deployment_options` (num_replicas, ray_actor_options, ...) as in
     `serve.deployment` (a config file's `deployments:` section overrides them)."""
-    from pipeline.control.deployment import start_controller
+    from pipeline.control.deployment import controller_constraint, start_controller
     from pipeline.data import storage
     from pipeline.model.artifact import read_manifest
 
@@ -207,8 +207,12 @@ def build_app(args: "dict | ServeAppConfig", **deployment_options):
         "guard_alpha": 0.05, "window_output_rows": 2048,
         "feedback_min": cfg.engine.shadow_fraction, "feedback_max": max(cfg.engine.shadow_fraction, 0.2)}
     # Detached: the app outlives the driver that deploys it. Its name is the app's (resolve_config).
+    # The app's budget: `constraint` (default the artifact's), less what compression lost on its check (replicas
+    # feed back their own model's answers, not the float original's).
+    promise = cfg.promise(manifest.constraint)
     controller = start_controller(cfg.model, manifest, cfg.controller, own_name=cfg.controller.name, detached=True,
-                                  thresholds=cfg.engine.thresholds, defaults=defaults)
+                                  thresholds=cfg.engine.thresholds, defaults=defaults,
+                                  constraint=controller_constraint(manifest, promise))
     if controller is not None:
         controller = {k: v for k, v in controller.items() if k != "handle"}
     deployment = EarlyExitDeployment.options(**deployment_options) if deployment_options else EarlyExitDeployment

@@ -63,6 +63,10 @@ class ServeAppConfig(_Strict):
     as soon as its ramp is confident. `exit` mode saves compute under heavy load."""
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     """The threshold controller shared by all replicas (one named detached actor)."""
+    constraint: float | None = Field(None, gt=0, lt=1)
+    """The app's accuracy budget: the largest share of answers that may disagree with the float original, what its
+    controller tunes and guards (default: the artifact's constraint; a compressed artifact's controller holds it
+    less what compression lost on its check). `controller.tuning.constraint`, if set, must equal it."""
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """Endpoints and credentials for a `model:` URL (s3://, gs://, ...), as in a job's YAML; every replica
@@ -70,6 +74,16 @@ class ServeAppConfig(_Strict):
     predictor_class: str = DEFAULT_PREDICTOR
     """`module:Class` of the Predictor to host: a subclass can add instrumentation or pre-processing.
     It must keep Predictor's constructor, `predict_encoded` (with `defer_tail`), `finish_tail` and `warm_up`."""
+
+    def promise(self, artifact_constraint: float) -> float:
+        """`constraint`, default the artifact's; a `controller.tuning.constraint` set to another value is an error."""
+        promise = self.constraint if self.constraint is not None else float(artifact_constraint)
+        tuning = self.controller.tuning
+        if "constraint" in tuning.model_fields_set and abs(tuning.constraint - promise) > 1e-12:
+            where = "constraint" if self.constraint is not None else "the artifact's constraint"
+            raise ValueError(f"controller.tuning.constraint={tuning.constraint} differs from the app's budget, {where} "
+                             f"({promise}): set it with the app's `constraint` alone")
+        return promise
 
     @field_validator("engine", mode="before")
     @classmethod

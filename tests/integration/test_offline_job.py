@@ -56,6 +56,17 @@ def _read_output(out):
     return pq.read_table(str(out)).to_pylist()
 
 
+def _shard_rows(out) -> dict:
+    """id -> (shard, position in the shard) of every output row, from the part names."""
+    found = {}
+    for name in sorted(os.listdir(out)):
+        if name.startswith("part-"):
+            shard, first = (int(x) for x in name[len("part-"):-len(".parquet")].split("-"))
+            for k, rid in enumerate(pq.read_table(os.path.join(out, name), columns=["id"]).column("id").to_pylist()):
+                found[rid] = (shard, first + k)
+    return found
+
+
 def test_job_classifies_every_row_once_and_spreads_over_actors(ray_session, tiny_artifact, tmp_path):
     _write_parquet_dir(tmp_path / "in", 600)
     # The tiny model classifies a 64-row shard in milliseconds: when tokenized shards arrive one at a time
@@ -174,11 +185,13 @@ def test_killed_actor_job_still_completes_exactly_once(ray_session, tiny_artifac
 
 
 def test_certified_job_calibrates_on_its_own_rows_audits_the_rest_and_certifies(ray_session, tiny_artifact, tmp_path):
-    """The default job: a uniform sample answered by the original head (and kept as final answers), the bulk
-    at the certified thresholds, a certificate whose counts add up, and --resume reusing the calibration."""
+    """The default job: a uniform sample run first by the actors and answered by the original head (kept as final
+    answers), shards reached before the calibration decision answered by the original in full, the rest at the
+    certified thresholds, a certificate whose counts add up, and --resume reusing the calibration."""
     import numpy as np
 
     from pipeline.engine.policy import ExitPolicy
+    from pipeline.offline import sink
 
     texts = _write_parquet_dir(tmp_path / "in", 900)
     cfg = _cfg(tiny_artifact, tmp_path / "in", tmp_path / "out", controller={"enabled": False},
@@ -188,10 +201,9 @@ def test_certified_job_calibrates_on_its_own_rows_audits_the_rest_and_certifies(
     summary = run_job(cfg, echo=messages.append)
     cert = summary["certificate"]
     cal = pq.read_table(tmp_path / "out" / "_offramp_calibration.parquet").to_pydict()
-    assert len(cal["id"]) == cert["calibration"] == 200 and len(set(cal["id"])) == 200
+    assert len(cal["id"]) == 200 and len(set(cal["id"])) == 200
     rows = {r["id"]: r for r in _read_output(tmp_path / "out")}
     assert len(rows) == 900
-    # Calibration rows are final answers from the original head; the bulk ran at the certified thresholds.
     local = Predictor(tiny_artifact)
     L = local.model.num_layers
     local.set_policy(ExitPolicy(np.ones(local.num_ramps), local.policy.active, 0))  # the original head alone
@@ -199,26 +211,35 @@ def test_certified_job_calibrates_on_its_own_rows_audits_the_rest_and_certifies(
     certified = cert["calibration_report"]["thresholds"]
     local.set_policy(ExitPolicy(np.asarray(certified), local.policy.active, 0))
     at_certified = local.predict(texts, ids=[f"r{i}" for i in range(900)])
+    stats = sink.part_stats(str(tmp_path / "out"), set(range(summary["shards"])))
+    before = {(p["shard"], r) for p in stats if p["before_decision"] for r in range(p["first_row"],
+                                                                                  p["first_row"] + p["rows"])}
+    assert 0 < len(before) < 900 and summary["certificate"]["cost"]["rows_answered_in_full_before_the_decision"] == (
+        len(before) - sum(p["calibration"] for p in stats if p["before_decision"]))
+    shard_row = _shard_rows(tmp_path / "out")
     sampled = set(cal["id"])
     for i in range(900):
         r = rows[f"r{i}"]
-        if f"r{i}" in sampled:
+        if f"r{i}" in sampled or shard_row[f"r{i}"] in before:  # answered by the original head
             assert r["exit_layer"] == L and r["label_id"] == full.predictions[i].label_id
         else:
             assert (r["label_id"], r["exit_layer"]) == (at_certified.predictions[i].label_id,
                                                         at_certified.predictions[i].exit_layer)
     assert cert["answered"] == 900 and cert["exact"] + cert["early"] == 900 and cert["calibration"] <= cert["exact"]
+    assert cert["calibration"] == sum(shard_row[i] not in before for i in sampled)
     assert cert["early"] == sum(r["exit_layer"] < L for r in rows.values())
-    assert 0.2 < cert["audit"] / 700 < 0.4  # a 30% Bernoulli sample of the 700 bulk rows
+    after = 900 - len(before) - cert["calibration"]  # the bulk rows run at the certified thresholds
+    assert 0.2 < cert["audit"] / after < 0.4  # a 30% Bernoulli sample of them
     assert sum(p["rows"] for p in cert["parts"]) == 900
     lo, hi = cert["interval"]
     assert lo <= (cert["agreement"] if cert["agreement"] is not None else hi) <= hi
     assert any("calibrating on 200 rows" in m for m in messages)
-    cost = cert["cost"]  # what the promise cost, as shares of the job's time
-    assert 0 < cost["calibration_share_of_job_time"] < 1
+    cost = cert["cost"]  # what the promise cost, as shares of the actors' time
+    assert 0 < cost["calibration_share_of_actor_time"] < 1 and cost["calibration_decided_after_seconds"] > 0
+    assert cost["reference_share_of_actor_time"] == 0  # a float32 artifact is the original: no second model
     # Layers run past an answer: only audited rows that exited early (no controller, so no other feedback rows)
     assert (cost["feedback_share_of_bulk_layer_work"] > 0) == (cert["audit_early"] > 0)
-    assert 0 <= cost["feedback_share_of_job_time_estimated"] <= cost["feedback_share_of_bulk_layer_work"] < 1
+    assert 0 <= cost["feedback_share_of_actor_time_estimated"] <= cost["feedback_share_of_bulk_layer_work"] < 1
 
     # --resume: half the parts lost; the calibration sample is reused, and the certificate still counts every part
     parts = sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("part-"))
@@ -228,7 +249,6 @@ def test_certified_job_calibrates_on_its_own_rows_audits_the_rest_and_certifies(
     again = run_job(cfg.model_copy(update={"resume": True}), echo=messages.append)
     assert any("reloaded" in m for m in messages) and not any("calibrating on" in m for m in messages)
     assert again["certificate"]["rows"] == 900 and again["certificate"]["answered"] == 900
-    assert again["certificate"]["calibration"] == 200
     assert len({r["id"] for r in _read_output(tmp_path / "out")}) == 900
 
 

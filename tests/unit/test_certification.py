@@ -248,12 +248,16 @@ def test_a_restarted_controller_keeps_holding_its_certified_thresholds(tmp_path)
     assert np.all(np.array(again.get_state()["thresholds"]) >= base)
 
 
-def test_the_cost_line_names_each_share_of_the_job_time_it_has():
-    cost = {"calibration_seconds": 19.8, "calibration_share_of_job_time": 0.265,
-            "feedback_share_of_bulk_layer_work": 0.097, "feedback_share_of_job_time_estimated": 0.071}
+def test_the_cost_line_names_each_share_of_the_actors_time_it_has():
+    cost = {"calibration_actor_seconds": 19.8, "calibration_share_of_actor_time": 0.265,
+            "calibration_decided_after_seconds": 12.0, "rows_answered_in_full_before_the_decision": 512,
+            "before_decision_share_of_actor_time": 0.08, "reference_share_of_actor_time": 0.04,
+            "feedback_share_of_bulk_layer_work": 0.097, "feedback_share_of_actor_time_estimated": 0.071}
     line = describe_cost({"cost": cost})
-    assert line == ("the promise cost: calibration 26% of the job's time (19.8 s); audit and feedback rows run to "
-                    "the end ~7% (their 10% of the bulk's layer work)")
-    no_calibration = dict(cost, calibration_seconds=None, calibration_share_of_job_time=None)
-    assert describe_cost({"cost": no_calibration}).startswith("the promise cost: audit and feedback rows")
+    assert line == ("the promise cost: calibration 26% of the actors' time (19.8 s, decided 12.0 s into the job); "
+                    "512 rows answered in full before it (8%); the float original on feedback rows 4%; audit and "
+                    "feedback rows run to the end ~7% (their 10% of the bulk's layer work)")
+    bare = dict(cost, calibration_actor_seconds=0.0, rows_answered_in_full_before_the_decision=0,
+                reference_share_of_actor_time=0.0)
+    assert describe_cost({"cost": bare}).startswith("the promise cost: audit and feedback rows")
     assert describe_cost({}) is None
