@@ -210,6 +210,11 @@ def run(config, input_url, output_url, model, address, resume, allow_uncertified
             summary = run_job(cfg, address=address, echo=echo)
     except (JobError, ValueError, FileNotFoundError) as e:
         _fail(e)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the job's Ray is stopped by now; parts are only written whole
+        kept = ("the summary is unchanged" if repair or repair_parts
+                else "finished shards are kept: run the same command with --resume to finish the rest")
+        click.echo(f"offramp: interrupted; {kept}", err=True)
+        sys.exit(128 + getattr(e, "signum", 2))  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     click.echo(format_summary(summary))
     _check_certificate(summary, cfg.certify.on_uncertified)
 

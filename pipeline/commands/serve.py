@@ -128,34 +128,45 @@ def serve(config_file, host, port, address, blocking, timeout_s):
     """Serve early-exit models over HTTP on Ray Serve (a Ray Serve config file; see configs/serve/)."""
     import ray
 
-    started = False
+    from pipeline.offline import ray_session
+
+    own: list[tuple[str, str]] = []
+    joined = stopping = False
     try:
         own = _own_controllers(_load_config(config_file, host, port))  # bad args or artifacts fail before Ray
         if not ray.is_initialized():
-            ray.init(address=address, namespace="serve", log_to_driver=True)  # the namespace `serve run` uses
-            started = address is None
+            # SIGTERM and SIGINT stop it from here on, both through the `finally:` below (pipeline.offline.ray_session)
+            ray_session.init(address=address, namespace="serve", log_to_driver=True)  # the namespace `serve run` uses
+            joined = True
         deploy(config_file, host, port, timeout_s, echo=click.echo)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
-        if started:
-            ray.shutdown()
-        raise click.ClickException(str(e)) from e
-    if not blocking:
-        if started:
-            click.echo("note: --no-blocking with an embedded Ray: the endpoint stops when this command exits", err=True)
-        return
-    click.echo(f"serving {Path(config_file).name}; Ctrl-C to stop")
-    try:
+        if not blocking:
+            if joined and address is None:
+                click.echo("note: --no-blocking with an embedded Ray: the endpoint stops when this command exits",
+                           err=True)
+            return
+        click.echo(f"serving {Path(config_file).name}; Ctrl-C to stop")
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (ray_session.Interrupted), while deploying or serving
+        stopping = True
         click.echo("shutting down")
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # pydantic's ValidationError is a ValueError
+        raise click.ClickException(str(e)) from e
     finally:
-        from ray import serve as ray_serve
+        try:
+            if stopping and ray.is_initialized():  # a second signal cuts this short; the session still stops
+                _stop_apps(own)
+        finally:
+            if joined:  # an embedded Ray: every process it started is gone after this; a cluster: disconnected
+                ray_session.shutdown()
 
-        from pipeline.control.actor import stop_controller
 
-        ray_serve.shutdown()
-        for name, namespace in own:  # the apps' own; shared ones stay
-            stop_controller(name, namespace)
-        if started:
-            ray.shutdown()
+def _stop_apps(own: list[tuple[str, str]]) -> None:
+    """Serve's applications (drained) and the apps' own controllers; shared controllers stay."""
+    from ray import serve as ray_serve
+
+    from pipeline.control.actor import stop_controller
+
+    ray_serve.shutdown()
+    for name, namespace in own:
+        stop_controller(name, namespace)
