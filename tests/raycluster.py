@@ -32,10 +32,29 @@ class RayNode:
                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def kill(self) -> None:
-        """SIGKILL the whole node at once: what a lost machine looks like to the rest of the cluster."""
+        """SIGKILL the whole node at once: what a lost machine looks like to the rest of the cluster. Every process
+        of its session: its workers each run in a process group of their own (a stopped one would never notice its
+        raylet is gone)."""
         self._signal(signal.SIGKILL)
+        for pid in self.session_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.wait(timeout=30)
+
+    def session_pids(self) -> list[int]:
+        """Every live process of this node: `ray start` leads a session of its own, which all it starts stay in."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.getsid(int(entry)) == self.proc.pid:
+                        pids.append(int(entry))
+                except OSError:  # gone meanwhile
+                    pass
+        return pids
 
     def stop(self) -> None:
         self._signal(signal.SIGTERM)

@@ -5,6 +5,8 @@ The node killed hosts one of the two early-exit actors and the job's threshold c
 every input id must be in the output exactly once, the summary must count the shards retried, and the
 controller must come back on the surviving node from its checkpoint."""
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -13,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.offline import attempts
 from tests.raycluster import BIN, LocalCluster
 
 ROWS, SHARD = 6000, 100
@@ -74,8 +77,9 @@ def test_a_node_lost_mid_job_loses_no_row_and_the_controller_restores(cluster, t
         time.sleep(0.1)
     node_ids = _node_ids(cluster)
     doomed = nodes[node_ids.index(victim)]
+    actor = next(w["pid"] for w in workers if w["node_id"] == victim)
+    _kill_holding_a_shard(doomed, actor, tmp_path / "out", deadline)
     done_before = len(list((tmp_path / "out").glob("part-*.parquet")))
-    doomed.kill()
 
     st = _cli(cluster, "status", job_id, "--address", cluster.dashboard_url)
     deadline = time.monotonic() + 420
@@ -89,9 +93,37 @@ def test_a_node_lost_mid_job_loses_no_row_and_the_controller_restores(cluster, t
     assert len(ids) == ROWS and set(ids) == {f"r{i}" for i in range(ROWS)}  # every row, exactly once
     summary = json.loads((tmp_path / "out" / "_offramp_summary.json").read_text())
     assert done_before < ROWS // SHARD and summary["shards"] == ROWS // SHARD
+    print(f"shards retried: {summary['shards_retried']}, parts before the kill: {done_before}")
     assert summary["shards_retried"] >= 1  # the lost actor's shard ran again on the surviving one
     assert summary["controller"]["restores"] >= 1  # back on the surviving node, from its checkpoint
     assert summary["errors"] == 0
+
+
+def _in_flight(out) -> set[str]:
+    """Shard pieces an actor holds now: each attempt leaves a marker when it starts (pipeline.offline.attempts), its
+    part appears whole when it ends, and an actor works on one at a time."""
+    marked = {p.name.rsplit("-", 1)[0] for p in (out / attempts.DIR).glob("*-*-*")}
+    return marked - {p.name[len("part-"):-len(".parquet")] for p in out.glob("part-*.parquet")}
+
+
+def _kill_holding_a_shard(node, actor_pid: int, out, deadline: float) -> None:
+    """Kill `node` while its actor holds a shard, so that shard must be retried: stop the actor (SIGSTOP) where it
+    is, and kill the node once two pieces are in flight at once, one for each of the two actors, so one is the
+    stopped actor's; if it stopped between shards, let it go on (SIGCONT) and stop it again a moment later."""
+    tries = 0
+    while time.monotonic() < deadline:
+        os.kill(actor_pid, signal.SIGSTOP)
+        tries += 1
+        held = time.monotonic() + 3  # the other actor starts a shard every ~2 s
+        while time.monotonic() < held:
+            if len(in_flight := _in_flight(out)) >= 2:
+                node.kill()  # the stopped actor too: every process of the node
+                print(f"node killed with shard pieces {sorted(in_flight)} in flight (actor stopped {tries} time(s))")
+                return
+            time.sleep(0.05)
+        os.kill(actor_pid, signal.SIGCONT)
+        time.sleep(0.2)
+    raise AssertionError("the victim's actor never held a shard while the other one held another")
 
 
 def _node_ids(cluster) -> list[str]:
