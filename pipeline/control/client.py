@@ -147,6 +147,16 @@ class ControllerClient:
             logger.debug("report to controller %s failed: %s", self.name, exc)
             return False
 
+    def calibrate(self, thresholds, evidence: dict | None = None, timeout_s: float = 60.0) -> None:
+        """Make the controller hold `thresholds` (certified on a job's own rows) and take its state; raises when
+        the controller cannot be reached: a decision every worker must follow is never dropped silently."""
+        import ray
+
+        handle = self._handle or ray.get_actor(self.name, namespace=self.namespace)
+        self._handle = handle
+        self._state = ControllerState.from_dict(
+            ray.get(handle.calibrate.remote([float(t) for t in thresholds], evidence), timeout=timeout_s))
+
     def maybe_refresh(self, every_n_batches: int | None = None) -> bool:
         """Count one batch; fetch the state when due (or a newer version was seen). True if updated.
 

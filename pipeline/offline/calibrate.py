@@ -3,18 +3,18 @@
 A uniform random sample of the job's rows (across every shard) enters the actor pool first, as calibration
 items: the actors run them through the whole model with every ramp recorded, and answer each with the float
 original (the model itself, or for a compressed artifact or a float16 / bfloat16 engine its float32 original,
-`Predictor(reference=True)`). The driver gathers their records as they stream out of the pool, certifies
-thresholds on them (pipeline.control.calibration), and publishes the decision in the output
-(`_offramp_calibration.parquet`: the sample, its records and answers; `_offramp_calibrated.json`: thresholds,
-audit rate, which model answers the bulk). The actors read it before each shard: a shard they reach first is
-answered by the float original in full (exact, no thresholds needed yet); later shards run at the certified
-thresholds and take the sample's answers for its rows. One model load per actor, and `--resume` calibrates
-once.
+`Predictor(reference=True)`). Each item's record lands in the output (`_offramp_calibration/`); the actor that
+writes the last one certifies thresholds on the whole sample (pipeline.control.calibration), hands them to the
+controller, and publishes the decision (`_offramp_calibration.parquet`: the sample, its records and answers;
+`_offramp_calibrated.json`: thresholds, audit rate, which model answers the bulk, the evidence). Every actor looks
+for it between chunks of rows: rows reached before it are answered by the float original in full (exact, no
+thresholds needed yet); later rows run at the certified thresholds and take the sample's answers for its rows.
+One model load per actor, no round trip through the driver, and `--resume` calibrates once.
 """
 from __future__ import annotations
 
-import io
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,17 +70,6 @@ def record_table(shard: int, positions: list[int], ids: list, out) -> pa.Table:
         "final": pa.array(final, pa.int64()),
         "logits": pa.array([None if x.logits is None else x.logits.tolist() for x in p], pa.list_(pa.float32())),
     })
-
-
-def to_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue()
-
-
-def from_bytes(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(io.BytesIO(data)).read_all()
 
 
 def run_full_depth(model: str, engine: dict, text_column: str, id_column: str | None,
@@ -168,9 +157,33 @@ class JobCalibration:
     answers: dict[int, dict[int, tuple]] = field(default_factory=dict)
 
     def decision(self) -> dict:
-        """What the actors read (`DECISION`)."""
+        """What the actors read (`DECISION`), and the driver reports."""
         return {"thresholds": self.thresholds, "audit_fraction": self.audit_fraction,
-                "original_only": self.original_only, "rows": self.rows}
+                "original_only": self.original_only, "rows": self.rows, "report": self.report,
+                "decided_at": time.time()}
+
+    @classmethod
+    def from_decision(cls, d: dict) -> "JobCalibration":
+        return cls(d["thresholds"], d["audit_fraction"], d["original_only"], d.get("report") or {}, d["rows"])
+
+    def describe(self) -> str:
+        """One line: what was certified on the sample."""
+        r = self.report
+        if not r:
+            return f"certify.calibrate off: the thresholds {self.thresholds} as they are, audited"
+        head = r.get("head_disagreements", 0)
+        if r["chosen"] >= 0:
+            return (f"calibration: thresholds {[round(x, 4) for x in self.thresholds]} certified on {self.rows} rows "
+                    f"(test split: {round(r['test_disagreement'] * r['test_rows'])}/{r['test_rows']} disagreements with"
+                    f" the float original, upper bound {r['upper_bound']:.2%} <= {r['constraint']:.2%}, the bulk's "
+                    f"share of the {r['promise_constraint']:.2%} promise; estimated layer compute saved "
+                    f"{r['test_layer_savings']:.1%})"
+                    + (f"; the running model's own head disagreed with the float original on {head} rows" if head else ""))
+        if self.original_only:
+            return (f"calibration: nothing certified on {r['test_rows']} test rows: the running model's own head "
+                    f"disagreed with the float original on {head} of {self.rows} rows; the bulk is answered by the "
+                    "float original, every ramp closed")
+        return f"calibration: no threshold set could be certified on {r['test_rows']} test rows: every ramp stays closed"
 
 
 def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int, constraint: float) -> float:
@@ -194,9 +207,9 @@ def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int,
     return float(min(c.max_audit_fraction, max(c.min_audit_fraction, need / bulk_rows)))
 
 
-def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int, echo=print) -> JobCalibration:
+def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int) -> JobCalibration:
     """Certify thresholds on the calibration table (None: `certify.calibrate` off, the engine's thresholds are
-    audited as they are) and size the audit."""
+    audited as they are) and size the audit. `cfg`: the JobConfig."""
     from pipeline.control.calibration import bulk_budget, calibrate_sample
     from pipeline.control.deployment import cost_model, warm_start_window
 
@@ -214,19 +227,6 @@ def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int,
               "head_disagreements": head_disagree}
     original_only = cal.chosen < 0 and head_disagree > 0
     audit = 0.0 if original_only else audit_fraction(c, report, total - table.num_rows, total, constraint)
-    if cal.chosen >= 0:
-        echo(f"calibration: thresholds {[round(x, 4) for x in cal.thresholds.tolist()]} certified on {table.num_rows} "
-             f"rows (test split: {cal.test_disagreements}/{cal.test_rows} disagreements with the original, upper "
-             f"bound {cal.upper_bound:.2%} <= {budget:.2%}, the bulk's share of the {constraint:.2%} budget; "
-             f"estimated layer compute saved {cal.test_layer_savings:.1%})"
-             + (f"; the running model's own head disagreed with the float original on {head_disagree} of "
-                f"{len(fb)} rows" if head_disagree else ""))
-    elif original_only:
-        echo(f"calibration: nothing certified on {cal.test_rows} test rows: the running model's own head disagreed "
-             f"with the float original on {head_disagree} of {len(fb)} rows; the bulk is answered by the float "
-             "original, every ramp closed")
-    else:
-        echo(f"calibration: no threshold set could be certified on {cal.test_rows} test rows: every ramp stays closed")
     return JobCalibration([float(x) for x in cal.thresholds], audit, original_only, report, table.num_rows,
                           answers=answers_by_shard(table))
 
@@ -241,7 +241,7 @@ def publish(output_url: str, calibration: JobCalibration, table: pa.Table | None
 
 
 def read_published(output_url: str) -> tuple[dict, dict[int, dict[int, tuple]]] | None:
-    """(decision, shard -> position -> answer values) once the driver has published them, else None."""
+    """(decision, shard -> position -> answer values) once published, else None."""
     from pipeline.offline import sink
 
     decision = sink.read_json(output_url, DECISION)
@@ -257,18 +257,42 @@ def calibration_items(shards: list[Shard], sample: dict[int, np.ndarray]) -> lis
     return [{**by_id[k].to_dict(), "positions": v.tolist()} for k, v in sorted(sample.items())]
 
 
-class Gatherer:
-    """The driver's side: calibration records as they stream out of the pool, until every sampled row is in."""
+ITEMS = "_offramp_calibration"
+"""Where each calibration item's record lands until the sample is whole (`ITEMS/part-SSSSSS.parquet`)."""
 
-    def __init__(self, wanted_rows: int):
-        self.wanted = wanted_rows
-        self.tables: dict[int, pa.Table] = {}  # by shard: one item per shard (a retried item counts once)
-        self.seconds = 0.0  # actor time spent on calibration items
 
-    def add(self, summary: dict) -> pa.Table | None:
-        """One calibration item's summary; the whole table once the last one is in (else None)."""
-        self.tables[int(summary["shard"])] = from_bytes(summary["calibration"])
-        self.seconds += float(summary["seconds"])
-        if sum(t.num_rows for t in self.tables.values()) < self.wanted:
-            return None
-        return pa.concat_tables([self.tables[k] for k in sorted(self.tables)])
+def write_item(output_url: str, shard: int, table: pa.Table) -> None:
+    from pipeline.offline import sink
+
+    sink.write_table(output_url, f"{ITEMS}/part-{shard:06d}.parquet", table)
+
+
+def whole_sample(output_url: str, shards: list[int]) -> pa.Table | None:
+    """The calibration sample once every item's record is in the output (`shards`: the items), else None."""
+    from pipeline.offline import sink
+
+    fs, root = sink.filesystem(output_url)
+    folder = f"{root.rstrip('/')}/{ITEMS}"
+    fs.invalidate_cache(folder)
+    have = {p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)} if fs.exists(folder) else set()
+    if not all(f"part-{k:06d}.parquet" in have for k in shards):
+        return None
+    return pa.concat_tables([sink.read_table(output_url, f"{ITEMS}/part-{k:06d}.parquet") for k in sorted(shards)])
+
+
+def decide_when_whole(output_url: str, job: dict, shard_items: list[int], controller) -> JobCalibration | None:
+    """An actor's step after writing a calibration item: when the sample is whole, certify on it, hand the
+    thresholds to the controller (a ControllerClient, or None), and publish (every actor that finds the sample
+    whole decides the same: the decision is a function of the sample and the job)."""
+    from pipeline.config import JobConfig
+    from pipeline.model.artifact import read_manifest
+
+    table = whole_sample(output_url, shard_items)
+    if table is None:
+        return None
+    cfg = JobConfig.model_validate(job["config"])
+    decided = decide(cfg, table, read_manifest(cfg.model), job["constraint"], job["total_rows"])
+    if controller is not None:
+        controller.calibrate(decided.thresholds, decided.report)
+    publish(output_url, decided, table)
+    return decided

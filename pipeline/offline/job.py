@@ -11,16 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline.config import JobConfig
 from pipeline.control.deployment import ControllerMismatch, controller_constraint, own_controller_name, start_controller
 from pipeline.data.readers import require_columns
 from pipeline.offline import attempts, ray_session, sink
-from pipeline.offline.calibrate import decide
 from pipeline.offline.shards import plan_shards, read_shard
 
 log = logging.getLogger(__name__)
@@ -177,15 +178,17 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
             raise JobError(str(e)) from e
         calibration = None
         if plan_cal is not None and plan_cal["decided"] is not None:  # --resume, or certify.calibrate off
-            calibration = _announce(cfg, plan_cal["decided"], plan_cal["table"], controller, t0)
+            calibration = _announce(cfg, plan_cal["decided"], plan_cal["table"], controller)
+            echo(calibration.describe())
         items = plan_cal["items"] if plan_cal is not None and plan_cal["decided"] is None else []
-
-        def on_sample(table):
-            nonlocal calibration
-            decided = decide(cfg, table, manifest, constraint, total_rows, echo)
-            calibration = _announce(cfg, decided, table, controller, t0)
-
-        summaries = _run_pipeline(cfg, items, todo, controller, c.enabled, on_sample, echo) if todo else []
+        certify = None if not c.enabled else {
+            "seed": c.seed, "items": [i["shard"] for i in items],
+            "job": {"config": cfg.model_dump(mode="json"), "constraint": constraint, "total_rows": total_rows}}
+        with _DecisionWatch(cfg.output.url, echo, t0) if items else nullcontext() as watch:
+            summaries = _run_pipeline(cfg, items, todo, controller, certify) if todo else []
+        if items:
+            calibration = watch.decided or _published_calibration(cfg.output.url, t0)
+            _clear_items(cfg.output.url)
         summary = _summarize(cfg, shards, finished, summaries, controller, manifest)
         summary["seconds_total"] = round(time.perf_counter() - t0, 3)
         if c.enabled:
@@ -213,13 +216,13 @@ def _plan_calibration(cfg: JobConfig, shards, manifest, constraint: float, total
 
     c = cfg.certify
     if not c.calibrate:
-        return {"items": [], "rows": 0, "decided": decide(cfg, None, manifest, constraint, total_rows, echo),
+        return {"items": [], "rows": 0, "decided": decide(cfg, None, manifest, constraint, total_rows),
                 "table": None}
     table = sink.read_table(cfg.output.url, FILE) if cfg.resume else None
     if table is not None:
         echo(f"calibration sample of {table.num_rows} rows reloaded from the output (--resume)")
         return {"items": [], "rows": table.num_rows, "table": table,
-                "decided": decide(cfg, table, manifest, constraint, total_rows, echo)}
+                "decided": decide(cfg, table, manifest, constraint, total_rows)}
     sink.remove(cfg.output.url, DECISION)  # an older run's decision must not reach this run's actors
     wanted = c.calibration_rows or calibration_rows(constraint, 1 - c.confidence)
     n = min(wanted, int(c.max_calibration_share * total_rows))
@@ -243,9 +246,10 @@ def _controller_budget(c, manifest, constraint: float, total_rows: int, plan_cal
     return controller_constraint(manifest, constraint, reference=c.enabled)
 
 
-def _announce(cfg: JobConfig, decided, table, controller, t0: float):
-    """Hand the calibration decision to the controller, then publish it to the actors (in that order: an actor
-    that reads the decision finds the controller holding it)."""
+def _announce(cfg: JobConfig, decided, table, controller):
+    """Hand a calibration decision known before the pipeline (--resume, `certify.calibrate` off) to the controller,
+    then publish it to the actors (in that order: an actor that reads the decision finds the controller holding
+    it)."""
     import ray
 
     from pipeline.offline.calibrate import publish
@@ -253,8 +257,58 @@ def _announce(cfg: JobConfig, decided, table, controller, t0: float):
     if controller is not None:
         ray.get(controller["handle"].calibrate.remote(decided.thresholds, decided.report), timeout=60)
     publish(cfg.output.url, decided, table)
-    decided.seconds = time.perf_counter() - t0
     return decided
+
+
+def _published_calibration(output_url: str, t0: float):
+    """The decision the actors published (None when the sample never came back whole)."""
+    from pipeline.offline.calibrate import DECISION, JobCalibration
+
+    d = sink.read_json(output_url, DECISION)
+    if d is None:
+        return None
+    cal = JobCalibration.from_decision(d)
+    cal.seconds = max(0.0, d["decided_at"] - (time.time() - (time.perf_counter() - t0)))
+    return cal
+
+
+def _clear_items(output_url: str) -> None:
+    """The calibration items' records, once the whole sample is kept in one file (or the job is over)."""
+    from pipeline.offline.calibrate import ITEMS
+
+    fs, root = sink.filesystem(output_url)
+    folder = f"{root.rstrip('/')}/{ITEMS}"
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+class _DecisionWatch:
+    """While the pipeline runs: say the calibration decision when the actors publish it."""
+
+    def __init__(self, output_url: str, echo, t0: float, every_s: float = 1.0):
+        self.output_url, self.echo, self.t0, self.every_s = output_url, echo, t0, every_s
+        self.decided = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="offramp-decision-watch", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.decided = _published_calibration(self.output_url, self.t0)
+            except Exception:  # noqa: BLE001 - a half-visible file on an object store: look again
+                continue
+            if self.decided is not None:
+                self.echo(f"{self.decided.describe()} ({self.decided.seconds:.1f} s into the job)")
+                return
+
+    def __enter__(self) -> "_DecisionWatch":
+        _clear_items(self.output_url)  # an older run's records must not complete this run's sample
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _certificate(cfg: JobConfig, summaries: list[dict], finished: set[int], constraint: float, calibration,
@@ -282,10 +336,11 @@ def promise_cost(summaries: list[dict], summary: dict, calibration) -> dict:
     busy = sum(r["seconds"] for r in summaries)
     cal = sum(r["seconds"] for r in summaries if r["kind"] == "calibration")
     bulk = [r for r in summaries if r["kind"] == "bulk"]
-    ran = sum(sum(r["layer_rows"]) for r in bulk if not r["exact_before_decision"])
-    answers = sum(r["bulk_answer_layers"] for r in bulk if not r["exact_before_decision"])
+    ran = sum(sum(r["layer_rows_after_decision"]) for r in bulk)
+    answers = sum(r["bulk_answer_layers"] for r in bulk)
     feedback = (ran - answers) / ran if ran else None
-    bulk_busy = sum(r["seconds"] - r["reference_seconds"] for r in bulk if not r["exact_before_decision"])
+    before = sum(r["seconds_before_decision"] for r in bulk)
+    bulk_busy = sum(r["seconds"] - r["seconds_before_decision"] - r["reference_seconds"] for r in bulk)
 
     def share(x):
         return round(x / busy, 4) if busy else None
@@ -296,7 +351,7 @@ def promise_cost(summaries: list[dict], summary: dict, calibration) -> dict:
         "calibration_share_of_actor_time": share(cal),
         "calibration_decided_after_seconds": None if calibration is None else round(calibration.seconds, 2),
         "rows_answered_in_full_before_the_decision": int(sum(r["exact_before_decision"] for r in bulk)),
-        "before_decision_share_of_actor_time": share(sum(r["seconds"] for r in bulk if r["exact_before_decision"])),
+        "before_decision_share_of_actor_time": share(before),
         "reference_share_of_actor_time": share(sum(r["reference_seconds"] for r in summaries)),
         "feedback_share_of_bulk_layer_work": None if feedback is None else round(feedback, 4),
         "feedback_share_of_actor_time_estimated": None if feedback is None else share(feedback * bulk_busy),
@@ -362,14 +417,12 @@ def _model_ref(model: str) -> str:
     return model if "://" in model else os.path.abspath(model)
 
 
-def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certified: bool, on_sample,
-                  echo=print) -> list[dict]:
-    """Stream the calibration `items`, then the `todo` shards, through tokenize tasks and the actor pool; call
-    `on_sample(table)` as soon as every calibration row is back. Returns every item's summary row."""
+def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certify: dict | None) -> list[dict]:
+    """Stream the calibration `items`, then the `todo` shards, through tokenize tasks and the actor pool. Returns
+    every item's summary row."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipeline.offline.calibrate import Gatherer
     from pipeline.offline.worker import EarlyExitWorker, tokenize_shards
 
     ctx = DataContext.get_current()
@@ -377,7 +430,7 @@ def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certified
     a = cfg.actors
     engine = cfg.engine.model_dump()
     ctl = None if controller is None else {k: v for k, v in controller.items() if k != "handle"}
-    # Calibration items first: the actors take them before any shard, so most shards run at certified thresholds.
+    # Calibration items first: the actors take them before any shard, so most rows run at certified thresholds.
     work = items + [{**s.to_dict(), "positions": None} for s in todo]
     ds = ray.data.from_items(work, override_num_blocks=len(work))
     ds = ds.map_batches(
@@ -395,21 +448,11 @@ def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certified
         # and its batch is retried; parts are atomic with deterministic names, so no duplicates.
         fn_constructor_kwargs=dict(model=_model_ref(cfg.model),
                                    engine=engine, output_url=cfg.output.url, passthrough=cfg.input.passthrough,
-                                   controller=ctl, certify={"seed": cfg.certify.seed} if certified else None,
-                                   output=cfg.output.model_dump(exclude={"url"})),
+                                   controller=ctl, certify=certify, output=cfg.output.model_dump(exclude={"url"})),
     )
-    gather = Gatherer(sum(len(i["positions"]) for i in items)) if items else None
     t = time.perf_counter()
-    rows: list[dict] = []
     try:
-        for row in ds.iter_rows():
-            row = dict(row)
-            rows.append(row)
-            if row["kind"] == "calibration" and gather is not None:
-                table = gather.add(row)
-                if table is not None:
-                    gather = None
-                    on_sample(table)
+        rows = ds.take_all()
     except Exception as e:  # noqa: BLE001 - translate the usual resource failure into advice
         text = str(e)
         if "actors" in text.lower() and ("timed out" in text.lower() or "wait" in text.lower()):
@@ -419,9 +462,6 @@ def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certified
                 f"{ray.cluster_resources()}); lower actors.min_actors / num_gpus or add nodes"
             ) from e
         raise
-    if gather is not None:
-        log.warning("calibration rows missing at the end of the job (%d wanted): every shard was answered by the "
-                    "float original", gather.wanted)
     elapsed = time.perf_counter() - t
     for r in rows:
         r["_elapsed"] = elapsed

@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -88,7 +89,10 @@ class EarlyExitWorker:
         self.output = output or {}
         """OutputSpec fields: `probabilities` (a column per label), `filter` (which rows the parts keep)."""
         self.certify = certify
-        """{"seed"}: the audit's hash seed. None: no promise, the engine's shadow_fraction feeds the controller."""
+        """{"seed": the audit's hash seed, "items": the shards with calibration items, "job": what deciding needs
+        (pipeline.offline.calibrate.decide_when_whole)}. None: no promise, the engine's shadow_fraction feeds the
+        controller."""
+        self.chunk_rows = 128  # before the calibration decision, rows are answered a chunk at a time
         self.decision: dict | None = None  # the published calibration decision, once read
         self.known: dict[int, dict[int, tuple]] = {}  # its sample's answers: shard -> position -> values
         import ray
@@ -162,47 +166,65 @@ class EarlyExitWorker:
     def _calibration(self, shard: int, rows: pa.Table) -> dict:
         """A calibration item: every row to the end, every ramp recorded, answered by the float original; the
         record goes back to the driver in the summary (no part: the shard's part takes these answers)."""
-        from pipeline.offline.calibrate import record_table, to_bytes
+        from pipeline.offline.calibrate import decide_when_whole, record_table, write_item
 
         t = time.perf_counter()
         positions, ids = rows.column("row").to_pylist(), rows.column("id").to_pylist()
         out = self.predictor.record_encoded(self._encoded(rows), [f"{shard}:{r}" for r in positions])
-        table = record_table(shard, positions, ids, out)
-        return self._summary(shard, "calibration", [], out, time.perf_counter() - t, None, to_bytes(table))
+        write_item(self.output_url, shard, record_table(shard, positions, ids, out))
+        # The last item in decides for everyone (all that find the sample whole decide the same).
+        decide_when_whole(self.output_url, self.certify["job"], self.certify["items"], self.client)
+        piece = _Piece(list(range(len(positions))), out, None, time.perf_counter() - t, before=False)
+        return self._summary(shard, "calibration", [], [piece], None)
 
     def _shard(self, shard: int, rows: pa.Table) -> dict:
         L = self.predictor.model.num_layers
-        decision = self._published()
-        if self.client is not None and (self.certify is None or decision is not None):
-            self.client.refresh_policy(self.predictor)
-        t = time.perf_counter()
         positions = rows.column("row").to_pylist()
         attempts.mark(self.output_url, shard, int(min(positions)))
-        known = self.known.get(shard, {})
-        todo = [i for i, r in enumerate(positions) if r not in known]  # calibration rows are answered
-        sub = rows.take(pa.array(todo, pa.int64())) if len(todo) < len(positions) else rows
         ids = rows.column("id").to_pylist()
-        keys = [ids[i] for i in todo]
-        exact_first = self.certify is not None and decision is None
-        if exact_first:  # before the calibration decision: the float original answers every row, in full
-            out, audited = self.predictor.record_encoded(self._encoded(sub), keys), None
-        else:
-            shadow, audited = self._shadow(shard, [positions[i] for i in todo], (decision or {}).get("audit_fraction", 0))
-            out = self.predictor.predict_encoded(self._encoded(sub), keys=keys, shadow=shadow)
-        seconds = time.perf_counter() - t
-        values = [known.get(r) for r in positions]  # ANSWER_COLUMNS order, then the logits
-        exact = np.array([r in known for r in positions])
-        for i, p in zip(todo, out.predictions):
-            values[i] = (ids[i], p.label, p.label_id, p.score, p.exit_layer, p.truncated, p.error, p.logits)
-            exact[i] = exact_first or (self.predictor.exact and p.exit_layer == L)
-        first_row = int(min(positions))
-        stats = self._part_stats(shard, positions, values, exact, out, audited, len(known), L)
+        values: list = [None] * len(positions)  # ANSWER_COLUMNS order, then the logits
+        exact = np.zeros(len(positions), bool)  # answered by the float original
+        pieces: list[_Piece] = []
+        pending = list(range(len(positions)))
+        while pending:
+            t = time.perf_counter()
+            decision = self._published()
+            if self.certify is not None and decision is None:
+                # Before the calibration decision: the float original answers, in full, a chunk at a time (the
+                # decision is looked for again after each, so at most a chunk waits on it).
+                take, pending = pending[:self.chunk_rows], pending[self.chunk_rows:]
+                out = self.predictor.record_encoded(self._encoded(rows.take(pa.array(take, pa.int64()))),
+                                                    [ids[i] for i in take])
+                pieces.append(_Piece(take, out, None, time.perf_counter() - t, before=True))
+                exact[take] = True
+                continue
+            if self.client is not None:
+                self.client.refresh_policy(self.predictor)
+            known = self.known.get(shard, {})
+            for i in pending:
+                if positions[i] in known:  # a calibration row: its answer is the float original's already
+                    values[i], exact[i] = known[positions[i]], True
+            take = [i for i in pending if values[i] is None]
+            audit = (decision or {}).get("audit_fraction", 0.0)
+            shadow, audited = self._shadow(shard, [positions[i] for i in take], audit)
+            out = self.predictor.predict_encoded(self._encoded(rows.take(pa.array(take, pa.int64()))),
+                                                 keys=[ids[i] for i in take], shadow=shadow)
+            pieces.append(_Piece(take, out, audited, time.perf_counter() - t, before=False))
+            exact[take] = [self.predictor.exact and p.exit_layer == L for p in out.predictions]
+            pending = []
+        calibration = int(exact.sum()) - sum(int(exact[p.rows].sum()) for p in pieces)
+        for piece in pieces:
+            for i, p in zip(piece.rows, piece.out.predictions):
+                values[i] = (ids[i], p.label, p.label_id, p.score, p.exit_layer, p.truncated, p.error, p.logits)
+        stats = self._part_stats(shard, positions, values, exact, pieces, calibration, L)
         table, removed = self._table(rows, positions, values)
-        stats["filtered_out"], stats["before_decision"] = removed, exact_first
-        write_part(table, self.output_url, shard, first_row, stats)
-        if self.client is not None and len(out.feedback):
-            self.client.report(out.feedback, output_rows=len(todo))
-        return self._summary(shard, "bulk", values, out, seconds, stats, None, exact_first, removed)
+        stats["filtered_out"] = removed
+        stats["before_decision"] = sum(len(p.rows) for p in pieces if p.before)
+        write_part(table, self.output_url, shard, int(min(positions)), stats)
+        for piece in pieces:
+            if self.client is not None and len(piece.out.feedback) and not piece.before:
+                self.client.report(piece.out.feedback, output_rows=len(piece.rows))
+        return self._summary(shard, "bulk", values, pieces, stats, removed)
 
     def _table(self, rows: pa.Table, positions: list[int], values: list[tuple]) -> tuple[pa.Table, int]:
         """The part: one row per input row (ANSWER_COLUMNS, passthrough columns, every label's score when
@@ -232,12 +254,15 @@ class EarlyExitWorker:
         out = out.append_column("row", pa.array(positions, pa.int64())).filter(pa.array(keep))
         return out, int((~keep).sum())
 
-    def _summary(self, shard: int, kind: str, values: list[tuple], out, seconds: float, stats: dict | None,
-                 calibration: bytes | None, exact_first: bool = False, removed: int = 0) -> dict:
+    def _summary(self, shard: int, kind: str, values: list[tuple], pieces: list["_Piece"], stats: dict | None,
+                 removed: int = 0) -> dict:
         """The row this item adds to the job's summary (the same keys for every kind of item)."""
         L = self.predictor.model.num_layers
-        fb = out.feedback
-        shadow_agree, _ = out.shadow_agreement() if kind == "bulk" else (0, 0)
+        after = [p for p in pieces if not p.before and kind == "bulk"]  # the rows at the decided thresholds
+
+        def layers(ps):
+            return np.sum([p.out.stats["layer_rows"] for p in ps], axis=0).astype(int).tolist() if ps else [0] * L
+
         return {
             "kind": kind,
             "shard": shard,
@@ -246,43 +271,60 @@ class EarlyExitWorker:
             "errors_by_kind": json.dumps(Counter(error_kind(v[6]) for v in values if v[6] is not None)),
             "truncated": sum(bool(v[5]) for v in values),
             "exits": np.bincount([v[4] for v in values], minlength=L + 1).tolist(),
-            "layer_rows": out.stats["layer_rows"],
-            "bulk_answer_layers": int(sum(p.exit_layer for p in out.predictions)) if kind == "bulk" else 0,
-            "shadow_rows": len(fb) if kind == "bulk" else 0,
-            "shadow_agree": shadow_agree,
-            "exact_before_decision": len(out.predictions) if exact_first else 0,
+            "layer_rows": layers(pieces),
+            "layer_rows_after_decision": layers(after),
+            "bulk_answer_layers": int(sum(x.exit_layer for p in after for x in p.out.predictions)),
+            "shadow_rows": sum(len(p.out.feedback) for p in after),
+            "shadow_agree": sum(p.out.shadow_agreement()[0] for p in after),
+            "exact_before_decision": sum(len(p.rows) for p in pieces if p.before),
+            "seconds_before_decision": sum(p.seconds for p in pieces if p.before),
             "filtered_out": removed,
             "policy_version": int(self.predictor.policy.version),
-            "seconds": seconds,
-            "reference_seconds": out.stats.get("reference_seconds", 0.0),
-            "token_budget": out.stats["token_budget"],
+            "seconds": sum(p.seconds for p in pieces),
+            "finished_at": time.time(),  # wall clock: where the job's time went
+            "reference_seconds": sum(p.out.stats.get("reference_seconds", 0.0) for p in pieces),
+            "token_budget": self.predictor.budget.value,
             "worker": self.worker,
             "compression": self.predictor.compression,
             "part_stats": None if stats is None else json.dumps(stats),
-            "calibration": calibration,
         }
 
-    def _part_stats(self, shard: int, positions: list[int], values: list[tuple], exact: np.ndarray, out,
-                    audited: np.ndarray | None, calibration: int, L: int) -> dict:
+    def _part_stats(self, shard: int, positions: list[int], values: list[tuple], exact: np.ndarray,
+                    pieces: list["_Piece"], calibration: int, L: int) -> dict:
         """The part's counts for the certificate (pipeline.offline.certificate.COUNTS): `exact` rows were
         answered by the float original; the audit measures the others against it."""
         answered = np.array([v[6] is None for v in values])
         early = answered & ~exact
-        stats = {"shard": shard, "first_row": int(min(positions)), "rows": len(values), "answered": int(answered.sum()),
-                 "calibration": int(calibration), "early": int(early.sum()), "exact": int((answered & exact).sum()),
+        stats = {"shard": shard, "first_row": int(min(positions)), "rows": len(values),
+                 "answered": int(answered.sum()), "calibration": int(calibration), "early": int(early.sum()),
+                 "exact": int((answered & exact).sum()),
                  "audit": 0, "audit_disagree": 0, "audit_early": 0, "audit_early_disagree": 0,
                  # which rows the float original did not answer: what --repair and a top-up re-run
                  "early_positions": [positions[i] for i in np.flatnonzero(early)]}
-        if audited is None or not len(out.feedback):
-            return stats
-        for k, i in enumerate(out.feedback_rows.tolist()):
-            if not audited[i]:
+        for piece in pieces:
+            if piece.audited is None:
                 continue
-            p = out.predictions[i]
-            wrong = int(p.label_id != int(out.feedback.labels[k]))
-            stats["audit"] += 1
-            stats["audit_disagree"] += wrong
-            if not (self.predictor.exact and p.exit_layer == L):
-                stats["audit_early"] += 1
-                stats["audit_early_disagree"] += wrong
+            fb = piece.out.feedback
+            for k, i in enumerate(piece.out.feedback_rows.tolist()):
+                if not piece.audited[i]:
+                    continue
+                p = piece.out.predictions[i]
+                wrong = int(p.label_id != int(fb.labels[k]))
+                stats["audit"] += 1
+                stats["audit_disagree"] += wrong
+                if early[piece.rows[i]]:
+                    stats["audit_early"] += 1
+                    stats["audit_early_disagree"] += wrong
         return stats
+
+
+@dataclass
+class _Piece:
+    """Rows of a shard run in one call: `rows` (indices into the shard's rows), the Predictor's output, the audit
+    among them (None: no audit), the seconds it took, and whether it ran before the calibration decision."""
+
+    rows: list[int]
+    out: object
+    audited: np.ndarray | None
+    seconds: float
+    before: bool
