@@ -379,16 +379,21 @@ def bench_offline(model_dir, config, rows, dtype, quantize, skip_baseline, out_j
 
 
 @bench.command("accuracy")
-@click.option("--model", "model_dir", default="artifacts/minilm-movie-ee", show_default=True)
+@click.option("--model", "model_dirs", multiple=True, show_default=True,
+              default=["artifacts/minilm-movie-ee"],
+              help="An early-exit artifact; repeat for several (e.g. its int8 and bf16 versions from `offramp quantize`).")
 @click.option("--config", default="configs/jobs/movie_reviews.yaml", show_default=True, help="Job YAML to run.")
 @click.option("--corpora", default=None, help="Comma-separated built-in datasets; A+B+C = those in order. "
               "Default: movie-reviews and the three other domains, alone and mixed.")
+@click.option("--skip-uncertified", is_flag=True, help="Run only the certified job (b), not the baseline (a).")
 @click.option("--out", "out_json", default="bench_results/accuracy.json", show_default=True)
-def bench_accuracy(model_dir, config, corpora, out_json):
-    """(a) the job without certification vs (b) the certified job, per corpus, each audited by `verify`."""
+def bench_accuracy(model_dirs, config, corpora, skip_uncertified, out_json):
+    """(a) the job without certification vs (b) the certified job, per artifact and corpus, each output audited by
+    `verify` against the float original."""
     from pipeline.bench.accuracy_bench import CORPORA, run_accuracy_bench
 
-    run_accuracy_bench(model_dir, config, corpora or CORPORA, out_json, echo=click.echo)
+    run_accuracy_bench(list(model_dirs), config, corpora or CORPORA, out_json, echo=click.echo,
+                       uncertified=not skip_uncertified)
 
 
 @bench.command("calibration")

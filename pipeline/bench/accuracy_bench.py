@@ -1,11 +1,11 @@
 """Accuracy benchmark (`offramp bench accuracy`): does a job keep its promise on corpora nobody tuned on?
 
-For each corpus (built-in datasets and in-order mixes of them, as a user's corpus arrives), side by side in
-one run on this machine:
+For each artifact (the float one, and its compressed versions from `offramp quantize`) and each corpus (built-in
+datasets and in-order mixes of them, as a user's corpus arrives), side by side in one run on this machine:
  (a) the job as it was before certification (`certify.enabled: false`: the artifact's thresholds, a 5%
      shadow fraction feeding the controller, a point estimate in the summary) — the baseline;
- (b) the job as it runs by default (calibrated on the corpus, audited, certified).
-Each output is then checked by `offramp verify` over every row: the true agreement with the original model
+ (b) the job as it runs by default (calibrated on the corpus, audited, certified against the float original).
+Each output is then checked by `offramp verify` over every row: the true agreement with the float original
 beside what the summary claimed, and the layer work saved.
 """
 from __future__ import annotations
@@ -34,43 +34,51 @@ def _run(cfg, certify: bool, out: Path) -> tuple[dict, float]:
     return summary, time.perf_counter() - t
 
 
-def run_accuracy_bench(model: str, config: str = "configs/jobs/movie_reviews.yaml", corpora: str = CORPORA,
-                       out_json: str = "bench_results/accuracy.json", echo=print) -> dict:
+def run_accuracy_bench(models: list[str] | str, config: str = "configs/jobs/movie_reviews.yaml", corpora: str = CORPORA,
+                       out_json: str = "bench_results/accuracy.json", echo=print, uncertified: bool = True) -> dict:
     from pipeline.config import JobConfig
+    from pipeline.model.artifact import read_manifest
     from pipeline.offline.job import materialize_builtin
     from pipeline.offline.verify import verify
 
+    models = [models] if isinstance(models, str) else list(models)
     work = Path(tempfile.mkdtemp(prefix="offramp-accuracy-"))
-    base = JobConfig.from_yaml(config, model=model)
     results = []
-    for name in corpora.split(","):
-        url = materialize_builtin(f"builtin:{name}")
-        cfg = base.model_copy(update={"input": base.input.model_copy(update={"url": url, "passthrough": []})})
-        for certify, label in ((False, "(a) before: artifact thresholds, shadow point estimate"),
-                               (True, "(b) certified: calibrated, audited")):
-            out = work / f"{name}-{'certified' if certify else 'baseline'}"
-            summary, seconds = _run(cfg, certify, out)
-            report = verify(str(out), echo=lambda m: None)
-            claim = report["claimed"] or {}
-            cert = summary.get("certificate") or {}
-            row = {
-                "corpus": name, "method": label, "rows": summary["rows"],
-                "true_agreement": report["agreement"], "disagreements": report["disagreements"],
-                "claimed": claim.get("agreement"), "claimed_interval": claim.get("interval"),
-                "interval_contains_truth": report.get("claim_interval_contains_truth"),
-                "certified": cert.get("certified"),
-                "stretches_512_below_promise": report.get("stretches_512", {}).get("below_promise"),
-                "stretches_512": report.get("stretches_512", {}).get("count"),
-                "layer_compute_saved": summary["layer_compute_saved"],
-                "layer_compute_saved_actual": summary.get("layer_compute_saved_actual"),
-                "mean_exit_layer": summary["mean_exit_layer"],
-                "seconds": round(seconds, 1),
-                "calibration_share_of_job_time": (cert.get("cost") or {}).get("calibration_share_of_job_time"),
-                "per_exit_layer": report["per_exit_layer"],
-            }
-            results.append(row)
-            echo(_line(row))
-    result = {"model": model, "config": config, "machine": machine(), "results": results}
+    for model in models:
+        base = JobConfig.from_yaml(config, model=model)
+        compression = (read_manifest(model).compression or {}).get("method", "none")
+        for name in corpora.split(","):
+            url = materialize_builtin(f"builtin:{name}")
+            cfg = base.model_copy(update={"input": base.input.model_copy(update={"url": url, "passthrough": []})})
+            for certify, label in (((False, "(a) before: artifact thresholds, shadow point estimate"),) if uncertified
+                                   else ()) + ((True, "(b) certified: calibrated, audited"),):
+                out = work / f"{Path(model).name}-{name}-{'certified' if certify else 'baseline'}"
+                summary, seconds = _run(cfg, certify, out)
+                report = verify(str(out), echo=lambda m: None)
+                claim = report["claimed"] or {}
+                cert = summary.get("certificate") or {}
+                row = {
+                    "model": model, "compression": compression,
+                    "corpus": name, "method": label, "rows": summary["rows"],
+                    "promise": cert.get("promise"),
+                    "true_agreement": report["agreement"], "disagreements": report["disagreements"],
+                    "claimed": claim.get("agreement"), "claimed_interval": claim.get("interval"),
+                    "interval_contains_truth": report.get("claim_interval_contains_truth"),
+                    "certified": cert.get("certified"),
+                    "stretches_512_below_promise": report.get("stretches_512", {}).get("below_promise"),
+                    "stretches_512": report.get("stretches_512", {}).get("count"),
+                    "layer_compute_saved": summary["layer_compute_saved"],
+                    "layer_compute_saved_actual": summary.get("layer_compute_saved_actual"),
+                    "mean_exit_layer": summary["mean_exit_layer"],
+                    "seconds": round(seconds, 1),
+                    "rows_per_s": summary.get("rows_per_s"),
+                    "answer_with": cert.get("answer_with"),
+                    "cost": cert.get("cost"),
+                    "per_exit_layer": report["per_exit_layer"],
+                }
+                results.append(row)
+                echo(_line(row))
+    result = {"models": models, "config": config, "machine": machine(), "results": results}
     echo(format_table(results))
     write_result(result, out_json, echo)
     return result
@@ -83,21 +91,24 @@ def _pct(x):
 def _line(r: dict) -> str:
     iv = r["claimed_interval"]
     claim = _pct(r["claimed"]) + (f" [{_pct(iv[0])}, {_pct(iv[1])}]" if iv else " (point)")
-    return (f"{r['corpus']:<38} {r['method'][:3]} true {_pct(r['true_agreement'])} claimed {claim} "
-            f"saved {_pct(r['layer_compute_saved'])} ({_pct(r['layer_compute_saved_actual'])} actual) {r['seconds']} s")
+    return (f"{r['compression']:<12} {r['corpus']:<38} {r['method'][:3]} true {_pct(r['true_agreement'])} claimed "
+            f"{claim} saved {_pct(r['layer_compute_saved'])} ({_pct(r['layer_compute_saved_actual'])} actual) "
+            f"{r['seconds']} s")
 
 
 def format_table(results: list[dict]) -> str:
-    head = ("| corpus | job | rows | true agreement | summary claimed | interval holds truth | certified | "
-            "512-row stretches < promise | layer work saved (answers / actual) | job s | calibration share |")
+    head = ("| model | corpus | job | rows | true agreement (float original) | summary claimed | interval holds truth | "
+            "certified | 512-row stretches < promise | layer work saved (answers / actual) | job s |")
     lines = [head, "|" + "---|" * 11]
     for r in results:
         iv = r["claimed_interval"]
         claim = _pct(r["claimed"]) + (f" [{_pct(iv[0])}, {_pct(iv[1])}]" if iv else " (point, no interval)")
         holds = {True: "yes", False: "NO", None: "-"}[r["interval_contains_truth"]]
         cert = {True: "yes", False: "no", None: "-"}[r["certified"]]
-        share = "-" if r["calibration_share_of_job_time"] is None else f"{100 * r['calibration_share_of_job_time']:.0f}%"
-        lines.append(f"| {r['corpus']} | {r['method'][:3]} | {r['rows']} | {_pct(r['true_agreement'])} | {claim} | "
-                     f"{holds} | {cert} | {r['stretches_512_below_promise']}/{r['stretches_512']} | "
-                     f"{_pct(r['layer_compute_saved'])} / {_pct(r['layer_compute_saved_actual'])} | {r['seconds']} | {share} |")
-    return "\n".join(lines)
+        if r.get("answer_with") == "original" and r["compression"] != "none":
+            cert += " (the float original answered the bulk)"
+        lines.append(f"| {r['compression']} | {r['corpus']} | {r['method'][:3]} | {r['rows']} | {_pct(r['true_agreement'])} "
+                     f"| {claim} | {holds} | {cert} | {r['stretches_512_below_promise']}/{r['stretches_512']} | "
+                     f"{_pct(r['layer_compute_saved'])} / {_pct(r['layer_compute_saved_actual'])} | {r['seconds']} |")
+    return "
+".join(lines)

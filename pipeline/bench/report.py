@@ -36,18 +36,23 @@ def headlines(result: dict) -> list[dict]:
         return out
     if result.get("results") and "corpus" in result["results"][0]:  # bench accuracy
         out = []
-        by_corpus: dict[str, list[dict]] = {}
+        groups: dict[tuple, dict[str, dict]] = {}
         for r in result["results"]:
-            by_corpus.setdefault(r["corpus"], []).append(r)
-        for corpus, (before, after, *_) in by_corpus.items():
+            groups.setdefault((r.get("compression", "none"), r["corpus"]), {})[r["method"][:3]] = r
+        for (compression, corpus), by in groups.items():
+            after, before = by.get("(b)"), by.get("(a)")
+            if after is None:
+                continue
             lo, hi = (after.get("claimed_interval") or [None, None])[:2]
             interval = f" [{_pct(lo)}, {_pct(hi)}]" if lo is not None else ""
             ratio = (after["layer_compute_saved"] / before["layer_compute_saved"]
-                     if before.get("layer_compute_saved") else None)
-            out.append({"benchmark": f"accuracy: {corpus}, {after['rows']} rows",
+                     if before and before.get("layer_compute_saved") else None)
+            model = "" if compression == "none" else f"{compression} artifact, "
+            out.append({"benchmark": f"accuracy: {model}{corpus}, {after['rows']} rows",
                         "offramp": f"true agreement {_pct(after['true_agreement'])}, claimed{interval}, "
                                    f"{'certified' if after.get('certified') else 'NOT certified'}",
-                        "baseline": f"true agreement {_pct(before['true_agreement'])} (no certification)",
+                        "baseline": ("-" if before is None else
+                                     f"true agreement {_pct(before['true_agreement'])} (no certification)"),
                         "ratio": "-" if ratio is None else f"layer work saved {ratio:.2f}x of the baseline's",
                         "accuracy": f"{after['disagreements']} disagreement" + ("" if after['disagreements'] == 1 else "s")})
         return out

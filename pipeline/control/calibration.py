@@ -31,8 +31,8 @@ from pipeline.feedback import CLOSED, CostModel, FeedbackWindow
 from .stats import binom_cdf, clopper_pearson, rows_to_certify
 from .tuner import evaluate, tune_thresholds
 
-__all__ = ["Calibration", "bulk_budget", "calibrate_sample", "calibration_rows", "certify_thresholds",
-           "split_rows", "walk_path"]
+__all__ = ["Calibration", "Candidate", "bulk_budget", "calibrate_candidates", "calibrate_sample", "calibration_rows",
+           "certify_thresholds", "split_rows", "walk_path"]
 
 TUNE_SHARE = 0.3
 """Share of the calibration sample that builds the path; the rest tests it (the test split sets the power)."""
@@ -169,3 +169,53 @@ def calibrate_sample(sample: FeedbackWindow, warm: FeedbackWindow | None, costs:
     if warm is not None:
         tune = FeedbackWindow.concat([tune, warm])
     return certify_thresholds(tune, sample.take(test_idx), costs, budget, delta, active=active)
+
+
+@dataclass
+class Candidate:
+    """A model a job could answer its bulk with, as its calibration sample saw it."""
+
+    name: str
+    sample: FeedbackWindow
+    """Every ramp of this model on the calibration rows, `reference` the float original's answers."""
+    warm: FeedbackWindow | None
+    """Rows independent of the sample to shape the path with (the artifact's validation feedback), or None."""
+    costs: CostModel
+    speed: float = 1.0
+    """Its seconds per row at full depth, relative to the float original's (measured on the sample)."""
+
+
+def calibrate_candidates(candidates: Sequence[Candidate], budget: float, delta: float = 0.05,
+                         active: np.ndarray | Sequence[bool] | None = None,
+                         seed: int = 0) -> tuple[Candidate, Calibration, list[dict[str, Any]]]:
+    """Which model answers the bulk, and its certified thresholds: `calibrate_sample` for the one chosen.
+
+    The choice looks at the tune split alone (with each candidate's `warm` rows for its savings), so the test
+    split still certifies a path fixed before it is seen: per candidate, the disagreement of its own head with the
+    float original on the tune rows, and the time a row costs at its greedy thresholds (`speed` x (1 - savings)).
+    A model whose head alone would likely fail the test's first point (the upper end of a 75% one-sided interval
+    of its tune-split rate, counted over the test split, not rejected at delta) is passed over; the float original
+    never disagrees with itself. The quickest of the rest wins. Returns (the chosen candidate, its calibration,
+    what was estimated for each)."""
+    n = len(candidates[0].sample)
+    if any(len(c.sample) != n for c in candidates):
+        raise ValueError("candidates must be recorded on the same calibration rows")
+    tune_idx, test_idx = split_rows(n, seed)
+    act = np.ones(candidates[0].costs.num_ramps, bool) if active is None else np.asarray(active, bool)
+    estimates = []
+    for c in candidates:
+        own = c.sample.take(tune_idx)
+        wrong = int(len(own) - own.final_ok.sum())
+        head = wrong / len(own) if len(own) else 0.0
+        head_up = clopper_pearson(wrong, len(own), 0.5)[1] if len(own) and wrong < len(own) else 1.0
+        feasible = wrong == 0 or binom_cdf(math.ceil(head_up * len(test_idx)), len(test_idx), budget) <= delta
+        tune = own if c.warm is None else FeedbackWindow.concat([own, c.warm])
+        shape = tune_thresholds(tune, c.costs, budget, act).thresholds
+        saved = evaluate(tune, c.costs, shape, act).savings
+        estimates.append({"candidate": c.name, "speed": round(c.speed, 4), "head_disagreement": round(head, 6),
+                          "feasible": bool(feasible), "estimated_savings": round(saved, 4),
+                          "estimated_time_per_row": round(c.speed * (1.0 - saved), 4)})
+    feasible = [k for k, e in enumerate(estimates) if e["feasible"]] or [0]
+    best = min(feasible, key=lambda k: estimates[k]["estimated_time_per_row"])
+    chosen = candidates[best]
+    return chosen, calibrate_sample(chosen.sample, chosen.warm, chosen.costs, budget, delta, active, seed), estimates

@@ -71,6 +71,8 @@ class BatchOutput:
     reference: Decision | None = None
     """The float original's answers for the feedback rows ([F], in their order), when the predictor holds a
     reference model (pipeline.engine.predictor.Predictor)."""
+    reference_window: object = None
+    """...and its own ramp records of them (a FeedbackWindow)."""
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from pipeline.engine.executor import Tail, execute, finish_tail
 from pipeline.engine.microbatch import MicroBatchQueue, TokenBudget, plan_microbatches
 from pipeline.engine.policy import ExitPolicy
 from pipeline.feedback import CLOSED, FeedbackWindow
+from pipeline.model.heads import Decision
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class PredictOutput:
     """[F] caller index of each feedback row, in the feedback window's order."""
     tails: list[Tail] = field(default_factory=list)
     """Release mode with defer_tail: the rest of each micro-batch's feedback (Predictor.finish_tail)."""
+    original: FeedbackWindow | None = None
+    """With a reference: the float original's own ramp records of the feedback rows, in `feedback`'s order."""
 
     def shadow_agreement(self) -> tuple[int, int]:
         """(agreeing, total) over feedback rows: released answer vs the original model's prediction (the float
@@ -162,6 +165,8 @@ class Predictor:
             self.reference = load_float_artifact(artifact, self.device, torch.float32)[0]
         self.reference_seconds = 0.0
         """Time spent running the float original on feedback rows (`reference`), since construction."""
+        self.model_seconds = 0.0
+        """Time spent running the model itself, since construction."""
         self.max_length = min(self.config.max_length or 10**9, model_max_length(self.model.config, self.tokenizer))
         self.encoder = TextEncoder(self.tokenizer, self.max_length)
         thresholds = self.config.thresholds if self.config.thresholds is not None else self.manifest.thresholds
@@ -251,10 +256,11 @@ class Predictor:
                     on_result(i, out[i])
         valid = [i for i in range(n) if out[i] is None]
         feedback: list = []
+        original: list = []  # the float original's own ramp records of the feedback rows (with a reference)
         fb_rows: list = []
         tails: list[Tail] = []
         layer_rows = np.zeros(self.model.num_layers, np.int64)
-        t0, ref0 = time.perf_counter(), self.reference_seconds
+        t0, ref0, model0 = time.perf_counter(), self.reference_seconds, self.model_seconds
         if valid:
             enc = [encoded.input_ids[i] for i in valid]
             truncated = encoded.truncated[valid]
@@ -288,8 +294,8 @@ class Predictor:
                         if on_result:
                             on_result(valid[j], out[valid[j]])
                     continue
-                self._update(res, idx, valid, truncated, out, feedback, layer_rows, on_result, this.version,
-                             by_original)
+                self._update(res, idx, valid, truncated, out, feedback, original, layer_rows, on_result,
+                             this.version, by_original)
                 fb_rows += [valid[idx[k]] for k in res.feedback_rows.tolist()]
                 if res.tail is not None:
                     tails.append(res.tail)
@@ -306,9 +312,11 @@ class Predictor:
             "policy_version": (policy or self.policy).version,
             "mode": mode,
             "reference_seconds": self.reference_seconds - ref0,
+            "model_seconds": self.model_seconds - model0,
         }
         fb = FeedbackWindow.concat(feedback) if feedback else FeedbackWindow.empty(self.num_ramps)
-        return PredictOutput(out, fb, stats, np.asarray(fb_rows, np.int64), tails)  # type: ignore[arg-type]
+        return PredictOutput(out, fb, stats, np.asarray(fb_rows, np.int64), tails,  # type: ignore[arg-type]
+                             FeedbackWindow.concat(original) if original else None)
 
     def record_encoded(self, encoded: Encoded, keys: list) -> PredictOutput:
         """Every row run to the end with every ramp recorded (`feedback` holds them all, with the float
@@ -332,12 +340,19 @@ class Predictor:
         input_ids, mask = self._pad(seqs)
         shadow_t = torch.from_numpy(shadow).to(self.device)
         policy = self.policy if policy is None else policy
+        t = time.perf_counter()
         res = execute(self.model, input_ids, mask, policy, mode, shadow_t, on_exit=on_exit, defer_tail=defer_tail)
+        self.model_seconds += time.perf_counter() - t
         if self.reference is not None and len(res.feedback_rows):
             t = time.perf_counter()
             rows = res.feedback_rows
             width = int(mask[rows].sum(1).max())  # right-padded: the rows' own longest
-            res.reference = self.head.decide(self.reference.full_forward(input_ids[rows, :width], mask[rows, :width]))
+            # The float original with its own ramps recorded too (ramps cost ~nothing): a certified job's
+            # calibration weighs answering with it instead.
+            ref = execute(self.reference, input_ids[rows, :width], mask[rows, :width], ExitPolicy.closed(self.num_ramps),
+                          "exit", torch.ones(len(rows), dtype=torch.bool, device=self.device))
+            res.reference = Decision(ref.label, ref.score, ref.score, ref.logits)
+            res.reference_window = _window(ref.ramp_conf, ref.ramp_pred, ref.final_pred)
             self.reference_seconds += time.perf_counter() - t
         return res
 
@@ -353,7 +368,7 @@ class Predictor:
 
         return on_exit
 
-    def _update(self, res, idx, valid, truncated, out, feedback, layer_rows, on_result=None,
+    def _update(self, res, idx, valid, truncated, out, feedback, original, layer_rows, on_result=None,
                 version: int | None = None, by_original: bool = False) -> None:
         label, score, exit_layer = res.label.cpu().numpy(), res.score.cpu().numpy(), res.exit_layer.cpu().numpy()
         logits = res.logits.cpu().numpy()
@@ -373,4 +388,6 @@ class Predictor:
         if len(res.feedback_rows):
             ref = None if res.reference is None else res.reference.answer
             feedback.append(_window(res.ramp_conf, res.ramp_pred, res.final_pred, ref))
+            if res.reference is not None:
+                original.append(res.reference_window)
         layer_rows[: len(res.layer_rows)] += res.layer_rows

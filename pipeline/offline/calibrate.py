@@ -13,6 +13,7 @@ One model load per actor, no round trip through the driver, and `--resume` calib
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ FILE = "_offramp_calibration.parquet"
 DECISION = "_offramp_calibrated.json"
 ANSWER_COLUMNS = ("id", "label", "label_id", "score", "exit_layer", "truncated", "error")
 VALUE_COLUMNS = (*ANSWER_COLUMNS, "logits")
+TIMES = b"offramp.calibration_seconds"
 """A calibration row's values as the worker writes them: its output columns, then its head-space logits."""
 
 
@@ -44,18 +46,22 @@ def sample_rows(shards: list[Shard], n: int, seed: int = 0) -> dict[int, np.ndar
 
 def record_table(shard: int, positions: list[int], ids: list, out) -> pa.Table:
     """`Predictor.record_encoded`'s output for rows at `positions` of `shard` as the calibration table: one row
-    per input row with the float original's answer (ANSWER_COLUMNS) and the running model's ramp record
-    (`conf`, `pred`: one entry per ramp, empty for an error row; `final`: its own head's answer id, -1 for an
-    error row)."""
+    per input row with the float original's answer (ANSWER_COLUMNS, then its head-space `logits`) and the running
+    model's ramp record (`conf`, `pred`: one entry per ramp, empty for an error row; `final`: its own head's answer
+    id, -1 for an error row); when the running model is not the float original, the original's own ramp record
+    too (`conf_original`, `pred_original`). The schema's metadata keeps the seconds each model took."""
     fb = {int(i): k for k, i in enumerate(out.feedback_rows.tolist())}
-    conf, pred, final = [], [], []
+    orig = out.original
+    cols: dict[str, list] = {k: [] for k in ("conf", "pred", "final", "conf_original", "pred_original")}
     for i in range(len(positions)):
         k = fb.get(i)
-        conf.append([] if k is None else out.feedback.conf[k].tolist())
-        pred.append([] if k is None else out.feedback.pred[k].tolist())
-        final.append(-1 if k is None else int(out.feedback.final[k]))
+        cols["conf"].append([] if k is None else out.feedback.conf[k].tolist())
+        cols["pred"].append([] if k is None else out.feedback.pred[k].tolist())
+        cols["final"].append(-1 if k is None else int(out.feedback.final[k]))
+        cols["conf_original"].append([] if k is None or orig is None else orig.conf[k].tolist())
+        cols["pred_original"].append([] if k is None or orig is None else orig.pred[k].tolist())
     p = out.predictions
-    return pa.table({
+    table = pa.table({
         "shard": pa.array([shard] * len(positions), pa.int64()),
         "row": pa.array(positions, pa.int64()),
         "id": pa.array(ids, pa.string()),
@@ -65,11 +71,25 @@ def record_table(shard: int, positions: list[int], ids: list, out) -> pa.Table:
         "exit_layer": pa.array([x.exit_layer for x in p], pa.int16()),
         "truncated": pa.array([x.truncated for x in p], pa.bool_()),
         "error": pa.array([x.error for x in p], pa.string()),
-        "conf": pa.array(conf, pa.list_(pa.float32())),
-        "pred": pa.array(pred, pa.list_(pa.int64())),
-        "final": pa.array(final, pa.int64()),
+        "conf": pa.array(cols["conf"], pa.list_(pa.float32())),
+        "pred": pa.array(cols["pred"], pa.list_(pa.int64())),
+        "final": pa.array(cols["final"], pa.int64()),
+        "conf_original": pa.array(cols["conf_original"], pa.list_(pa.float32())),
+        "pred_original": pa.array(cols["pred_original"], pa.list_(pa.int64())),
         "logits": pa.array([None if x.logits is None else x.logits.tolist() for x in p], pa.list_(pa.float32())),
     })
+    seconds = {"model_seconds": out.stats.get("model_seconds", 0.0),
+               "reference_seconds": out.stats.get("reference_seconds", 0.0)}
+    return table.replace_schema_metadata({TIMES: json.dumps(seconds)})
+
+
+def seconds_of(tables: list[pa.Table]) -> dict[str, float]:
+    """The seconds each model spent on these calibration tables (record_table's metadata), summed."""
+    total = {"model_seconds": 0.0, "reference_seconds": 0.0}
+    for t in tables:
+        for k, v in json.loads((t.schema.metadata or {}).get(TIMES, b"{}") or "{}").items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return total
 
 
 def run_full_depth(model: str, engine: dict, text_column: str, id_column: str | None,
@@ -124,21 +144,28 @@ def answers_by_shard(table: pa.Table) -> dict[int, dict[int, tuple]]:
     return out
 
 
-def feedback_of(table: pa.Table, num_ramps: int):
+def feedback_of(table: pa.Table, num_ramps: int, original: bool = False):
     """The sample's ramp records as a FeedbackWindow (error rows left out), its reference the float original's
-    answers (the rows' answers): for a model that is not the original, its own head can disagree."""
+    answers (the rows' answers): for a model that is not the original, its own head can disagree. `original`: the
+    float original's own records instead (None when the running model was the original)."""
     from pipeline.feedback import FeedbackWindow
 
     final = np.asarray(table.column("final").to_pylist(), np.int64)
     keep = np.flatnonzero(final >= 0)
-    conf = table.column("conf").to_pylist()
-    pred = table.column("pred").to_pylist()
-    return FeedbackWindow(
+    answers = np.asarray(table.column("label_id").to_pylist(), np.int64)[keep]
+    suffix = "_original" if original else ""
+    if original and ("conf_original" not in table.column_names or
+                     not any(len(x) for x in table.column("conf_original").to_pylist())):
+        return None
+    conf = table.column("conf" + suffix).to_pylist()
+    pred = table.column("pred" + suffix).to_pylist()
+    window = FeedbackWindow(
         np.asarray([conf[i] for i in keep], np.float32).reshape(len(keep), num_ramps),
         np.asarray([pred[i] for i in keep], np.int64).reshape(len(keep), num_ramps),
-        final[keep],
-        reference=np.asarray(table.column("label_id").to_pylist(), np.int64)[keep],
+        answers if original else final[keep],
+        reference=None if original else answers,
     )
+    return window
 
 
 @dataclass
@@ -147,9 +174,9 @@ class JobCalibration:
 
     thresholds: list[float]
     audit_fraction: float
-    original_only: bool
-    """The bulk is answered by the float original with every ramp closed: nothing could be certified for the
-    running model (a compressed model whose own head disagrees with the original past the budget)."""
+    answer_with: str
+    """"model": the running model answers the bulk; "original": the float original does (calibration found it
+    quicker under the promise, or nothing could be certified for a compressed model whose own head disagrees)."""
     report: dict
     rows: int
     seconds: float = 0.0
@@ -159,31 +186,33 @@ class JobCalibration:
     def decision(self) -> dict:
         """What the actors read (`DECISION`), and the driver reports."""
         return {"thresholds": self.thresholds, "audit_fraction": self.audit_fraction,
-                "original_only": self.original_only, "rows": self.rows, "report": self.report,
+                "answer_with": self.answer_with, "rows": self.rows, "report": self.report,
                 "decided_at": time.time()}
 
     @classmethod
     def from_decision(cls, d: dict) -> "JobCalibration":
-        return cls(d["thresholds"], d["audit_fraction"], d["original_only"], d.get("report") or {}, d["rows"])
+        return cls(d["thresholds"], d["audit_fraction"], d["answer_with"], d.get("report") or {}, d["rows"])
 
     def describe(self) -> str:
-        """One line: what was certified on the sample."""
+        """One line: which model answers the bulk and what was certified on the sample."""
         r = self.report
         if not r:
             return f"certify.calibrate off: the thresholds {self.thresholds} as they are, audited"
-        head = r.get("head_disagreements", 0)
+        who = "the float original" if self.answer_with == "original" else "the running model"
+        why = ""
+        if len(r.get("candidates", [])) > 1:
+            est = {e["candidate"]: e for e in r["candidates"]}["model"]
+            why = (f" (the running model's own head disagreed with the float original on "
+                   f"{est['head_disagreement']:.2%} of the tune rows, at {est['speed']:.2f}x the original's time per "
+                   f"row)")
         if r["chosen"] >= 0:
-            return (f"calibration: thresholds {[round(x, 4) for x in self.thresholds]} certified on {self.rows} rows "
-                    f"(test split: {round(r['test_disagreement'] * r['test_rows'])}/{r['test_rows']} disagreements with"
-                    f" the float original, upper bound {r['upper_bound']:.2%} <= {r['constraint']:.2%}, the bulk's "
-                    f"share of the {r['promise_constraint']:.2%} promise; estimated layer compute saved "
-                    f"{r['test_layer_savings']:.1%})"
-                    + (f"; the running model's own head disagreed with the float original on {head} rows" if head else ""))
-        if self.original_only:
-            return (f"calibration: nothing certified on {r['test_rows']} test rows: the running model's own head "
-                    f"disagreed with the float original on {head} of {self.rows} rows; the bulk is answered by the "
-                    "float original, every ramp closed")
-        return f"calibration: no threshold set could be certified on {r['test_rows']} test rows: every ramp stays closed"
+            return (f"calibration: {who} answers the bulk{why}; thresholds {[round(x, 4) for x in self.thresholds]} "
+                    f"certified on {self.rows} rows (test split: {round(r['test_disagreement'] * r['test_rows'])}/"
+                    f"{r['test_rows']} disagreements with the float original, upper bound {r['upper_bound']:.2%} <= "
+                    f"{r['constraint']:.2%}, the bulk's share of the {r['promise_constraint']:.2%} promise; estimated "
+                    f"layer compute saved {r['test_layer_savings']:.1%})")
+        return (f"calibration: no threshold set could be certified on {r['test_rows']} test rows: {who} answers the "
+                f"bulk{why}, every ramp closed")
 
 
 def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int, constraint: float) -> float:
@@ -208,26 +237,37 @@ def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int,
 
 
 def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int) -> JobCalibration:
-    """Certify thresholds on the calibration table (None: `certify.calibrate` off, the engine's thresholds are
-    audited as they are) and size the audit. `cfg`: the JobConfig."""
-    from pipeline.control.calibration import bulk_budget, calibrate_sample
+    """Which model answers the bulk and at which certified thresholds, from the calibration table (None:
+    `certify.calibrate` off, the engine's thresholds are audited as they are), and the audit's size. `cfg`: the
+    JobConfig. A running model that is not the float original competes with it (pipeline.control.calibration.
+    calibrate_candidates): its own head's disagreement counts against the budget."""
+    from pipeline.control.calibration import Candidate, bulk_budget, calibrate_candidates
     from pipeline.control.deployment import cost_model, warm_start_window
 
     c = cfg.certify
     if table is None:
         thresholds = cfg.engine.thresholds or list(manifest.thresholds)
         audit = audit_fraction(c, None, total, total, constraint)
-        return JobCalibration([float(t) for t in thresholds], audit, False, {}, 0)
-    fb = feedback_of(table, len(manifest.ramps))
+        return JobCalibration([float(t) for t in thresholds], audit, "model", {}, 0)
+    R, costs = len(manifest.ramps), cost_model(manifest)
+    fb = feedback_of(table, R)
+    candidates = [Candidate("model", fb, warm_start_window(cfg.model, manifest), costs)]
+    original = feedback_of(table, R, original=True)
+    if original is not None:  # the running model is not the float original: the original is a candidate too
+        times = seconds_of([table])
+        candidates[0].speed = times["model_seconds"] / times["reference_seconds"] if times["reference_seconds"] else 1.0
+        candidates.append(Candidate("original", original, None, costs))
     budget = bulk_budget(constraint, total, table.num_rows)
-    cal = calibrate_sample(fb, warm_start_window(cfg.model, manifest), cost_model(manifest), budget,
-                           1 - c.confidence, manifest.active, c.seed)
-    head_disagree = int((fb.final != fb.labels).sum())
-    report = {**cal.to_dict(), "promise_constraint": constraint, "rows": table.num_rows,
-              "head_disagreements": head_disagree}
-    original_only = cal.chosen < 0 and head_disagree > 0
-    audit = 0.0 if original_only else audit_fraction(c, report, total - table.num_rows, total, constraint)
-    return JobCalibration([float(x) for x in cal.thresholds], audit, original_only, report, table.num_rows,
+    chosen, cal, estimates = calibrate_candidates(candidates, budget, 1 - c.confidence, manifest.active, c.seed)
+    head_disagree = int((chosen.sample.final != chosen.sample.labels).sum())
+    report = {**cal.to_dict(), "promise_constraint": constraint, "rows": table.num_rows, "answer_with": chosen.name,
+              "head_disagreements": head_disagree, "candidates": estimates}
+    answer_with = chosen.name
+    if cal.chosen < 0 and head_disagree:  # nothing certified and the model's own head errs: the original, closed
+        answer_with = "original"
+    closed = cal.chosen < 0 and answer_with != chosen.name
+    audit = 0.0 if closed else audit_fraction(c, report, total - table.num_rows, total, constraint)
+    return JobCalibration([float(x) for x in cal.thresholds], audit, answer_with, report, table.num_rows,
                           answers=answers_by_shard(table))
 
 

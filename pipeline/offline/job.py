@@ -322,7 +322,7 @@ def _certificate(cfg: JobConfig, summaries: list[dict], finished: set[int], cons
     cert["audit_fraction"] = None if calibration is None else round(calibration.audit_fraction, 4)
     if calibration is not None and calibration.report:  # certify.calibrate off: the engine's thresholds, audited
         cert["calibration_report"] = calibration.report
-        cert["original_only"] = calibration.original_only
+        cert["answer_with"] = calibration.answer_with
     cert["cost"] = promise_cost(summaries, summary, calibration)
     return cert
 

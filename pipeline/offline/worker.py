@@ -116,7 +116,7 @@ class EarlyExitWorker:
         if got is None:
             return None
         self.decision, self.known = got
-        if self.decision["original_only"]:
+        if self.decision["answer_with"] == "original":
             self.predictor.use_original()
         if self.client is not None:
             self.client.refresh()  # the driver set the controller's thresholds before publishing

@@ -261,3 +261,31 @@ def test_the_cost_line_names_each_share_of_the_actors_time_it_has():
                 reference_share_of_actor_time=0.0)
     assert describe_cost({"cost": bare}).startswith("the promise cost: audit and feedback rows")
     assert describe_cost({}) is None
+
+
+def _compressed(original: FeedbackWindow, head_error: float, seed: int) -> FeedbackWindow:
+    """A compressed model's view of the same rows: its head (and ramps that copied it) flipped on `head_error`."""
+    rng = np.random.default_rng(seed)
+    flip = rng.uniform(size=len(original)) < head_error
+    final = np.where(flip, 1 - original.final, original.final)
+    pred = np.where(flip[:, None], 1 - original.pred, original.pred)
+    return FeedbackWindow(original.conf, pred, final, reference=original.final)
+
+
+@pytest.mark.parametrize("head_error,speed,winner", [(0.001, 0.5, "model"), (0.03, 0.5, "original"),
+                                                     (0.001, 1.5, "original")])
+def test_the_model_that_answers_the_bulk_is_chosen_on_the_tune_split(head_error, speed, winner):
+    """A compressed model competes with the float original: it wins when its own head leaves the budget room
+    and it is quicker; its certified thresholds then hold against the original's answers."""
+    from pipeline.control.calibration import Candidate, calibrate_candidates
+
+    original = synthetic_window(1500, SKILLS, seed=3)
+    model = _compressed(original, head_error, seed=4)
+    chosen, cal, est = calibrate_candidates([Candidate("model", model, None, COSTS, speed),
+                                             Candidate("original", original, None, COSTS, 1.0)], 0.01, 0.05, seed=0)
+    assert chosen.name == winner and [e["candidate"] for e in est] == ["model", "original"]
+    assert est[0]["feasible"] == (head_error < 0.005) and est[1]["head_disagreement"] == 0
+    _, test = split_rows(1500, 0)
+    if cal.chosen >= 0:  # the certified set's disagreement on the test split counts the model's own head too
+        out = evaluate(chosen.sample.take(test), COSTS, cal.thresholds, np.ones(5, bool))
+        assert 1 - out.agreement <= cal.upper_bound + 1e-9
