@@ -110,5 +110,4 @@ def format_table(results: list[dict]) -> str:
         lines.append(f"| {r['compression']} | {r['corpus']} | {r['method'][:3]} | {r['rows']} | {_pct(r['true_agreement'])} "
                      f"| {claim} | {holds} | {cert} | {r['stretches_512_below_promise']}/{r['stretches_512']} | "
                      f"{_pct(r['layer_compute_saved'])} / {_pct(r['layer_compute_saved_actual'])} | {r['seconds']} |")
-    return "
-".join(lines)
+    return "\n".join(lines)
