@@ -144,7 +144,7 @@ class Predictor:
 
     def __init__(self, artifact: str, config: EngineConfig | None = None, reference: bool = False):
         from pipeline.engine.loader import load_artifact
-        from pipeline.model.artifact import load_float_artifact, model_max_length
+        from pipeline.model.artifact import load_float_artifact, model_max_length, original_of
 
         self.config = config or EngineConfig()
         if self.config.num_threads:
@@ -158,11 +158,12 @@ class Predictor:
         if self.config.compression:  # a method named in the job/serve YAML, applied at load time
             apply_at_load(self.model, self.config.compression, slow)
         self.compression = compression_status(self.model)  # "none", the method, or why it was skipped here
-        self.exact = compression_of(self.model) is None and self.dtype == torch.float32
+        original = original_of(artifact)  # another artifact when this one's model was derived from it (pruned)
+        self.exact = compression_of(self.model) is None and self.dtype == torch.float32 and original == str(artifact)
         """Answers of the running model's head are the float original's (up to float rounding)."""
         self.reference = None
         if reference and not self.exact:
-            self.reference = load_float_artifact(artifact, self.device, torch.float32)[0]
+            self.reference = load_float_artifact(original, self.device, torch.float32)[0]
         self.reference_seconds = 0.0
         """Time spent running the float original on feedback rows (`reference`), since construction."""
         self.model_seconds = 0.0

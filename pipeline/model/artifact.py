@@ -68,6 +68,10 @@ class Manifest(BaseModel):
     profile: Profile | None = None
     bootstrap: dict[str, Any] = Field(default_factory=dict)
     compression: dict[str, Any] | None = None
+    original: str | None = None
+    """The float original this artifact's model was derived from, when `model/` is not it (a pruned model): an
+    early-exit artifact directory (relative to this one, or absolute) or URL. Certificates, reference answers and
+    `offramp verify` measure agreement against it (`original_of`)."""
 
     @property
     def ramp_layers(self) -> list[int]:
@@ -232,6 +236,19 @@ def read_manifest(path: str | Path) -> Manifest:
     if data.get("format") != FORMAT:
         raise ValueError(f"{p} has format {data.get('format')!r}; this offramp reads {FORMAT!r}")
     return Manifest.model_validate(data)
+
+
+def original_of(path: str | Path) -> str:
+    """The early-exit artifact holding the float original of the artifact at `path`: `path` itself, unless its
+    manifest names another (`Manifest.original`, e.g. the source of a pruned model), followed to the end."""
+    path = str(path)
+    seen = {path}
+    while (orig := read_manifest(path).original) is not None:
+        path = orig if "://" in orig or Path(orig).is_absolute() else str(artifact_dir(path) / orig)
+        if path in seen:
+            raise ValueError(f"{path}: manifest.original leads back to itself")
+        seen.add(path)
+    return path
 
 
 def load_float_artifact(path: str | Path, device: str = "cpu", dtype=None):

@@ -49,10 +49,11 @@ def original_predictions(model_dir: str, texts: list[str], batch_rows: int = 64,
     """[N] the original classifier's answer ids (EE_DIR/model, its head's kind as the manifest records it: a label,
     a regression's bin, a multi-label set), plain transformers in float32, length-sorted batches (padding does not
     change a row's answer beyond float rounding)."""
-    from pipeline.model.artifact import load_classifier, load_tokenizer, model_max_length, read_manifest
+    from pipeline.model.artifact import load_classifier, load_tokenizer, model_max_length, original_of, read_manifest
     from pipeline.model.classify import classifier_logits
     from pipeline.model.heads import head_kind
 
+    model_dir = original_of(model_dir)  # a pruned artifact's float original is its source
     model = load_classifier(f"{model_dir}/model").float()
     tok = load_tokenizer(f"{model_dir}/model")
     head = head_kind(model.config, read_manifest(model_dir).head)

@@ -64,3 +64,24 @@ def test_pickled_weights_are_never_loaded(tmp_path):
 def test_not_an_artifact_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="offramp bootstrap"):
         read_manifest(tmp_path)
+
+
+def test_the_float_original_of_a_derived_artifact_is_its_source(tiny_artifact, tmp_path):
+    """A model derived from another (a pruned one) names its source in the manifest; agreement is measured
+    against that source, and a copy whose manifest names none is its own original."""
+    import shutil
+
+    from pipeline.model.artifact import original_of, read_manifest, write_manifest
+
+    derived = tmp_path / "derived"
+    shutil.copytree(tiny_artifact, derived)
+    assert original_of(str(derived)) == str(derived)
+    m = read_manifest(derived)
+    m.original = str(tiny_artifact)
+    write_manifest(derived, m)
+    assert original_of(str(derived)) == str(tiny_artifact)
+    again = tmp_path / "again"  # relative names resolve against the artifact, and chains are followed
+    shutil.copytree(derived, again)
+    m.original = "../derived"
+    write_manifest(again, m)
+    assert original_of(str(again)) == str(tiny_artifact)
