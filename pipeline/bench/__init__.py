@@ -14,7 +14,10 @@ def machine() -> str:
         return f"unknown CPU, {os.cpu_count()} cores"
     flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, " + ("AVX512-VNNI" if "avx512_vnni" in flags else "AVX2 only")
+    words = set(flags.split())
+    kind = "AVX512-VNNI" if "avx512_vnni" in words else "AVX2 only"
+    fast = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX")) if flag in words]
+    return f"{model}, {os.cpu_count()} cores, {kind}" + (f", {' and '.join(fast)}" if fast else "")
 
 
 def write_result(result: dict, out_json: str | None, echo=print) -> None:

@@ -74,6 +74,21 @@ def headlines(result: dict) -> list[dict]:
                         "accuracy": f"agreement {_pct(job['agreement_mean'])} (min {_pct(job['agreement_min'])}), "
                                     f"{job['runs_under_promise']}/{job['runs']} under the promise"})
         return out
+    if "points" in result:  # bench frontier
+        out = []
+        peers = [p for p in result["points"] if p["system"] != "offramp"]
+        for job in (p for p in result["points"] if p["system"] == "offramp"):
+            level = job["promise"]
+            rivals = [p for p in peers if p["agreement"] >= level]
+            best = max(rivals, key=lambda p: p["rows_per_s"]) if rivals else None
+            out.append({"benchmark": f"frontier: {result['rows']} rows, {job['config']}",
+                        "offramp": f"{job['rows_per_s']:.1f} rows/s, job / engine {job.get('job_vs_engine', 0):.2f}",
+                        "baseline": ("no peer reaches it" if best is None else
+                                     f"{best['rows_per_s']:.1f} rows/s ({best['system']} {best['config'].split(',')[0]})"),
+                        "ratio": "-" if best is None else f"{job['rows_per_s'] / best['rows_per_s']:.2f}x",
+                        "accuracy": f"agreement {_pct(job['agreement'])}, promise {_pct(level)}"
+                                    + ("" if job.get("certified") else " NOT certified")})
+        return out
     if "runs" in result and "plain" in result:  # bench online
         out = []
         plain = {r["fraction_of_plain_capacity"]: r for r in result["runs"] if r["app"] == "plain"}

@@ -523,6 +523,8 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         "threshold_versions_seen": sorted({int(r["policy_version"]) for r in rows}),
         # a compression without fast kernels on a node's device is skipped there (EngineConfig.slow_compression)
         "compression_per_worker": {r["worker"]: r["compression"] for r in work},
+        # the dtype each actor ended on, and why (engine.dtype auto; the calibration's choice of model)
+        "precision_per_worker": {r["worker"]: r["precision"] for r in sorted(work, key=lambda r: r["finished_at"])},
         "rows_per_worker": per_worker,
         "model_seconds_per_worker": {w: round(t, 1) for w, t in busy.items()},
         # the micro-batch token budget at the end of each shard part (it follows the latency target; OOM caps it)

@@ -286,6 +286,7 @@ class EarlyExitWorker:
             "token_budget": self.predictor.budget.value,
             "worker": self.worker,
             "compression": self.predictor.compression,
+            "precision": f"{str(self.predictor.dtype).removeprefix('torch.')} ({self.predictor.dtype_reason})",
             "part_stats": None if stats is None else json.dumps(stats),
         }
 

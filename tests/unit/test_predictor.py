@@ -192,7 +192,7 @@ def test_a_bf16_predictor_measures_agreement_against_the_float_original(tiny_art
 
     texts = list(load_dataset("movie-reviews").texts[:120])
     keys = [str(i) for i in range(len(texts))]
-    fp32 = Predictor(tiny_artifact, reference=True)
+    fp32 = Predictor(tiny_artifact, EngineConfig(dtype="float32"), reference=True)
     assert fp32.exact and fp32.reference is None  # the float original needs no second copy
     enc = fp32.encoder.encode(texts)
     truth = [p.label_id for p in fp32.record_encoded(enc, keys).predictions]
@@ -214,3 +214,13 @@ def test_a_bf16_predictor_measures_agreement_against_the_float_original(tiny_art
     assert out.feedback.reference.tolist() == [truth[i] for i in out.feedback_rows.tolist()]
     with pytest.raises(ValueError, match="deferred"):
         bf.predict_encoded(enc, keys, mode="release", defer_tail=True)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_dtype_is_bfloat16_on_a_fast_bf16_cpu_only_where_its_loss_is_measured(monkeypatch, fast):
+    monkeypatch.setattr(predictor_mod, "fast_bf16_cpu", lambda: fast)
+    cpu = torch.device("cpu")
+    assert predictor_mod.resolve_dtype("auto", cpu, measured=True)[0] == (torch.bfloat16 if fast else torch.float32)
+    assert predictor_mod.resolve_dtype("auto", cpu, measured=False)[0] == torch.float32  # Serve, predict: float32
+    assert predictor_mod.resolve_dtype("float32", cpu, measured=True) == (torch.float32, "engine.dtype")
+    assert predictor_mod.resolve_dtype("auto", torch.device("cuda"), half="bfloat16")[0] == torch.bfloat16

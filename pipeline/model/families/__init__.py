@@ -16,6 +16,6 @@ from pipeline.model.families import (  # noqa: F401 - registers them
     qwen,
     roberta,
 )
-from pipeline.model.families.base import Backbone, backbone, register, supported_classes
+from pipeline.model.families.base import Backbone, backbone, half_dtype_of, register, supported_classes
 
-__all__ = ["Backbone", "backbone", "register", "supported_classes"]
+__all__ = ["Backbone", "backbone", "half_dtype_of", "register", "supported_classes"]

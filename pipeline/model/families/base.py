@@ -33,6 +33,14 @@ def supported_classes() -> list[str]:
     return sorted(_FAMILIES)
 
 
+def half_dtype_of(family: str) -> str:
+    """The half precision a family runs in on a GPU (`Backbone.half_dtype`), by its `family` name."""
+    for cls in _FAMILIES.values():
+        if cls.family == family:
+            return cls.half_dtype
+    return Backbone.half_dtype
+
+
 def backbone(model: nn.Module) -> "Backbone":
     """The Backbone of an HF sequence classifier; a clear refusal for any other class."""
     name = type(model).__name__
