@@ -61,6 +61,20 @@ def warm_start_window(model: str, manifest) -> FeedbackWindow | None:
     return None if arrays is None else FeedbackWindow(*arrays)
 
 
+def calibrated_start(model: str, manifest, budget: float, delta: float = 0.05) -> tuple[list[float], dict] | None:
+    """(thresholds, evidence) certified on the artifact's validation feedback at `budget` (Learn then Test, as a job
+    calibrates on its own rows), or None when the artifact has none. Where feedback is sparse (Serve's `exit` mode
+    runs only a share of texts to the end), a controller that tunes from scratch on it holds its ramps nearly
+    closed; one that holds these and backs off on evidence keeps the savings from the first request."""
+    from pipeline.control.calibration import calibrate_sample
+
+    window = warm_start_window(model, manifest)
+    if window is None or not len(window):
+        return None
+    cal = calibrate_sample(window, None, cost_model(manifest), budget, delta, manifest.active)
+    return [float(t) for t in cal.thresholds], {**cal.to_dict(), "data": "the artifact's validation feedback"}
+
+
 def controller_constraint(manifest, promise: float | None = None, reference: bool = False) -> float:
     """The disagreement a controller may spend: the promise (default: the artifact's constraint), against the float
     original. With `reference` its feedback carries the float original's answers (a certified job), so it holds the

@@ -194,7 +194,7 @@ def resolve_config(args: dict, app_name: str | None = None) -> ServeAppConfig:
 def build_app(args: "dict | ServeAppConfig", **deployment_options):
     """The bound application; `deployment_options` (num_replicas, ray_actor_options, ...) as in
     `serve.deployment` (a config file's `deployments:` section overrides them)."""
-    from pipeline.control.deployment import controller_constraint, start_controller
+    from pipeline.control.deployment import calibrated_start, controller_constraint, start_controller
     from pipeline.data import storage
     from pipeline.model.artifact import read_manifest
 
@@ -210,9 +210,17 @@ def build_app(args: "dict | ServeAppConfig", **deployment_options):
     # The app's budget: `constraint` (default the artifact's), less what compression lost on its check (replicas
     # feed back their own model's answers, not the float original's).
     promise = cfg.promise(manifest.constraint)
+    budget = controller_constraint(manifest, promise)
     controller = start_controller(cfg.model, manifest, cfg.controller, own_name=cfg.controller.name, detached=True,
-                                  thresholds=cfg.engine.thresholds, defaults=defaults,
-                                  constraint=controller_constraint(manifest, promise))
+                                  thresholds=cfg.engine.thresholds, defaults=defaults, constraint=budget)
+    if controller is not None and cfg.engine.mode == "exit" and not controller["joined"]:
+        # exit mode's feedback is sparse: start from thresholds certified on the artifact's validation feedback
+        # and hold them (back off on evidence), rather than tuning from scratch on a few shadow rows
+        import ray
+
+        start = calibrated_start(cfg.model, manifest, budget)
+        if start is not None:
+            ray.get(controller["handle"].calibrate.remote(*start), timeout=60)
     if controller is not None:
         controller = {k: v for k, v in controller.items() if k != "handle"}
     deployment = EarlyExitDeployment.options(**deployment_options) if deployment_options else EarlyExitDeployment

@@ -138,3 +138,22 @@ def test_bootstrap_writes_the_feedback_and_it_can_be_recomputed(tiny_artifact, t
     again = warm_start_window(str(old), manifest)
     assert np.array_equal(again.pred, w.pred) and np.array_equal(again.final, w.final)
     assert np.allclose(again.conf, w.conf, atol=1e-5)
+
+
+def test_an_exit_mode_start_is_certified_on_the_validation_feedback(tiny_artifact):
+    """Serve's exit mode starts its controller from thresholds that pass Learn then Test on the artifact's
+    validation feedback at the app's budget: on those rows their disagreement is within the certified bound."""
+    from pipeline.control.deployment import calibrated_start, cost_model, warm_start_window
+    from pipeline.control.tuner import evaluate
+    from pipeline.model.artifact import read_manifest
+
+    manifest = read_manifest(tiny_artifact)
+    thresholds, evidence = calibrated_start(tiny_artifact, manifest, 0.05)
+    assert len(thresholds) == len(manifest.ramps) and evidence["test_rows"] > 0
+    if evidence["chosen"] < 0:  # nothing passed: every ramp closed
+        assert thresholds == [1.0] * len(thresholds)
+    else:  # the certified set: its bound is within the budget, and on the rows it was tested on it holds
+        assert evidence["upper_bound"] <= 0.05
+        window = warm_start_window(tiny_artifact, manifest)
+        out = evaluate(window, cost_model(manifest), np.asarray(thresholds), np.asarray(manifest.active))
+        assert 1 - out.agreement <= evidence["upper_bound"] + 0.03  # the tune rows are in the window too
