@@ -42,6 +42,10 @@ class EngineConfig(_Strict):
     """Adaptive batching grows the token budget while micro-batches finish under this."""
     max_token_budget: int = Field(65536, ge=16)
     """The adaptive token budget never grows past this."""
+    shape_multiple: int = Field(8, ge=1)
+    """Micro-batches keep their row count and padded width at multiples of this, also as rows exit (exited rows
+    ride along, unused): bfloat16 matmuls (oneDNN) and compiled layers pay for every new shape, and exits make
+    many. 1: exact shapes."""
     max_length: int | None = Field(None, ge=8)
     """Truncate inputs to this many tokens (default: the model's own maximum). Truncated rows are flagged."""
     device: str = "auto"

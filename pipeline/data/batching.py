@@ -7,9 +7,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Input ids and attention mask, both int64 [B, W], right-padded to the longest row."""
-    width = max((len(r) for r in rows), default=0)
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, multiple: int = 1,
+             limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Input ids and attention mask, both int64 [B, W], right-padded to the longest row, rounded up to a
+    `multiple` of columns (at most `limit`, the model's longest input)."""
+    longest = max((len(r) for r in rows), default=0)
+    width = max(longest, min(-(-longest // multiple) * multiple, limit or 10**9))
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):

@@ -18,10 +18,12 @@ class MicroBatchQueue:
     Every row comes out once, and again each time `retry_first` hands it back: retries come out next, as
     given (not re-cut). `pop` on an empty queue raises IndexError."""
 
-    def __init__(self, lengths, max_rows: int):
+    def __init__(self, lengths, max_rows: int, multiple: int = 1):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.order = np.argsort(-self.lengths, kind="stable")
         self.max_rows = int(max_rows)
+        self.multiple = int(multiple)
+        """Micro-batches of at least this many rows hold a multiple of it (fewer distinct shapes)."""
         self._next = 0
         self._retry: deque[np.ndarray] = deque()
 
@@ -34,6 +36,8 @@ class MicroBatchQueue:
             return self._retry.popleft()
         longest = max(int(self.lengths[self.order[self._next]]), 1)
         rows = max(1, min(self.max_rows, token_budget // longest))
+        if rows >= self.multiple:
+            rows -= rows % self.multiple
         batch = self.order[self._next : self._next + rows]
         self._next += len(batch)
         return batch

@@ -236,7 +236,7 @@ class Predictor:
 
     # -- schedule ---------------------------------------------------------------------------
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = pad_rows(seqs, self.tokenizer.pad_token_id or 0)
+        ids, mask = pad_rows(seqs, self.tokenizer.pad_token_id or 0, self.config.shape_multiple, self.max_length)
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -287,7 +287,7 @@ class Predictor:
             shadow = (shadow_mask([keys[i] for i in valid], self.config.shadow_fraction) if shadow is None
                       else np.asarray(shadow, bool)[valid])
             lengths = np.array([len(e) for e in enc])
-            pending = MicroBatchQueue(lengths, self.config.max_batch_rows)
+            pending = MicroBatchQueue(lengths, self.config.max_batch_rows, self.config.shape_multiple)
             while pending:
                 idx = pending.pop(self.budget.value)  # the budget as of now: it adapts within a call
                 tokens = len(idx) * int(lengths[idx].max())  # padded size, what the budget counts
@@ -360,7 +360,8 @@ class Predictor:
         shadow_t = torch.from_numpy(shadow).to(self.device)
         policy = self.policy if policy is None else policy
         t = time.perf_counter()
-        res = execute(self.model, input_ids, mask, policy, mode, shadow_t, on_exit=on_exit, defer_tail=defer_tail)
+        res = execute(self.model, input_ids, mask, policy, mode, shadow_t, on_exit=on_exit, defer_tail=defer_tail,
+                      multiple=self.config.shape_multiple)
         self.model_seconds += time.perf_counter() - t
         if self.reference is not None and len(res.feedback_rows):
             t = time.perf_counter()

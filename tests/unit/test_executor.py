@@ -187,3 +187,27 @@ def test_release_tail_deferred_then_finished_matches_running_it_at_once_and_can_
     assert torch.equal(done.final_pred[order], now.final_pred[done.rows[order]])
     torch.testing.assert_close(done.ramp_conf[order], now.ramp_conf[done.rows[order]], atol=1e-5, rtol=1e-5)
     assert not torch.isnan(done.ramp_conf).any()  # every ramp recorded for every row
+
+
+@pytest.mark.parametrize("mode", ["exit", "release"])
+def test_shape_multiples_change_shapes_not_answers(mode):
+    """Rows that exited ride along to keep the batch at a multiple of 8 rows and columns: the layers see only
+    such shapes, and every answer and feedback row is what exact shapes give."""
+    m = _model("bert")
+    ids, mask = _batch(B=21, S=19, seed=5)
+    policy = _policy_that_splits(m, ids, mask)
+    shadow = torch.arange(21) % 5 == 0
+    exact = execute(m, ids, mask, policy, mode, shadow)
+    seen = []
+    layer = m.layer
+    m.layer = lambda i, h, state: (seen.append(tuple(h.shape[:2])), layer(i, h, state))[1]
+    padded = execute(m, ids, mask, policy, mode, shadow, multiple=8)
+    assert torch.equal(padded.label, exact.label) and torch.equal(padded.exit_layer, exact.exit_layer)
+    assert torch.equal(padded.feedback_rows, exact.feedback_rows) and torch.equal(padded.final_pred, exact.final_pred)
+    after_first = [s for s in seen if s != (21, 19)]  # the first batch is as given; later ones are trimmed
+    if mode == "release":  # every row runs to the end in the batch: nothing is trimmed
+        assert not after_first
+    else:
+        # widths round up to 8 but never past the batch's own (19: given unrounded here, as Predictor would not)
+        assert after_first and all(r % 8 == 0 and (w % 8 == 0 or w == 19) for r, w in after_first)
+    assert sum(padded.layer_rows) >= sum(exact.layer_rows)  # ride-along rows are compute spent, and counted
