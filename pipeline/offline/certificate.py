@@ -71,9 +71,12 @@ def describe(cert: dict) -> str:
     lo, hi = cert["interval"]
     verdict = (f"promise of >= {cert['promise']:.2%} kept" if cert["certified"] else
                f"PROMISE OF >= {cert['promise']:.2%} NOT CERTIFIED (lower end under it)")
+    evidence = (f"{cert['audit_early']} audited of the {cert['early']} rows it did not answer itself"
+                if cert.get("looks", 1) == 1 else
+                f"a fresh sample of {cert['audit_early']} rows it had not answered, re-run (and now answered) by it; "
+                f"{cert['early']} such rows left")
     return (f"agreement with the float original {cert['agreement']:.2%}, {cert['method'].split(' over')[0]} "
-            f"interval [{lo:.2%}, {hi:.2%}] from {cert['audit_early']} audited of the {cert['early']} rows it did not "
-            f"answer itself: {verdict}")
+            f"interval [{lo:.2%}, {hi:.2%}] from {evidence}: {verdict}")
 
 
 def describe_cost(cert: dict) -> str | None:

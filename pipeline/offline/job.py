@@ -158,6 +158,9 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
     total_rows = sum(s.rows for s in shards)
     echo(f"{cfg.name}: {total_rows} rows in {len(shards)} shards"
          + (f" ({len(finished)} already finished, resuming)" if finished else ""))
+    ckpt = cfg.controller.checkpoint_url
+    if ckpt and not cfg.resume and not cfg.controller.share:  # a fresh job's controller starts fresh, not from
+        _remove_url(ckpt)                                     # an earlier job's state at the same URL
 
     started = _init_ray(cfg, address)
     t0 = time.perf_counter()
@@ -195,6 +198,8 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
             cert = _certificate(cfg, summaries, finished, constraint, calibration, summary)
             if not cert["certified"] and c.top_up:
                 cert = _top_up(cfg, shards, cert, constraint, summary, echo)
+                if cert.get("looks", 1) > 1:  # re-run rows carry the original's answers now: count the output as is
+                    summary.update(output_exits(cfg.output.url, manifest.num_layers))
             summary["certificate"] = cert
     finally:
         if controller is not None and not cfg.controller.share:  # the job's own: gone with it (checkpoint stays)
@@ -244,6 +249,35 @@ def _controller_budget(c, manifest, constraint: float, total_rows: int, plan_cal
     if plan_cal is not None and plan_cal["rows"]:
         return bulk_budget(constraint, total_rows, plan_cal["rows"])
     return controller_constraint(manifest, constraint, reference=c.enabled)
+
+
+def _remove_url(url: str) -> None:
+    from pipeline.data import storage
+
+    fs, path = storage.filesystem(url)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def output_exits(output_url: str, num_layers: int) -> dict:
+    """The summary's exit statistics counted from the output's parts as they are now (after a top-up or a repair
+    rewrote rows with the float original's answers)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    fs, _ = sink.filesystem(output_url)
+    exits = np.zeros(num_layers + 1, np.int64)
+    for paths in sink.list_parts(output_url).values():
+        for p in paths:
+            with fs.open(p, "rb") as f:
+                t = pq.read_table(f, columns=["exit_layer", "error"]).to_pydict()
+            layers = [layer for layer, err in zip(t["exit_layer"], t["error"]) if err is None]
+            exits += np.bincount(layers, minlength=num_layers + 1)[: num_layers + 1]
+    answered = int(exits[1:].sum())
+    layers_run = float((exits * np.arange(num_layers + 1)).sum())
+    return {"exits_per_layer": {str(i): int(exits[i]) for i in range(1, num_layers + 1)},
+            "mean_exit_layer": round(layers_run / answered, 3) if answered else None,
+            "layer_compute_saved": round(1 - layers_run / (answered * num_layers), 4) if answered else None}
 
 
 def _announce(cfg: JobConfig, decided, table, controller):
@@ -405,6 +439,7 @@ def repair_job(cfg: JobConfig, parts: list[int] | str | None = None, address: st
         if started:
             ray_session.shutdown()
     old = summary["certificate"]
+    summary.update(output_exits(cfg.output.url, manifest.num_layers))
     summary["certificate"] = {**cert, "repaired": True, "repair_seconds": round(time.perf_counter() - t, 2),
                               "earlier_looks": old.get("earlier_looks", []) + [
                                   {k: old.get(k) for k in ("method", "agreement", "interval", "certified")}]}
@@ -517,7 +552,9 @@ def _summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, m
         # feedback rows run to the end).
         "layer_compute_saved_actual": (round(1 - float(sum(sum(r["layer_rows"]) for r in work)) / (answered * L), 4)
                                        if answered else None),
-        "filtered_out": int(sum(r["filtered_out"] for r in rows)),
+        # rows an output.filter left out, over the whole output (a resumed job's finished parts count too)
+        "filtered_out": int(sum(r["filtered_out"] for r in rows)
+                            + sum(p.get("filtered_out", 0) for p in sink.part_stats(cfg.output.url, finished))),
         "shadow_rows": shadow,
         "shadow_agreement": round(agree / shadow, 4) if shadow else None,
         "threshold_versions_seen": sorted({int(r["policy_version"]) for r in rows}),
