@@ -403,7 +403,7 @@ def _top_up(cfg: JobConfig, shards, cert: dict, constraint: float, summary: dict
     if new is None:  # the CLI says what the certificate says; no second line for a top-up not made
         return cert
     echo(f"before the top-up: {describe(cert)}")
-    keep = ("audit_fraction", "calibration_report", "cost")
+    keep = ("audit_fraction", "calibration_report", "answer_with", "cost")
     looks = [{k: cert.get(k) for k in ("method", "agreement", "interval", "certified", "audit_early",
                                         "audit_early_disagree")}]
     new = {**new, **{k: cert[k] for k in keep if k in cert}, "earlier_looks": looks}

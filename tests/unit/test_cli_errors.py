@@ -53,3 +53,25 @@ def test_a_serve_apps_own_controller_never_takes_the_shared_per_model_name():
     assert shared == controller_name("m")
     assert resolve_config({"model": "m"}, "movies").controller.name == "offramp-serve-movies"
     assert resolve_config({"model": "m"}).controller.name not in (shared, "offramp-serve-movies")
+
+
+def test_a_second_budget_for_the_controller_fails_before_any_model_work(tiny_artifact, tmp_path):
+    """certify.constraint is the job's promise; controller.tuning.constraint set to another value is refused
+    (naming both fields) before Ray starts (the unit fixture fails any ray.init)."""
+    import pytest
+
+    from pipeline.config import JobConfig
+    from pipeline.offline.job import JobError, run_job
+
+    (tmp_path / "in.jsonl").write_text('{"text": "a fine film"}\n{"text": "dull"}\n')
+    cfg = JobConfig.model_validate({"model": tiny_artifact, "input": {"url": str(tmp_path / "in.jsonl")},
+                                    "output": {"url": str(tmp_path / "out")},
+                                    "certify": {"constraint": 0.001},
+                                    "controller": {"tuning": {"constraint": 0.01}}})
+    with pytest.raises(JobError, match=r"controller.tuning.constraint=0.01 differs from the job's promise, "
+                                       r"certify.constraint \(0.001\)"):
+        run_job(cfg, echo=lambda m: None)
+    same = cfg.model_copy(update={"certify": cfg.certify.model_copy(update={"constraint": None})})
+    with pytest.raises(JobError, match="the artifact.s constraint"):  # no certify.constraint: the artifact.s 0.01
+        run_job(same.model_copy(update={"controller": same.controller.model_copy(
+            update={"tuning": same.controller.tuning.model_copy(update={"constraint": 0.02})})}), echo=lambda m: None)
