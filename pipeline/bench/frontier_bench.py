@@ -85,7 +85,8 @@ def _job(model: str, corpus: str, config: str, work: Path, promise: float, tag: 
         "input": cfg.input.model_copy(update={"url": corpus, "id_column": "id", "passthrough": []}),
         "output": cfg.output.model_copy(update={"url": str(out)}),
         "certify": cfg.certify.model_copy(update={"constraint": round(1 - promise, 6), "on_uncertified": "warn"}),
-        "controller": cfg.controller.model_copy(update={"checkpoint_url": None, "name": f"frontier-{os.getpid()}-{tag}"}),
+        "controller": cfg.controller.model_copy(update={"checkpoint_url": None,
+                                                        "name": f"frontier-{os.getpid()}-{tag}"}),
     })
     t = time.perf_counter()
     summary = run_job(cfg, echo=lambda m: None)
@@ -195,11 +196,13 @@ def _original(artifact: str) -> str:
 
 
 def format_table(points: list[dict]) -> str:
-    head = f"| system | config | rows/s | agreement with the float original | promise | job / engine |"
+    head = "| system | config | rows/s | agreement with the float original | promise | job / engine |"
     lines = [head, "|---|---|---:|---:|---:|---:|"]
     for p in sorted(points, key=lambda p: -p["agreement"]):
-        ratio = "-" if p.get("job_vs_engine") is None else f"{p['job_vs_engine']:.2f} ({p['engine_rows_per_s']:.0f} rows/s)"
-        promise = "-" if p["promise"] is None else (f"{p['promise']:.1%}" + ("" if p.get("certified") else " (NOT certified)"))
+        ratio = ("-" if p.get("job_vs_engine") is None
+                 else f"{p['job_vs_engine']:.2f} ({p['engine_rows_per_s']:.0f} rows/s)")
+        promise = ("-" if p["promise"] is None
+                   else f"{p['promise']:.1%}" + ("" if p.get("certified") else " (NOT certified)"))
         lines.append(f"| {p['system']} | {p['config']} | {p['rows_per_s']:.1f} | {p['agreement']:.2%} | {promise} | "
                      f"{ratio} |")
     return "\n".join(lines)

@@ -71,9 +71,9 @@ def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: st
 class EarlyExitWorker:
     """Hosts one early-exit model; classifies whole shards and writes their parts.
 
-    In a certified job (`certify`) the float original also runs on every feedback row (Predictor(reference=True)),
-    so audit and feedback measure agreement with it, and calibration items are recorded for the driver. Until
-    the driver has published its calibration decision (pipeline.offline.calibrate), a shard is answered by the
+    In a certified job (`certify`) the float original also runs on every feedback row when the model is not it
+    (Predictor(reference=True)), so audit and feedback measure agreement with it, and calibration items are
+    recorded (pipeline.offline.calibrate). Until the calibration decision is published, rows are answered by the
     float original in full; after, at the decided thresholds with a fixed-rate audit."""
 
     def __init__(self, model: str, engine: dict, output_url: str, passthrough: list[str],
@@ -106,7 +106,7 @@ class EarlyExitWorker:
             self.client = ControllerClient.for_policy(controller, self.predictor.policy)
 
     def _published(self) -> dict | None:
-        """The calibration decision once the driver has published it (read once, then kept)."""
+        """The calibration decision once it is published (read once, then kept)."""
         if self.certify is None or self.decision is not None:
             return self.decision
         from pipeline.engine.policy import ExitPolicy
@@ -119,7 +119,7 @@ class EarlyExitWorker:
         if self.decision["answer_with"] == "original":
             self.predictor.use_original()
         if self.client is not None:
-            self.client.refresh()  # the driver set the controller's thresholds before publishing
+            self.client.refresh()  # the controller was handed the thresholds before they were published
         if self.client is None or self.client.version <= self.predictor.policy.version:
             p = self.predictor.policy
             self.predictor.set_policy(ExitPolicy(self.decision["thresholds"], p.active, p.version + 1))
@@ -141,17 +141,13 @@ class EarlyExitWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
-        kinds = batch.column("calibration") if "calibration" in batch.column_names else None
         for shard in sorted(set(batch.column("shard").to_pylist())):
             rows = batch.filter(pc.equal(batch.column("shard"), shard))
-            if kinds is not None:
-                for calibration in (True, False):
-                    part = rows.filter(pc.equal(rows.column("calibration"), calibration))
-                    if part.num_rows:
-                        summaries.append(self._calibration(int(shard), part) if calibration
-                                         else self._shard(int(shard), part))
-            else:
-                summaries.append(self._shard(int(shard), rows))
+            for calibration in (True, False):  # a calibration item's rows, then the shard's (a GPU batch: both)
+                part = rows.filter(pc.equal(rows.column("calibration"), calibration))
+                if part.num_rows:
+                    summaries.append(self._calibration(int(shard), part) if calibration
+                                     else self._shard(int(shard), part))
         return pa.Table.from_pylist(summaries)
 
     def _encoded(self, rows: pa.Table):
@@ -165,7 +161,7 @@ class EarlyExitWorker:
 
     def _calibration(self, shard: int, rows: pa.Table) -> dict:
         """A calibration item: every row to the end, every ramp recorded, answered by the float original; the
-        record goes back to the driver in the summary (no part: the shard's part takes these answers)."""
+        record lands in the output (no part: the shard's part takes these answers) and the last one in decides."""
         from pipeline.offline.calibrate import decide_when_whole, record_table, write_item
 
         t = time.perf_counter()
