@@ -183,6 +183,8 @@ class Candidate:
     costs: CostModel
     speed: float = 1.0
     """Its seconds per row at full depth, relative to the float original's (measured on the sample)."""
+    overhead: float = 0.0
+    """More time per row on top, in the same unit: the float original run beside it on the rows audited."""
 
 
 def calibrate_candidates(candidates: Sequence[Candidate], budget: float, delta: float = 0.05,
@@ -192,7 +194,8 @@ def calibrate_candidates(candidates: Sequence[Candidate], budget: float, delta: 
 
     The choice looks at the tune split alone (with each candidate's `warm` rows for its savings), so the test
     split still certifies a path fixed before it is seen: per candidate, the disagreement of its own head with the
-    float original on the tune rows, and the time a row costs at its greedy thresholds (`speed` x (1 - savings)).
+    float original on the tune rows, and the time a row costs at its greedy thresholds (`speed` x (1 - savings),
+    plus its `overhead`).
     A model whose head alone would likely fail the test's first point (the upper end of a 75% one-sided interval
     of its tune-split rate, counted over the test split, not rejected at delta) is passed over; the float original
     never disagrees with itself. The quickest of the rest wins. Returns (the chosen candidate, its calibration,
@@ -214,7 +217,7 @@ def calibrate_candidates(candidates: Sequence[Candidate], budget: float, delta: 
         saved = evaluate(tune, c.costs, shape, act).savings
         estimates.append({"candidate": c.name, "speed": round(c.speed, 4), "head_disagreement": round(head, 6),
                           "feasible": bool(feasible), "estimated_savings": round(saved, 4),
-                          "estimated_time_per_row": round(c.speed * (1.0 - saved), 4)})
+                          "estimated_time_per_row": round(c.speed * (1.0 - saved) + c.overhead, 4)})
     feasible = [k for k, e in enumerate(estimates) if e["feasible"]] or [0]
     best = min(feasible, key=lambda k: estimates[k]["estimated_time_per_row"])
     chosen = candidates[best]

@@ -256,6 +256,8 @@ def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int)
     if original is not None:  # the running model is not the float original: the original is a candidate too
         times = seconds_of([table])
         candidates[0].speed = times["model_seconds"] / times["reference_seconds"] if times["reference_seconds"] else 1.0
+        # the float original runs beside it on the audited rows (planned as if at half the budget)
+        candidates[0].overhead = audit_fraction(c, None, total - table.num_rows, total, constraint)
         candidates.append(Candidate("original", original, None, costs))
     budget = bulk_budget(constraint, total, table.num_rows)
     chosen, cal, estimates = calibrate_candidates(candidates, budget, 1 - c.confidence, manifest.active, c.seed)
