@@ -448,7 +448,7 @@ class CertifySpec(_Strict):
     the artifact's constraint). What the job calibrates, audits and certifies against; the controller guards
     the same budget (`controller.tuning.constraint`, if set, must equal it)."""
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    """Level of the reported two-sided Clopper-Pearson interval; calibration certifies its thresholds with
+    """Level of the reported two-sided exact interval; calibration certifies its thresholds with
     probability >= this (Learn then Test at delta = 1 - confidence)."""
     calibrate: bool = True
     """Off: the bulk pass starts from the engine's thresholds (the artifact's, or `engine.thresholds`) and

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["binom_cdf", "binom_sf", "clopper_pearson", "wilson", "rows_to_certify"]
+__all__ = ["binom_cdf", "binom_sf", "clopper_pearson", "hypergeom_count_interval", "wilson", "rows_to_certify"]
 
 
 def _log_pmf(k: int, n: int, p: float) -> float:
@@ -62,6 +62,48 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     lo = 0.0 if k == 0 else _solve(lambda p: binom_sf(k, n, p) - a, 0.0, 1.0)
     hi = 1.0 if k == n else _solve(lambda p: a - binom_cdf(k, n, p), 0.0, 1.0)
     return lo, hi
+
+
+def _hypergeom_cdf(k: int, population: int, marked: int, n: int) -> float:
+    """P(X <= k) for X the marked items in a uniform sample of n without replacement."""
+    lo, hi = max(0, n - (population - marked)), min(n, marked)
+    if k < lo:
+        return 0.0
+    if k >= hi:
+        return 1.0
+
+    def log_comb(a: int, b: int) -> float:
+        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+    base = log_comb(population, n)
+    logs = [log_comb(marked, i) + log_comb(population - marked, n - i) - base for i in range(lo, k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
+
+
+def hypergeom_count_interval(k: int, n: int, population: int, confidence: float = 0.95) -> tuple[int, int]:
+    """Exact two-sided interval for the number of marked items in a finite population from k marked in a
+    uniform sample of n drawn from it without replacement (each tail (1 - confidence)/2).
+
+    What a certificate needs about *this* output's rows: their disagreements are a count, and counts are
+    integers; a binomial rate times the population can claim a fraction of a row where one row is possible."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence} must be in (0, 1), e.g. 0.95")
+    if not 0 <= k <= n <= population:
+        raise ValueError(f"need 0 <= k <= n <= population, got k={k}, n={n}, population={population}")
+    a = (1 - confidence) / 2
+    least, most = k, population - (n - k)  # what the sample itself proves
+
+    def first(ok, lo: int, hi: int) -> int:  # the least m in [lo, hi] with ok(m), ok monotone, ok(hi) true
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+        return lo
+
+    # P(X >= k | m) grows with m; P(X <= k | m) falls with m.
+    lower = first(lambda m: 1.0 - _hypergeom_cdf(k - 1, population, m, n) > a, least, most)
+    upper = first(lambda m: _hypergeom_cdf(k, population, m + 1, n) <= a, least, most) if least < most else most
+    return lower, upper
 
 
 def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -8,47 +8,55 @@ Every answered row of the output is one of two kinds:
   and of when they ran), runs to the end with them and through the float original, so its early rows are a
   uniform sample of the early rows with their true agreement known.
 
-Disagreements of the output = early rows x the early-row disagreement rate, whose exact Clopper-Pearson
-interval from the audit gives the output's interval. The same per part (wide: a part holds few audit rows).
+Disagreements of the output: a count among the early rows, of which the audit is a uniform sample drawn
+without replacement; its exact hypergeometric interval gives the output's interval. The same per part (wide: a part holds few audit rows).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.control.stats import clopper_pearson
+from pipeline.control.stats import hypergeom_count_interval
 
 COUNTS = ("rows", "answered", "calibration", "exact", "early", "audit", "audit_disagree", "audit_early",
           "audit_early_disagree")
 
 
-def _interval(c: dict, confidence: float) -> dict[str, Any]:
+def interval_of(c: dict, confidence: float, audit_in_early: bool = True) -> dict[str, Any]:
+    """The output's agreement and its exact interval. The audited rows are a uniform sample drawn without
+    replacement from a finite set of rows (the early rows; after a top-up, the early rows then, of which the
+    audited ones are now answered by the original), so the disagreements among them are a hypergeometric count."""
     answered, early, n, d = c["answered"], c["early"], c["audit_early"], c["audit_early_disagree"]
     if not answered:
         return {"agreement": None, "interval": None}
-    lo, hi = clopper_pearson(d, n, confidence) if n else (0.0, 1.0)
+    drawn_from = early if audit_in_early else early + n
+    lo, hi = hypergeom_count_interval(d, n, drawn_from, confidence) if n else (0, drawn_from)
+    seen = 0 if audit_in_early else d  # disagreements the sample found and the original now answers
     estimate = early * d / n if n else None
     return {"agreement": None if estimate is None else 1 - estimate / answered,
-            "interval": [1 - early * hi / answered, 1 - early * lo / answered]}
+            "interval": [1 - (hi - seen) / answered, 1 - (lo - seen) / answered]}
 
 
-def certify(parts: list[dict], constraint: float, confidence: float = 0.95) -> dict[str, Any]:
-    """The job's certificate from its parts' counts (COUNTS, plus "shard" and "first_row" per part)."""
+def certify(parts: list[dict], constraint: float, confidence: float = 0.95,
+            audit_in_early: bool = True) -> dict[str, Any]:
+    """The job's certificate from its parts' counts (COUNTS, plus "shard" and "first_row" per part).
+    `audit_in_early` False: the audited rows were re-run and are answered by the original now (a top-up)."""
     total = {k: sum(int(p.get(k, 0)) for p in parts) for k in COUNTS}
-    head = _interval(total, confidence)
+    head = interval_of(total, confidence, audit_in_early)
     iv = head["interval"]
     certified = iv is None or iv[0] >= 1 - constraint - 1e-12
     per_part = []
     for p in sorted(parts, key=lambda p: (p["shard"], p.get("first_row", 0))):
         per_part.append({"shard": p["shard"], "first_row": p.get("first_row", 0),
-                         **{k: int(p.get(k, 0)) for k in COUNTS}, **_interval(p, confidence)})
+                         **{k: int(p.get(k, 0)) for k in COUNTS}, **interval_of(p, confidence, audit_in_early)})
     out = {
-        "method": f"Clopper-Pearson {100 * confidence:g}% two-sided over the audited rows not answered by the float "
-                  "original (a ramp's, or a compressed head's); rows the float original answered count as agreeing",
+        "method": f"exact hypergeometric {100 * confidence:g}% two-sided over the audited rows not answered by the "
+                  "float original (a ramp's, or a compressed head's); rows the float original answered count as agreeing",
         "constraint": constraint,
         "promise": 1 - constraint,
         "confidence": confidence,
         **head,
         "certified": certified,
+        "audit_in_early": audit_in_early,
         **total,
         "parts": per_part,
     }

@@ -132,7 +132,7 @@ def top_up(cfg, shards: list[Shard], cert: dict, constraint: float, num_layers: 
     for k in pick:
         targets.setdefault(flat[k][0], []).append(flat[k][1])
     counts = rerun(cfg, shards, {s: np.sort(np.asarray(v)) for s, v in targets.items()}, num_layers)
-    return certify(fresh_evidence(cfg.output.url, shards, counts), constraint, level) | {"looks": looks}
+    return certify(fresh_evidence(cfg.output.url, shards, counts), constraint, level, audit_in_early=False) | {"looks": looks}
 
 
 def fresh_evidence(output_url: str, shards: list[Shard], counts: dict[int, dict]) -> list[dict]:

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from tests.claims import holds
 from tests.e2e.cli import offramp
 
 
@@ -66,15 +67,17 @@ def test_an_uncertified_job_exits_3_names_the_fix_and_verify_audits_it(ee_dir, t
     out = offramp("run", job, check=False)
     assert out.returncode == 3, out.stderr[-2000:]
     assert "NOT certified" in out.stderr and "--repair" in out.stderr
-    assert "the promise cost: audit and feedback rows run to the end" in out.stderr  # no calibration here
+    # no calibration here; on a CPU with fast bfloat16 the float original also ran beside the model
+    assert "the promise cost: " in out.stderr and "audit and feedback rows run to the end" in out.stderr
     summary = json.loads(out.stdout)
     assert summary["certificate"]["certified"] is False and summary["rows"] == 400
     again = offramp("run", job, "--output", tmp_path / "out2", "--allow-uncertified", check=False)
     assert again.returncode == 0, again.stderr[-2000:]
     report = offramp("verify", tmp_path / "out", "--json", tmp_path / "verify.json")
     assert "true agreement with the original model" in report.stdout
-    assert "the claimed interval contains the truth: yes" in report.stdout
+    assert "the claimed interval contains the truth: " in report.stdout
     checked = json.loads((tmp_path / "verify.json").read_text())
+    assert holds(summary["certificate"], checked["agreement"])
     assert checked["rows_checked"] == 400 and checked["per_exit_layer"]
     sample = offramp("verify", tmp_path / "out", "--sample", "100").stdout
     assert "Clopper-Pearson 95%, 100 rows" in sample

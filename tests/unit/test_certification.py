@@ -289,3 +289,45 @@ def test_the_model_that_answers_the_bulk_is_chosen_on_the_tune_split(head_error,
     if cal.chosen >= 0:  # the certified set's disagreement on the test split counts the model's own head too
         out = evaluate(chosen.sample.take(test), COSTS, cal.thresholds, np.ones(5, bool))
         assert 1 - out.agreement <= cal.upper_bound + 1e-9
+
+
+def test_a_topped_up_certificate_is_exact_in_whole_rows():
+    """The case that once broke the promise: 523 of 593 early rows topped up, none disagreeing, one disagreement
+    among the 70 left. A rate times 70 rows claimed under one row; a count must allow it."""
+    part = {"shard": 0, "rows": 900, "answered": 900, "calibration": 300, "exact": 830, "early": 70,
+            "audit": 523, "audit_disagree": 0, "audit_early": 523, "audit_early_disagree": 0}
+    lo, hi = certify([part], 0.01, 0.95, audit_in_early=False)["interval"]
+    assert lo <= 1 - 1 / 900 and hi == 1.0
+    assert lo > 1 - 2 / 900  # two left over would have shown in the sample at 95%
+
+
+def test_the_topped_up_interval_covers_every_count_of_disagreements_at_the_stated_rate():
+    rng = np.random.default_rng(5)
+    answered, drawn_from, n = 900, 593, 523
+    for wrong in (1, 3, 10):
+        covered = 0
+        for _ in range(400):
+            bad = np.zeros(drawn_from, bool)
+            bad[rng.choice(drawn_from, wrong, replace=False)] = True
+            pick = np.zeros(drawn_from, bool)
+            pick[rng.choice(drawn_from, n, replace=False)] = True
+            truth = 1 - int((bad & ~pick).sum()) / answered  # the sampled rows are the original's answers now
+            part = {"shard": 0, "rows": answered, "answered": answered, "calibration": 0,
+                    "exact": answered - (drawn_from - n), "early": drawn_from - n, "audit": n, "audit_disagree": 0,
+                    "audit_early": n, "audit_early_disagree": int((bad & pick).sum())}
+            lo, hi = certify([part], 0.01, 0.95, audit_in_early=False)["interval"]
+            covered += lo - 1e-12 <= truth <= hi + 1e-12
+        assert covered / 400 >= 0.93, (wrong, covered)
+
+
+def test_the_count_interval_matches_a_brute_force_hypergeometric():
+    from math import comb
+
+    from pipeline.control.stats import hypergeom_count_interval
+    M, n = 40, 12
+    for k in (0, 1, 4):
+        def cdf(x, m):
+            return sum(comb(m, i) * comb(M - m, n - i) for i in range(0, x + 1)) / comb(M, n)
+        inside = [m for m in range(M + 1) if k <= m <= M - (n - k)
+                  and cdf(k, m) > 0.025 and 1 - cdf(k - 1, m) > 0.025]
+        assert hypergeom_count_interval(k, n, M, 0.95) == (inside[0], inside[-1])
