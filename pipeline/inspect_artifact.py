@@ -32,6 +32,58 @@ def inspect_table(path: str) -> str:
             f" (constraint {1 - m.constraint:.2f}), layer compute saved {boot['validation_layer_savings_at_thresholds']:.1%},"
             f" latency saved {boot['validation_savings_at_thresholds']:.1%}",
         ]
-    if m.compression:
-        lines.append(f"compression: {m.compression}")
+    lines += _chain(m)
     return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _check_text(c: dict, against: str) -> str:
+    acc = (f", gold accuracy {_pct(c['accuracy'])} vs {_pct(c['source_accuracy'])}"
+           if c.get("accuracy") is not None else "")
+    return (f"check vs {against}: agreement {_pct(c['agreement'])} on {c['rows']} rows of {c['data']} "
+            f"(loss {_pct(c['agreement_loss'])}, budget {_pct(c['budget'])}){acc}")
+
+
+def _chain(m) -> list[str]:
+    """What was done to the float original, in order: a pruning (manifest.pruning), then a compression."""
+    steps = []
+    if m.pruning:
+        p = m.pruning
+        w0, w1 = p.get("widths_before", {}), p.get("widths_after", {})
+        kinds = [f"ffn {p.get('ffn', 0):.0%} ({w0.get('ffn')} -> {w1.get('ffn')} neurons per layer)"]
+        if p.get("heads"):
+            kinds.append(f"heads {p['heads']:.0%} ({w0.get('heads')} -> {w1.get('heads')} per layer)")
+        imp, rec, r = p.get("importance", {}), p.get("recovery", {}), p.get("ramps") or {}
+        steps.append([
+            f"pruned ({p.get('method')}, {p.get('library')}): {', '.join(kinds)}; parameters "
+            f"{p.get('params_before', 0) / 1e6:.1f}M -> {p.get('params_after', 0) / 1e6:.1f}M",
+            f"importance on {imp.get('rows')} rows of {imp.get('data')}; recovery {rec.get('steps', 0)} distillation steps",
+            _check_text(p["check"], "the original"),
+            (f"ramps {r.get('mode')}; thresholds tuned against the original: early-exit agreement "
+             f"{_pct(r.get('check_exit_agreement'))} on {r.get('check_data')}, layer savings "
+             f"{_pct(r.get('check_layer_savings'))}") if r else "ramps: -",
+        ])
+    if m.compression:
+        c = m.compression
+        cfg = c.get("config") or {}
+        chk = c.get("check") or {}
+        lines = [f"{c.get('method')} ({', '.join(f'{k} {v}' for k, v in cfg.items())})"]
+        if chk:
+            lines.append(_check_text(chk, "the pruned float model" if m.pruning else "the float model"))
+            if chk.get("original_agreement") is not None:
+                lines.append(f"agreement with the original {_pct(chk['original_agreement'])} (the chain's loss)")
+        if rt := c.get("retune"):
+            lines.append(f"thresholds re-tuned against the original: early-exit agreement "
+                         f"{_pct(rt.get('check_exit_agreement'))} on {rt.get('check_data')}, layer savings "
+                         f"{_pct(rt.get('check_layer_savings'))}")
+        steps.append(lines)
+    if not steps:
+        return []
+    out = ["", f"float original: {m.original or 'this artifact'}"]
+    for i, lines in enumerate(steps, 1):
+        out.append(f"  {i}. {lines[0]}")
+        out += [f"     {x}" for x in lines[1:]]
+    return out

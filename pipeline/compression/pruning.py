@@ -32,317 +32,26 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from pipeline.compression.importance import Importance, InputStats, unit_importance
+from pipeline.compression.prunable import (
+    FAMILIES,
+    AttentionBlock,
+    FFNBlock,
+    PruningRefused,
+    _heads_removed,
+    _spec,
+    attention_blocks,
+    ffn_blocks,
+    refusal,
+)
+
 __all__ = ["PruningRefused", "FFNBlock", "AttentionBlock", "Importance", "PrunePlan", "ffn_blocks",
-           "attention_blocks", "refusal", "unit_importance", "plan", "prune", "widths", "FAMILIES"]
-
-
-class PruningRefused(ValueError):
-    """This family (or this kind of pruning) cannot be written into the model's config."""
-
-
-@dataclass(frozen=True)
-class _Spec:
-    ffn_in: tuple[str, ...]
-    """Paths (relative to one block) of the Linear layers whose output channels are the neurons."""
-    ffn_out: str
-    """Path of the Linear layer that reads the neurons (its input channels)."""
-    ffn_field: str
-    """The config field holding the neurons' count."""
-    halves: int = 1
-    """ModernBERT: `Wi` holds [input; gate], so neuron j is output channels j and width + j."""
-    attention: tuple[str, str, str, str] | None = None
-    """(q, k, v, o) paths for families whose config can express fewer heads."""
-    heads_refusal: str = ""
-    traced: bool = False
-    """torch-pruning's DependencyGraph traces this family and groups its feed-forward layers correctly."""
-    blocks: Callable[[nn.Module], list[nn.Module]] | None = None
-    """The blocks holding one FFN (and attention) each; default: the family's distinct layer modules."""
-
-
-def _derived(config_name: str) -> str:
-    return (f"{config_name} derives the head size as hidden_size / num_attention_heads, so fewer heads at the same "
-            "hidden size cannot be written into its config (and transformers 5 removed prune_heads and "
-            "config.pruned_heads)")
-
-
-_BERT_LIKE = dict(ffn_in=("intermediate.dense",), ffn_out="output.dense", ffn_field="intermediate_size", traced=True)
-_DECODER = dict(ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj", ffn_field="intermediate_size",
-                attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))
-
-FAMILIES: dict[str, _Spec] = {
-    "bert": _Spec(**_BERT_LIKE, heads_refusal=_derived("BertConfig")),
-    "roberta": _Spec(**_BERT_LIKE, heads_refusal=_derived("RobertaConfig (and XLMRobertaConfig)")),
-    "electra": _Spec(**_BERT_LIKE, heads_refusal=_derived("ElectraConfig")),
-    "mpnet": _Spec(**_BERT_LIKE, heads_refusal=_derived("MPNetConfig")),
-    "deberta_v2": _Spec(**_BERT_LIKE, heads_refusal=(
-        "DebertaV2Config takes an attention_head_size, but DeBERTa-v2's attention output projection "
-        "(DebertaV2SelfOutput.dense) is built hidden_size -> hidden_size, so the narrower output of fewer heads "
-        "cannot load")),
-    "distilbert": _Spec(ffn_in=("ffn.lin1",), ffn_out="ffn.lin2", ffn_field="hidden_dim", traced=True,
-                        heads_refusal="DistilBertConfig derives the head size as dim / n_heads, so fewer heads at "
-                                      "the same dim cannot be written into its config"),
-    "albert": _Spec(ffn_in=("ffn",), ffn_out="ffn_output", ffn_field="intermediate_size", traced=True,
-                    heads_refusal=_derived("AlbertConfig"),
-                    blocks=lambda model: [layer for group in model.albert.encoder.albert_layer_groups
-                                          for layer in group.albert_layers]),
-    "modernbert": _Spec(ffn_in=("mlp.Wi",), ffn_out="mlp.Wo", ffn_field="intermediate_size", halves=2,
-                        heads_refusal=_derived("ModernBertConfig") + "; its query, key and value share one fused Wqkv"),
-    **{name: _Spec(**_DECODER) for name in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")},
-}
-
-
-def _spec(model: nn.Module) -> tuple[str, _Spec]:
-    from pipeline.model.families import backbone
-
-    family = backbone(model).family  # a clear refusal for an unsupported class
-    if family not in FAMILIES:
-        raise PruningRefused(f"family {family!r} has no pruning rules yet; pruning covers {', '.join(FAMILIES)}")
-    return family, FAMILIES[family]
-
-
-def _blocks(model: nn.Module, spec: _Spec) -> list[nn.Module]:
-    from pipeline.model.families import backbone
-
-    return spec.blocks(model) if spec.blocks else list(backbone(model).modules)
-
-
-def _linear(block: nn.Module, path: str) -> nn.Linear:
-    mod = block.get_submodule(path)
-    if type(mod) is not nn.Linear:  # a quantized / wrapped layer: prune the float model, compress afterwards
-        raise PruningRefused(f"{path} is a {type(mod).__name__}, not a plain Linear: prune the float model, then "
-                             "quantize the pruned artifact")
-    return mod
-
-
-@dataclass
-class FFNBlock:
-    name: str
-    inputs: list[nn.Linear]
-    output: nn.Linear
-    halves: int = 1
-
-    @property
-    def width(self) -> int:
-        return self.output.in_features
-
-
-@dataclass
-class AttentionBlock:
-    name: str
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-
-def _names(model: nn.Module) -> dict[int, str]:
-    return {id(m): n for n, m in model.named_modules()}
-
-
-def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
-    """One entry per distinct feed-forward block (ALBERT: the shared layer once), in layer order."""
-    _, spec = _spec(model)
-    names = _names(model)
-    return [FFNBlock(names.get(id(b), "?"), [_linear(b, p) for p in spec.ffn_in], _linear(b, spec.ffn_out),
-                     spec.halves) for b in _blocks(model, spec)]
-
-
-def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
-    """One entry per attention block whose heads the config can express; raises PruningRefused otherwise."""
-    family, spec = _spec(model)
-    if spec.attention is None:
-        raise PruningRefused(f"--heads cannot prune {family}: {spec.heads_refusal}. What works instead: --ffn "
-                             f"(feed-forward neurons, config.{spec.ffn_field})")
-    cfg = model.config
-    heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    names = _names(model)
-    return [AttentionBlock(names.get(id(b), "?"), *(_linear(b, p) for p in spec.attention), heads, kv, head_dim)
-            for b in _blocks(model, spec)]
-
-
-def refusal(model: nn.Module, heads: float | None, ffn: float | None) -> str | None:
-    """Why pruning `heads` / `ffn` shares of this model cannot be expressed (None: it can)."""
-    family, spec = _spec(model)
-    if heads:
-        try:
-            blocks = attention_blocks(model)
-        except PruningRefused as e:
-            return str(e)
-        a = blocks[0]
-        if a.num_kv_heads < a.num_heads and _heads_removed(a, heads) == 0:
-            group = a.num_heads // a.num_kv_heads
-            return (f"--heads {heads} removes no head: {family} has {a.num_kv_heads} key/value groups of {group} "
-                    f"query heads, and heads go from every group alike (shares in steps of 1/{group})")
-    if ffn and not ffn_blocks(model):
-        return f"{family} has no feed-forward blocks to prune"
-    return None
-
-
-# -- importance --------------------------------------------------------------------------------------------------
-
-@dataclass
-class Importance:
-    """Fisher importance per unit: `ffn[b]` [width] per feed-forward block, `heads[b]` [num_heads] per attention
-    block (None when heads were not scored), over `rows` rows."""
-
-    ffn: list[torch.Tensor] = field(default_factory=list)
-    heads: list[torch.Tensor] | None = None
-    rows: int = 0
-    ffn_inputs: list["InputStats"] | None = None
-    """Per feed-forward block, the statistics of what its consumer layer reads (for `prune(reconstruct=True)`)."""
-    head_inputs: list["InputStats"] | None = None
-    """Per attention block, the statistics of what its output projection reads."""
-
-    def to_dict(self) -> dict:
-        return {"rows": self.rows, "ffn": [t.tolist() for t in self.ffn],
-                "heads": None if self.heads is None else [t.tolist() for t in self.heads]}
-
-
-def _fisher(logits: torch.Tensor, masks: list[torch.Tensor], transform: str, max_exact: int = 8) -> list[torch.Tensor]:
-    """Per unit, the Fisher information of the output distribution summed over rows: masks [B,U] (one per block,
-    all ones, requiring grad) -> [U] each. softmax / sigmoid: the head's distribution over its labels (exact for
-    up to `max_exact` labels, else one sampled label per row); none (regression): a unit-variance Gaussian."""
-    B, C = logits.shape
-    logits = logits.float()
-    if C > max_exact:  # one label per row drawn from the model's own distribution: an unbiased estimate
-        with torch.no_grad():
-            if transform == "softmax":
-                y = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
-            elif transform == "sigmoid":
-                y = torch.bernoulli(torch.sigmoid(logits))
-        if transform == "softmax":
-            ll = torch.log_softmax(logits, -1).gather(1, y[:, None]).sum()
-        elif transform == "sigmoid":
-            ll = -nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-        else:
-            ll = logits.sum()  # d/dm of -(y - f)^2 / 2 at y ~ N(f, 1) has the same second moment as df/dm
-        grads = torch.autograd.grad(ll, masks)
-        return [(g.float() ** 2).sum(0) for g in grads]
-    per_label = [torch.autograd.grad(logits[:, c].sum(), masks, retain_graph=c < C - 1) for c in range(C)]
-    with torch.no_grad():
-        out = []
-        for b in range(len(masks)):
-            g = torch.stack([per_label[c][b].float() for c in range(C)], -1)  # [B,U,C]: d logit_c / d m_u per row
-            if transform == "softmax":  # Var_{y~p} of d log p_y / dm = sum p g^2 - (sum p g)^2
-                p = torch.softmax(logits, -1)[:, None, :]
-                f = (p * g * g).sum(-1) - (p * g).sum(-1) ** 2
-            elif transform == "sigmoid":
-                s = torch.sigmoid(logits)[:, None, :]
-                f = (s * (1 - s) * g * g).sum(-1)
-            else:
-                f = (g * g).sum(-1)
-            out.append(f.clamp_min(0).sum(0))
-        return out
-
-
-def unit_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], transform: str = "softmax",
-                    heads: bool = False, progress=None, total_rows: int | None = None,
-                    input_stats: bool = True) -> Importance:
-    """Fisher importance of every feed-forward neuron (and, with `heads`, attention head) of an HF classifier over
-    `batches` of (input_ids [B,S], attention_mask [B,S]); `transform` is the head's (softmax, sigmoid, none).
-    `input_stats`: also record what each consumer layer reads (`Importance.ffn_inputs` / `head_inputs`), the same
-    pass, for `prune(..., reconstruct=True)`."""
-    ffn = ffn_blocks(model)
-    att = attention_blocks(model) if heads else []
-    was_training = model.training
-    model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)  # gradients flow to the masks only
-    current: dict[str, torch.Tensor] = {}
-    hooks = []
-    stats: dict[str, InputStats] = {}
-
-    def ffn_hook(key):
-        def hook(mod, args):
-            x = args[0]  # [B,S,W]: the neurons' activations, as the consumer layer reads them
-            if key in stats:
-                stats[key].add(x, current["mask"])
-            return (x * current[key][:, None, :].to(x.dtype),) + tuple(args[1:])
-        return hook
-
-    def head_hook(key, head_dim):
-        def hook(mod, args):
-            x = args[0]  # [B,S,H*d]: the heads' outputs, concatenated
-            if key in stats:
-                stats[key].add(x, current["mask"])
-            B, S, _ = x.shape
-            m = current[key].to(x.dtype)[:, None, :, None]  # [B,1,H,1]
-            return ((x.view(B, S, -1, head_dim) * m).reshape(B, S, -1),) + tuple(args[1:])
-        return hook
-
-    keys = []
-    for i, b in enumerate(ffn):
-        keys.append((f"ffn{i}", b.width))
-        hooks.append(b.output.register_forward_pre_hook(ffn_hook(f"ffn{i}")))
-    for i, a in enumerate(att):
-        keys.append((f"head{i}", a.num_heads))
-        hooks.append(a.o.register_forward_pre_hook(head_hook(f"head{i}", a.head_dim)))
-    if input_stats:
-        big = sum(b.width ** 2 for b in ffn) + sum(a.o.in_features ** 2 for a in att) > 2 ** 25  # > 256 MiB in float64
-        dtype = torch.float32 if big else torch.float64
-        stats.update({f"ffn{i}": InputStats.empty(b.width, dtype) for i, b in enumerate(ffn)})
-        stats.update({f"head{i}": InputStats.empty(a.o.in_features, dtype) for i, a in enumerate(att)})
-    sums = {k: torch.zeros(w, dtype=torch.float64) for k, w in keys}
-    rows = 0
-    device = next(model.parameters()).device
-    try:
-        for ids, mask in batches:
-            ids, mask = ids.to(device), mask.to(device)
-            B = ids.shape[0]
-            current["mask"] = mask
-            for k, w in keys:
-                current[k] = torch.ones(B, w, device=device, requires_grad=True)
-            with torch.enable_grad():
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                fisher = _fisher(logits, [current[k] for k, _ in keys], transform)
-            for (k, _), f in zip(keys, fisher):
-                sums[k] += f.double().cpu()
-            rows += B
-            if progress:
-                progress(rows, total_rows or rows)
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return Importance(ffn=[sums[f"ffn{i}"].float() for i in range(len(ffn))],
-                      heads=[sums[f"head{i}"].float() for i in range(len(att))] if heads else None, rows=rows,
-                      ffn_inputs=[stats[f"ffn{i}"] for i in range(len(ffn))] if input_stats else None,
-                      head_inputs=[stats[f"head{i}"] for i in range(len(att))] if input_stats and heads else None)
-
-
-@dataclass
-class InputStats:
-    """First and second moments of a Linear layer's input over real (unpadded) tokens: count, sum [W], sum of outer
-    products [W,W]."""
-
-    count: int
-    total: torch.Tensor
-    outer: torch.Tensor
-
-    @classmethod
-    def empty(cls, width: int, dtype=torch.float64) -> "InputStats":
-        return cls(0, torch.zeros(width, dtype=dtype), torch.zeros(width, width, dtype=dtype))
-
-    def add(self, x: torch.Tensor, mask: torch.Tensor) -> None:
-        """x [B,S,W], mask [B,S] (1 = real token)."""
-        rows = x.detach().reshape(-1, x.shape[-1])[mask.reshape(-1).bool()].to(self.outer.dtype).cpu()
-        self.count += rows.shape[0]
-        self.total += rows.sum(0)
-        self.outer += rows.T @ rows
+           "attention_blocks", "refusal", "unit_importance", "plan", "prune", "widths", "FAMILIES", "CRITERIA"]
 
 
 def _reconstructed(weight: torch.Tensor, bias: torch.Tensor | None, keep: list[int], stats: InputStats,
@@ -383,38 +92,56 @@ def _keep_count(width: int, share: float, multiple: int) -> int:
     return max(1, min(width, keep))
 
 
-def _heads_removed(a: AttentionBlock, share: float) -> int:
-    """Query heads removed from each key/value group (grouped-query attention), or in all (without grouping)."""
-    if a.num_kv_heads < a.num_heads:
-        group = a.num_heads // a.num_kv_heads
-        return min(group - 1, int(round(share * group)))
-    return min(a.num_heads - 1, int(round(share * a.num_heads)))
-
-
 def _top(scores: torch.Tensor, keep: int) -> list[int]:
     # stable: ties keep the lower index, so a uniform score (nothing known) keeps the first units
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
     return sorted(order[:keep])
 
 
+CRITERIA = ("fisher", "output")
+
+
+def _scores(importance: Importance, consumers: list[nn.Linear], kind: str, criterion: str,
+            head_dim: int = 1) -> list[torch.Tensor]:
+    """Per block, one score per unit. `fisher`: the Fisher importance (what removing the unit alone does to the
+    model's output distribution). `output`: the unit's mean squared contribution to its block's output,
+    E[a_u^2] * ||W[:, u]||^2 (what the least-squares refit has to make up for)."""
+    if criterion == "fisher":
+        return importance.ffn if kind == "ffn" else importance.heads
+    stats = importance.ffn_inputs if kind == "ffn" else importance.head_inputs
+    if stats is None:
+        raise ValueError("criterion 'output' needs the importance's input statistics (input_stats=True)")
+    out = []
+    for lin, st in zip(consumers, stats):
+        per_channel = (st.outer.diagonal() / max(st.count, 1)).float() * (lin.weight.detach().float() ** 2).sum(0).cpu()
+        out.append(per_channel.view(-1, head_dim).sum(1))
+    return out
+
+
 def plan(model: nn.Module, importance: Importance, ffn: float | None = None, heads: float | None = None,
-         multiple: int = 8) -> PrunePlan:
+         multiple: int = 8, criterion: str = "fisher") -> PrunePlan:
     """Keep the most important (1 - share) of each block's neurons (rounded up to a multiple of `multiple` for
-    blocks at least 4x as wide) and heads (the same number from every key/value group)."""
+    blocks at least 4x as wide) and heads (the same number from every key/value group), most important by
+    `criterion` (CRITERIA)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"importance criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
     out = PrunePlan()
     if ffn:
         if not 0 < ffn < 1:
             raise ValueError(f"ffn share {ffn} must be in (0, 1): the share of each layer's neurons to remove")
         blocks = ffn_blocks(model)
-        out.ffn = [_top(importance.ffn[i], _keep_count(b.width, ffn, multiple)) for i, b in enumerate(blocks)]
+        scores = _scores(importance, [b.output for b in blocks], "ffn", criterion)
+        out.ffn = [_top(scores[i], _keep_count(b.width, ffn, multiple)) for i, b in enumerate(blocks)]
     if heads:
         if not 0 < heads < 1:
             raise ValueError(f"heads share {heads} must be in (0, 1): the share of each layer's heads to remove")
         if importance.heads is None:
             raise ValueError("the importance has no head scores: compute it with heads=True")
         out.heads = []
-        for i, a in enumerate(attention_blocks(model)):
-            r, s = _heads_removed(a, heads), importance.heads[i]
+        att = attention_blocks(model)
+        scores = _scores(importance, [a.o for a in att], "heads", criterion, att[0].head_dim)
+        for i, a in enumerate(att):
+            r, s = _heads_removed(a, heads), scores[i]
             if a.num_kv_heads < a.num_heads:
                 group = a.num_heads // a.num_kv_heads
                 keep = []

@@ -72,6 +72,9 @@ class Manifest(BaseModel):
     """The float original this artifact's model was derived from, when `model/` is not it (a pruned model): an
     early-exit artifact directory (relative to this one, or absolute) or URL. Certificates, reference answers and
     `offramp verify` measure agreement against it (`original_of`)."""
+    pruning: dict[str, Any] | None = None
+    """What `offramp prune` removed from the original named by `original` (shares, widths, importance data,
+    recovery, its check against that original, the ramps' thresholds); pipeline.training.prune."""
 
     @property
     def ramp_layers(self) -> list[int]:

@@ -76,8 +76,10 @@ def check(source_logits: torch.Tensor, logits: torch.Tensor, gold, data: str, bu
 
 
 def check_artifact(source, target, tokenizer, manifest, texts: list[str], gold, data: str,
-                   budget: float) -> tuple[dict, np.ndarray]:
-    """(`check` of two EarlyExitModels plus their early-exit answers, the source's final labels [N])."""
+                   budget: float, original=None) -> tuple[dict, np.ndarray]:
+    """(`check` of two EarlyExitModels plus their early-exit answers, the source's final labels [N]). `original`
+    [N]: the float original's answers when the source was derived from it (a pruned artifact); the target's
+    agreement with them is added (`original_agreement`, `original_exit_agreement`)."""
     max_len = min(manifest.max_length, 512)
     s_final, s_label, s_layer = run_early_exit(source, tokenizer, texts, manifest.thresholds, manifest.active, max_len)
     c_final, c_label, c_layer = run_early_exit(target, tokenizer, texts, manifest.thresholds, manifest.active, max_len)
@@ -89,4 +91,8 @@ def check_artifact(source, target, tokenizer, manifest, texts: list[str], gold, 
     result["source_mean_exit_layer"] = float(s_layer.float().mean())
     if gold is not None:
         result["exit_accuracy"] = float((c_label.numpy() == gold).mean())
+    if original is not None:
+        original = torch.as_tensor(original)
+        result["original_agreement"] = float((target.head_kind.decide(c_final).answer == original).float().mean())
+        result["original_exit_agreement"] = float((c_label == original).float().mean())
     return result, ref.numpy()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -80,8 +81,10 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
     from pipeline.engine.loader import load_artifact
     from pipeline.model.artifact import (
         VALIDATION_FEEDBACK,
+        artifact_dir,
         load_classifier,
         load_tokenizer,
+        original_of,
         read_manifest,
         write_manifest,
     )
@@ -122,7 +125,16 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
         source, tok, _ = load_artifact(src_dir, device)
         target, _, _ = load_artifact(src_dir, device)
         apply(target, method, config)
-        result, ref = check_artifact(source, target, tok, manifest, texts, gold, name, budget)
+        # A pruned source names its float original: the budget is against it, so the retune's reference is its answers
+        original = original_of(src_dir)
+        original = artifact_dir(original) if "://" in original else Path(original)  # a URL: this node's copy
+        orig = None
+        if original.resolve() != src_dir.resolve():
+            orig_hf = load_classifier(str(original / "model")).to(device)
+            orig = source.head_kind.decide(classifier_logits(orig_hf, tok, texts, min(manifest.max_length, 512))).answer
+        result, ref = check_artifact(source, target, tok, manifest, texts, gold, name, budget, orig)
+        if orig is not None:
+            result["original"], ref = str(original), orig.numpy()
     else:
         if (src_dir / COMPRESSION_JSON).exists():
             raise ValueError(f"{model_dir!r} is already compressed ({COMPRESSION_JSON}); quantize its float source")
@@ -145,9 +157,12 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
     if artifact:
         manifest = read_manifest(out_dir)
         manifest.compression = record
+        if manifest.original and "://" not in manifest.original and not Path(manifest.original).is_absolute():
+            # relative to the artifact: from its new place
+            manifest.original = os.path.relpath((src_dir / manifest.original).resolve(), out_dir.resolve())
         write_manifest(out_dir, manifest)
-        if retune:
-            record = retune_thresholds(out_dir, src_dir, name, texts, ref, result, device, progress)
+        if retune:  # against the float original's answers (a pruned source's original, else the source)
+            record = retune_thresholds(out_dir, original, name, texts, ref, result, device, progress)
     else:
         (out_dir / COMPRESSION_JSON).write_text(json.dumps(record, indent=2))
     return record
