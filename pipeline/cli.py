@@ -477,13 +477,17 @@ def _register_commands() -> None:
     """Commands that live next to their subsystem (each module imports only click at top level)."""
     from pipeline.bench.online_bench import bench_online
     from pipeline.commands.compression import bench_compression, distill, quantize
+    from pipeline.commands.families import bench_families
+    from pipeline.commands.prune import bench_pruning, prune
     from pipeline.commands.replay import replay
     from pipeline.commands.serve import serve
 
-    for command in (serve, distill, quantize, replay):
+    for command in (serve, distill, quantize, prune, replay):
         main.add_command(command)
     bench.add_command(bench_online, "online")
     bench.add_command(bench_compression, "compression")
+    bench.add_command(bench_pruning, "pruning")
+    bench.add_command(bench_families, "families")
 
 
 _register_commands()

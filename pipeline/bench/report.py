@@ -56,6 +56,21 @@ def headlines(result: dict) -> list[dict]:
                         "ratio": "-" if ratio is None else f"layer work saved {ratio:.2f}x of the baseline's",
                         "accuracy": f"{after['disagreements']} disagreement" + ("" if after['disagreements'] == 1 else "s")})
         return out
+    if result.get("results") and "family" in result["results"][0]:  # bench families
+        rows = result["results"]
+        saved = sorted(r["layer_compute_saved"] or 0.0 for r in rows)
+        worst = min(rows, key=lambda r: r["true_agreement"])
+        holds = sum(bool(r.get("interval_contains_truth")) for r in rows)
+        size = f"{result['layers']} x {result['hidden']}"
+        return [{"benchmark": f"families: {len(rows)} models ({size}, trained here from random weights), certified "
+                              f"job on {rows[0]['rows']} movie reviews",
+                 "offramp": f"layer work saved {_pct(saved[0])} to {_pct(saved[-1])} (median "
+                            f"{_pct(saved[len(saved) // 2])})",
+                 "baseline": "the float original on every row (verify)", "ratio": "-",
+                 "accuracy": f"{sum(bool(r.get('certified')) for r in rows)}/{len(rows)} certified, interval holds the "
+                             f"truth {holds}/{len(rows)}, lowest true agreement {_pct(worst['true_agreement'])} "
+                             f"({worst['family']})" + (f"; FAILED: {', '.join(result['failures'])}"
+                                                       if result.get("failures") else "")}]
     if isinstance(result.get("corpora"), dict) and "seeds" in result:  # bench calibration
         out = []
         for corpus, c in result["corpora"].items():
