@@ -29,3 +29,19 @@ def write_result(result: dict, out_json: str | None, echo=print) -> None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=2))
         echo(f"wrote {out_json}")
+
+
+def timed_job(cfg, out, tag: str, **sections: dict) -> tuple[dict, float]:
+    """A bench's run of a job: `cfg` writing to `out` with a fresh controller (no checkpoint, named for this
+    process and `tag`), `sections` (a config section -> the fields to set) applied; its summary and wall seconds."""
+    import time
+
+    from pipeline.offline.job import run_job
+
+    update = {"output": cfg.output.model_copy(update={"url": str(out)}),
+              "controller": cfg.controller.model_copy(update={"checkpoint_url": None,
+                                                              "name": f"bench-{os.getpid()}-{tag}"})}
+    update.update({name: getattr(cfg, name).model_copy(update=fields) for name, fields in sections.items()})
+    t = time.perf_counter()
+    summary = run_job(cfg.model_copy(update=update), echo=lambda m: None)
+    return summary, time.perf_counter() - t

@@ -10,28 +10,16 @@ beside what the summary claimed, and the layer work saved.
 """
 from __future__ import annotations
 
-import os
 import tempfile
-import time
 from pathlib import Path
 
-from pipeline.bench import machine, write_result
+from pipeline.bench import machine, timed_job, write_result
 
 CORPORA = "movie-reviews,amazon-reviews,tweets,nyt-editorials,amazon-reviews+tweets+nyt-editorials"
 
 
 def _run(cfg, certify: bool, out: Path) -> tuple[dict, float]:
-    from pipeline.offline.job import run_job
-
-    cfg = cfg.model_copy(update={
-        "certify": cfg.certify.model_copy(update={"enabled": certify, "on_uncertified": "warn"}),
-        "output": cfg.output.model_copy(update={"url": str(out)}),
-        "controller": cfg.controller.model_copy(update={"checkpoint_url": None,
-                                                        "name": f"bench-accuracy-{os.getpid()}-{out.name}"}),
-    })
-    t = time.perf_counter()
-    summary = run_job(cfg, echo=lambda m: None)
-    return summary, time.perf_counter() - t
+    return timed_job(cfg, out, f"accuracy-{out.name}", certify={"enabled": certify, "on_uncertified": "warn"})
 
 
 def run_accuracy_bench(models: list[str] | str, config: str = "configs/jobs/movie_reviews.yaml", corpora: str = CORPORA,

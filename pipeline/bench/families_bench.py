@@ -12,13 +12,12 @@ artifacts/families/ (keyed by family, size and steps), so a rerun only runs the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.bench import machine, write_result
+from pipeline.bench import machine, timed_job, write_result
 
 # One representative per family module (pipeline/model/families); gemma2 / gemma3_text can be asked for by name.
 FAMILIES = ("bert", "distilbert", "roberta", "deberta_v2", "modernbert", "electra", "albert", "mpnet",
@@ -140,18 +139,9 @@ def _prepare(family: str, layers: int, hidden: int, max_steps: int, cache: Path,
 def _job(config: str, ee_dir: Path, out: Path, name: str) -> tuple[dict, float]:
     """The certified job of `config` (its engine, actors and certification settings) on `ee_dir`, into `out`."""
     from pipeline.config import JobConfig
-    from pipeline.offline.job import run_job
 
     cfg = JobConfig.from_yaml(config, model=str(ee_dir))
-    cfg = cfg.model_copy(update={
-        "certify": cfg.certify.model_copy(update={"enabled": True, "on_uncertified": "warn"}),
-        "output": cfg.output.model_copy(update={"url": str(out)}),
-        "controller": cfg.controller.model_copy(update={"checkpoint_url": None,
-                                                        "name": f"bench-families-{os.getpid()}-{name}"}),
-    })
-    t = time.perf_counter()
-    summary = run_job(cfg, echo=lambda m: None)
-    return summary, time.perf_counter() - t
+    return timed_job(cfg, out, f"families-{name}", certify={"enabled": True, "on_uncertified": "warn"})
 
 
 def measure_family(family: str, layers: int, hidden: int, max_steps: int, config: str, cache: Path, work: Path,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench import machine, write_result
+from pipeline.bench import machine, timed_job, write_result
 
 PROMISES = (0.995, 0.99, 0.98, 0.965)
 
@@ -77,20 +77,11 @@ def _job(model: str, corpus: str, config: str, work: Path, promise: float, tag: 
     import pyarrow.parquet as pq
 
     from pipeline.config import JobConfig
-    from pipeline.offline.job import run_job
 
-    cfg = JobConfig.from_yaml(config, model=model)
     out = work / f"job-{tag}"
-    cfg = cfg.model_copy(update={
-        "input": cfg.input.model_copy(update={"url": corpus, "id_column": "id", "passthrough": []}),
-        "output": cfg.output.model_copy(update={"url": str(out)}),
-        "certify": cfg.certify.model_copy(update={"constraint": round(1 - promise, 6), "on_uncertified": "warn"}),
-        "controller": cfg.controller.model_copy(update={"checkpoint_url": None,
-                                                        "name": f"frontier-{os.getpid()}-{tag}"}),
-    })
-    t = time.perf_counter()
-    summary = run_job(cfg, echo=lambda m: None)
-    seconds = time.perf_counter() - t
+    summary, seconds = timed_job(JobConfig.from_yaml(config, model=model), out, f"frontier-{tag}",
+                                 input={"url": corpus, "id_column": "id", "passthrough": []},
+                                 certify={"constraint": round(1 - promise, 6), "on_uncertified": "warn"})
     table = pq.read_table(str(out), columns=["id", "label_id"]).to_pydict()
     return summary, seconds, dict(zip(table["id"], table["label_id"]))
 
