@@ -8,8 +8,9 @@ import torch
 
 
 def train_steps(model: torch.nn.Module, epoch_batches: Callable[[], Iterable], loss_of: Callable[[object], torch.Tensor],
-                total: int, learning_rate: float, progress=None) -> int:
-    """Run `total` steps; `epoch_batches()` yields one epoch of batches, `loss_of(batch)` their loss."""
+                total: int, learning_rate: float, progress=None, after_step: Callable[[int], None] | None = None) -> int:
+    """Run `total` steps; `epoch_batches()` yields one epoch of batches, `loss_of(batch)` their loss;
+    `after_step(step)` after each (the model in train mode again once it returns)."""
     from transformers import get_linear_schedule_with_warmup
 
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
@@ -27,6 +28,9 @@ def train_steps(model: torch.nn.Module, epoch_batches: Callable[[], Iterable], l
             step += 1
             if progress:
                 progress(step, total, float(loss.detach()))
+            if after_step:
+                after_step(step)
+                model.train()
             if step >= total:
                 break
     model.eval()

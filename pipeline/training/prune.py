@@ -18,6 +18,7 @@ original; `manifest.pruning` records what was done and its check.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import tempfile
@@ -74,12 +75,15 @@ class PruneConfig(BaseModel):
     """Rows of the corpus the importance is taken on."""
     recover_steps: int = Field(300, ge=0)
     """Distillation steps after pruning (0: none)."""
+    recover_check_every: int = Field(100, ge=1)
+    """Validation agreement with the original every this many recovery steps; the best step's weights are kept."""
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     temperature: float = Field(2.0, gt=0)
     ramps: Literal["rebootstrap", "keep"] = "rebootstrap"
-    """`rebootstrap`: train new ramps on the pruned model (measured better, docs/pruning.md); `keep`: the source's
-    ramps as they are. Thresholds are tuned against the original's answers either way."""
+    """`rebootstrap`: train new ramps on the pruned model (the default: the source's ramps read hidden states the
+    pruning changed); `keep`: the source's ramps as they are. Thresholds are tuned against the original's answers
+    either way."""
     levels: list[float] = Field(default_factory=lambda: list(LEVELS))
     """The shares `max_agreement_loss` searches (ascending)."""
     multiple: int = Field(8, ge=1)
@@ -155,14 +159,31 @@ def _batches(ids: list, pad_id: int, batch_size: int, device):
         yield torch.from_numpy(a).to(device), torch.from_numpy(m).to(device)
 
 
-def _recover(student, fit: _Rows, pad_id: int, cfg: PruneConfig, progress: Progress, label: str) -> dict:
-    """Distil `student` from the original's logits on the fit rows, in place."""
+def _recover(student, fit: _Rows, val: _Rows, head, pad_id: int, cfg: PruneConfig, progress: Progress,
+             label: str) -> dict:
+    """Distil `student` from the original's logits on the fit rows, in place, keeping the weights of the step
+    (0 included) whose agreement with the original on the validation rows was highest: distillation on the rows
+    the original was fine-tuned on can drift away from it elsewhere (measured: 25% of MiniLM's neurons pruned
+    agreed on 96.6% of held-out rows before recovery and 95.9% after 1,500 steps)."""
     from pipeline.training.distill import _bucketed_batches, kd_loss
     from pipeline.training.loop import train_steps
 
     if cfg.recover_steps == 0:
         return {"steps": 0}
     t0 = time.perf_counter()
+    best = {"step": 0, "agreement": _agreement(head, val.logits, logits_of_rows(student, val.ids, pad_id)),
+            "state": copy.deepcopy(student.state_dict())}
+    history = [(0, best["agreement"])]
+
+    def keep_best(step: int) -> None:
+        if step % cfg.recover_check_every and step != cfg.recover_steps:
+            return
+        student.eval()
+        a = _agreement(head, val.logits, logits_of_rows(student, val.ids, pad_id))
+        history.append((step, round(a, 5)))
+        if a > best["agreement"]:
+            best.update(step=step, agreement=a, state=copy.deepcopy(student.state_dict()))
+
     dropouts = [(m, m.p) for m in student.modules() if isinstance(m, torch.nn.Dropout)]
     for m, _ in dropouts:
         m.p = 0.0  # the target is the original's answer on this row; dropout only blurs it
@@ -183,14 +204,16 @@ def _recover(student, fit: _Rows, pad_id: int, cfg: PruneConfig, progress: Progr
         p.requires_grad_(True)
     try:
         steps = train_steps(student, lambda: _bucketed_batches(lengths, cfg.batch_size, rng), loss_of,
-                            cfg.recover_steps, cfg.learning_rate, progress(label) if progress else None)
+                            cfg.recover_steps, cfg.learning_rate, progress(label) if progress else None, keep_best)
     finally:
         for m, p in dropouts:
             m.p = p
         student.eval()
+    student.load_state_dict(best["state"])
     return {"steps": steps, "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
             "temperature": cfg.temperature, "rows": len(fit.ids), "data": fit.name,
             "final_loss": float(np.mean(last[-20:])) if last else None,
+            "kept_step": best["step"], "validation_agreement_by_step": history,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -206,7 +229,7 @@ def _candidate(original, importance, ffn, heads, fit, val, pad_id, cfg, head, pr
     """(pruned and recovered model, its record)."""
     kept = plan(original, importance, ffn=ffn or None, heads=heads or None, multiple=cfg.multiple)
     model = prune(original, kept)
-    recovery = _recover(model, fit, pad_id, cfg, progress, label)
+    recovery = _recover(model, fit, val, head, pad_id, cfg, progress, label)
     val_logits = logits_of_rows(model, val.ids, pad_id)
     rec = {"ffn": ffn or 0.0, "heads": heads or 0.0, "widths": widths(model), "params": _params(model),
            "validation_agreement": _agreement(head, val.logits, val_logits), "recovery": recovery,

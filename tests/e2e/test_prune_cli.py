@@ -16,6 +16,9 @@ def test_prune_then_bf16_then_inspect_shows_both_steps(tmp_path, tiny_artifact):
     assert manifest["original"] and manifest["compression"] is None
     p = manifest["pruning"]
     assert p["ffn"] == 0.5 and p["widths_after"]["ffn"] == 32 and p["recovery"]["steps"] == 3
+    seen = dict(p["recovery"]["validation_agreement_by_step"])  # step 0 (no recovery) and the last step
+    assert set(seen) == {0, 3} and seen[p["recovery"]["kept_step"]] == max(seen.values())
+    assert abs(p["validation_agreement"] - max(seen.values())) < 1e-4  # the kept weights are the best step's
     assert p["importance"]["data"] == "movie-reviews:train" and p["check"]["rows"] == 40
     assert p["ramps"]["mode"] == "rebootstrap" and len(manifest["thresholds"]) == 3
 
