@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.bench import write_result
+from pipeline.bench import machine, write_result
 from pipeline.config import EngineConfig
 
 
@@ -112,8 +112,8 @@ def run_pruning_bench(source: str, pruned: list[str], dataset: str = "movie-revi
                     "mean_exit_layer": float(np.mean(layers)) if layers is not None else None,
                 })
         del runners
-    result = {"source": source, "pruned": pruned, "dataset": ds.name, "rows": len(texts), "reps": reps,
-              "torch_threads": torch.get_num_threads(), "rows_table": rows}
+    result = {"machine": machine(), "source": source, "pruned": pruned, "dataset": ds.name, "rows": len(texts),
+              "reps": reps, "torch_threads": torch.get_num_threads(), "rows_table": rows}
     echo(format_table(rows))
     write_result(result, out_json, echo)
     return result

@@ -14,6 +14,13 @@ def _pct(x: float | None) -> str:
 
 def headlines(result: dict) -> list[dict]:
     """What a result says, as rows of {benchmark, offramp, baseline, ratio, accuracy} (empty if unknown kind)."""
+    if "pruned" in result and "rows_table" in result:  # bench pruning
+        full = [r for r in result["rows_table"] if r["mode"] == "full" and r["artifact"] != result["source"]]
+        return [{"benchmark": f"pruning: {r['artifact'].rstrip('/').split('/')[-1]} ({r['ffn']:.0%} of feed-forward "
+                              f"neurons, {r['heads']:.0%} of heads), {result['rows']} rows of {result['dataset']}",
+                 "offramp": f"{r['rows_per_s']:.1f} rows/s at full depth ({r['dtype']})",
+                 "baseline": "the unpruned artifact at full depth, same dtype", "ratio": f"{r['vs_unpruned']:.2f}x",
+                 "accuracy": f"agreement with the original {_pct(r['agreement'])}"} for r in full]
     if "rows_table" in result and "plain_rows_per_s" in result:  # bench model
         rows = {r["method"]: r for r in result["rows_table"]}
         plain = next(r for r in result["rows_table"] if r.get("note") == "baseline")

@@ -27,3 +27,16 @@ def test_report_says_what_to_run_when_there_are_no_results(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"something": 1}))
     with pytest.raises(FileNotFoundError, match="offramp bench"):
         render(str(tmp_path))
+
+
+def test_a_pruning_result_reads_as_one_line_per_pruned_artifact_at_full_depth():
+    from pipeline.bench.report import headlines
+
+    row = {"dtype": "float32", "heads": 0.0, "agreement": 0.97, "accuracy": 0.84, "mean_exit_layer": None}
+    result = {"source": "a/ee", "pruned": ["a/ee-ffn50"], "rows": 2113, "dataset": "movie-reviews:test", "rows_table": [
+        dict(row, artifact="a/ee", mode="full", ffn=0.0, rows_per_s=100.0, vs_unpruned=1.0, agreement=1.0),
+        dict(row, artifact="a/ee-ffn50", mode="full", ffn=0.5, rows_per_s=131.0, vs_unpruned=1.31),
+        dict(row, artifact="a/ee-ffn50", mode="exits", ffn=0.5, rows_per_s=300.0, vs_unpruned=1.1)]}
+    [line] = headlines(result)
+    assert line["benchmark"].startswith("pruning: ee-ffn50 (50% of feed-forward neurons")
+    assert line["ratio"] == "1.31x" and line["accuracy"] == "agreement with the original 97.00%"
