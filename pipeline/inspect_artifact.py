@@ -60,7 +60,8 @@ def _chain(m) -> list[str]:
         steps.append([
             f"pruned ({p.get('method')}, {p.get('library')}): {', '.join(kinds)}; parameters "
             f"{p.get('params_before', 0) / 1e6:.1f}M -> {p.get('params_after', 0) / 1e6:.1f}M",
-            f"importance on {imp.get('rows')} rows of {imp.get('data')}; recovery {rec.get('steps', 0)} distillation steps",
+            f"importance on {imp.get('rows')} rows of {imp.get('data')}; recovery {rec.get('steps', 0)} distillation steps"
+            + (f", kept step {rec['kept_step']} (best validation agreement with the original)" if "kept_step" in rec else ""),
             _check_text(p["check"], "the original"),
             (f"ramps {r.get('mode')}; thresholds tuned against the original: early-exit agreement "
              f"{_pct(r.get('check_exit_agreement'))} on {r.get('check_data')}, layer savings "
