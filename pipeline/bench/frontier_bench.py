@@ -56,15 +56,19 @@ def _sorted_torch(model_dir: str, texts: list[str], dtype, threads: int) -> tupl
     return preds, time.perf_counter() - t
 
 
-def _predictor_alone(model: str, texts: list[str], engine: dict, threads: int) -> tuple[np.ndarray, float]:
-    """offramp's engine in one process at the given engine settings (thresholds, dtype): answers, seconds."""
+def _predictor_alone(model: str, texts: list[str], engine: dict, threads: int,
+                     original: bool = False) -> tuple[np.ndarray, float]:
+    """offramp's engine in one process at the given engine settings (thresholds, dtype): answers, seconds.
+    `original`: the float original answers, as in a job whose calibration chose it (not `model`'s compression)."""
     import torch
 
     from pipeline.config import EngineConfig
     from pipeline.engine.predictor import Predictor
 
     torch.set_num_threads(threads)
-    p = Predictor(model, EngineConfig(**engine))
+    p = Predictor(model, EngineConfig(**engine), reference=original)
+    if original:
+        p.use_original()
     p.warm_up()
     p.predict(texts[:256])
     t = time.perf_counter()
@@ -146,9 +150,8 @@ def run_frontier_bench(model: str, others: list[str], config: str = "configs/job
             engine = {"thresholds": summary["controller"]["thresholds"] if summary.get("controller") else
                       cal.get("thresholds"), "dtype": _dtype_of(summary)}
             answered_by = cert.get("answer_with", "model")
-            alone_model = artifact if answered_by == "model" else _original(artifact)
-            alone, alone_s = _predictor_alone(alone_model, texts, {**engine, "mode": "exit", "shadow_fraction": 0.0},
-                                              threads)
+            alone, alone_s = _predictor_alone(artifact, texts, {**engine, "mode": "exit", "shadow_fraction": 0.0},
+                                              threads, original=answered_by == "original")
             add("offramp", f"certified job, promise {promise:.1%}, {Path(artifact).name} ({engine['dtype']}, "
                            f"answered by the {'float original' if answered_by == 'original' else 'artifact'})",
                 secs, [by_id[i] for i in ids], promise, label=f"{promise:.1%} {Path(artifact).name}",
@@ -178,12 +181,6 @@ def _dtype_of(summary: dict) -> str:
     """The dtype the job's actors ended on (its summary's precision_per_worker, e.g. 'bfloat16 (why)')."""
     precisions = list((summary.get("precision_per_worker") or {}).values())
     return precisions[-1].split(" ")[0] if precisions else "float32"
-
-
-def _original(artifact: str) -> str:
-    from pipeline.model.artifact import original_of
-
-    return original_of(artifact)
 
 
 def format_table(points: list[dict]) -> str:
