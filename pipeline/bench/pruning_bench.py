@@ -11,6 +11,7 @@ source. Agreement is with the float32 original's plain predictions; accuracy aga
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,11 +69,8 @@ def run_pruning_bench(source: str, pruned: list[str], dataset: str = "movie-revi
     from pipeline.model.artifact import original_of
 
     for p in pruned:
-        if original_of(p) != str(source) and str(original_of(p)).rstrip("/") != str(source).rstrip("/"):
-            from pathlib import Path
-
-            if Path(original_of(p)).resolve() != Path(source).resolve():
-                raise ValueError(f"{p} was not pruned from {source} (its original is {original_of(p)})")
+        if Path(original_of(p)).resolve() != Path(source).resolve():
+            raise ValueError(f"{p} was not pruned from {source} (its original is {original_of(p)})")
     ds = load_dataset(dataset)
     ds = ds.split(split) if dataset in BUILTIN else ds
     ds = ds.sample(limit)

@@ -231,6 +231,15 @@ def _refit(lin: nn.Linear, original: nn.Linear, keep: list[int], stats: InputSta
             lin.bias.copy_(new_b.to(lin.bias.dtype))
 
 
+def _one_width(keep: list[list[int]], blocks: list, field: str, units: str) -> int:
+    """The one count a config states for every layer, or why this plan cannot be written into it."""
+    counts = {len(k) for k in keep}
+    if len(keep) != len(blocks) or len(counts) != 1:
+        raise PruningRefused(f"{field} is one number for every layer; the plan keeps {sorted(counts)} {units} in "
+                             f"{len(keep)} blocks (of {len(blocks)})")
+    return counts.pop()
+
+
 def prune(model: nn.Module, p: PrunePlan, importance: Importance | None = None, reconstruct: bool = True,
           ridge: float = 1e-2) -> nn.Module:
     """A new classifier: `model`'s weights without the units `p` drops, under a config that states the new widths,
@@ -246,10 +255,7 @@ def prune(model: nn.Module, p: PrunePlan, importance: Importance | None = None, 
     cfg = copy.deepcopy(model.config)
     if p.ffn is not None:
         blocks = ffn_blocks(work)
-        counts = {len(k) for k in p.ffn}
-        if len(p.ffn) != len(blocks) or len(counts) != 1:
-            raise PruningRefused(f"{family}: config.{spec.ffn_field} is one number for every layer; the plan keeps "
-                                 f"{sorted(counts)} neurons in {len(p.ffn)} blocks (of {len(blocks)})")
+        width = _one_width(p.ffn, blocks, f"{family}: config.{spec.ffn_field}", "neurons")
         before = [b.width for b in blocks]
         if spec.traced:
             _prune_ffn_traced(work, blocks, p.ffn)
@@ -259,14 +265,10 @@ def prune(model: nn.Module, p: PrunePlan, importance: Importance | None = None, 
             for i, (b, orig, k) in enumerate(zip(blocks, ffn_blocks(model), p.ffn)):
                 if len(k) < before[i]:
                     _refit(b.output, orig.output, k, importance.ffn_inputs[i], ridge)
-        setattr(cfg, spec.ffn_field, counts.pop())
+        setattr(cfg, spec.ffn_field, width)
     if p.heads is not None:
         blocks = attention_blocks(work)
-        counts = {len(k) for k in p.heads}
-        if len(p.heads) != len(blocks) or len(counts) != 1:
-            raise PruningRefused(f"{family}: config.num_attention_heads is one number for every layer; the plan keeps "
-                                 f"{sorted(counts)} heads in {len(p.heads)} blocks (of {len(blocks)})")
-        a, kept = blocks[0], counts.pop()
+        a, kept = blocks[0], _one_width(p.heads, blocks, f"{family}: config.num_attention_heads", "heads")
         if a.num_kv_heads < a.num_heads and kept % a.num_kv_heads:
             raise PruningRefused(f"{kept} query heads do not split evenly over {a.num_kv_heads} key/value heads")
         _prune_heads(blocks, p.heads)

@@ -9,6 +9,17 @@ import torch
 from pipeline.data.batching import padded_batches
 
 
+class BudgetExceeded(RuntimeError):
+    """A compressed or pruned model lost more agreement than its budget allows (nothing was written); `record` is
+    what was measured."""
+
+    def __init__(self, record: dict, what: str, against: str, fix: str):
+        self.record = record
+        c = record["check"]
+        super().__init__(f"{what} loses {c['agreement_loss']:.2%} agreement with {against} on {c['rows']} rows of "
+                         f"{c['data']}, over the budget of {c['budget']:.2%}; nothing was written. {fix}")
+
+
 def heldout_texts(data: str, limit: int | None = None, text_column: str = "text", label_column: str = "label"):
     """(name, texts, labels or None): a built-in dataset's test split, or every row of a file / URL."""
     from pipeline.data.datasets import BUILTIN, load_dataset

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.compression.pruning import PruningRefused, plan, prune, refusal, unit_importance, widths
 from pipeline.data.batching import pad_rows, padded_batches
 from pipeline.model.classify import logits_of_rows
+from pipeline.training.compression_check import BudgetExceeded
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,6 @@ class PruneConfig(BaseModel):
     device: str = "cpu"
 
 
-class BudgetExceeded(RuntimeError):
-    """The pruned model lost more agreement with the original than the budget allows (nothing was written)."""
-
-    def __init__(self, record: dict):
-        self.record = record
-        c = record["check"]
-        super().__init__(
-            f"pruning ({_shares_text(record)}) loses {c['agreement_loss']:.2%} agreement with the original on "
-            f"{c['rows']} rows of {c['data']}, over the budget of {c['budget']:.2%}; nothing was written. Prune "
-            "less, give more --recover-steps, use --max-agreement-loss to search, or pass --allow-loss"
-        )
 
 
 def _shares_text(record: dict) -> str:
@@ -390,7 +380,9 @@ def prune_artifact(src: str, out: str, cfg: PruneConfig, progress: Progress = No
         "source": str(src),
     }
     if not result["within_budget"] and not cfg.allow_loss:
-        raise BudgetExceeded(record)
+        raise BudgetExceeded(record, f"pruning ({_shares_text(record)})", "the original",
+                             "Prune less, give more --recover-steps, use --max-agreement-loss to search, or pass "
+                             "--allow-loss")
 
     ramps_rec = _write_artifact(src_dir, out_dir, manifest, pruned, tok, head, bcfg, val, check, max_length, cfg,
                                 {"importance": importance.to_dict(), "kept": rec["kept"]}, original, progress)

@@ -21,24 +21,13 @@ from pipeline.compression.capability import cannot_run_here, slow_here
 from pipeline.compression.registry import apply, make_config, to_record
 from pipeline.model.classify import classifier_logits
 from pipeline.model.heads import head_from_scores
-from pipeline.training.compression_check import check, check_artifact, heldout_texts
+from pipeline.training.compression_check import BudgetExceeded, check, check_artifact, heldout_texts
 
 log = logging.getLogger(__name__)
 
 COMPRESSION_JSON = "compression.json"
 
 
-class BudgetExceeded(RuntimeError):
-    """The compressed model lost more agreement than the budget allows (nothing was written)."""
-
-    def __init__(self, record: dict):
-        self.record = record
-        c = record["check"]
-        super().__init__(
-            f"{record['method']} loses {c['agreement_loss']:.2%} agreement with the uncompressed model on "
-            f"{c['rows']} rows of {c['data']}, over the budget of {c['budget']:.2%}; nothing was written. "
-            "Raise --budget or pass --allow-loss to keep it anyway"
-        )
 
 
 def _previous_output(path: Path) -> bool:
@@ -148,7 +137,8 @@ def quantize(model_dir: str, out: str, method: str, data: str = "movie-reviews",
     result["seconds"] = round(time.perf_counter() - t0, 2)
     record = {**record, "source": str(model_dir), "check": result}
     if not result["within_budget"] and not allow_loss:
-        raise BudgetExceeded(record)
+        raise BudgetExceeded(record, record["method"], "the uncompressed model",
+                             "Raise --budget or pass --allow-loss to keep it anyway")
 
     if out_dir.exists():
         shutil.rmtree(out_dir)  # empty, or a previous output of this command (checked above)
