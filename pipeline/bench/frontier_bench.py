@@ -153,7 +153,8 @@ def run_frontier_bench(model: str, others: list[str], config: str = "configs/job
             alone, alone_s = _predictor_alone(artifact, texts, {**engine, "mode": "exit", "shadow_fraction": 0.0},
                                               threads, original=answered_by == "original")
             add("offramp", f"certified job, promise {promise:.1%}, {Path(artifact).name} ({engine['dtype']}, "
-                           f"answered by the {'float original' if answered_by == 'original' else 'artifact'})",
+                           f"answered by the {'float original' if answered_by == 'original' else 'artifact'}"
+                           f"{', audited against its own head' if cert.get('audit_against') == 'own head' else ''})",
                 secs, [by_id[i] for i in ids], promise, label=f"{promise:.1%} {Path(artifact).name}",
                 certified=cert.get("certified"), claimed_interval=cert.get("interval"),
                 mean_exit_layer=summary.get("mean_exit_layer"), pipeline_seconds=summary.get("seconds"),

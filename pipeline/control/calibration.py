@@ -185,6 +185,9 @@ class Candidate:
     """Its seconds per row at full depth, relative to the float original's (measured on the sample)."""
     overhead: float = 0.0
     """More time per row on top, in the same unit: the float original run beside it on the rows audited."""
+    head_share: float = 0.0
+    """The share of the bulk's budget its own head's disagreement with the float original may take (an upper
+    bound measured apart), when `sample` measures its exits against its own head (no `reference`)."""
 
 
 def calibrate_candidates(candidates: Sequence[Candidate], budget: float, delta: float = 0.05,
@@ -198,8 +201,9 @@ def calibrate_candidates(candidates: Sequence[Candidate], budget: float, delta: 
     plus its `overhead`).
     A model whose head alone would likely fail the test's first point (the upper end of a 75% one-sided interval
     of its tune-split rate, counted over the test split, not rejected at delta) is passed over; the float original
-    never disagrees with itself. The quickest of the rest wins. Returns (the chosen candidate, its calibration,
-    what was estimated for each)."""
+    never disagrees with itself. A candidate with a `head_share` is certified at what is left of the budget (none
+    left: passed over). The quickest of the rest wins. Returns (the chosen candidate, its calibration, what was
+    estimated for each)."""
     n = len(candidates[0].sample)
     if any(len(c.sample) != n for c in candidates):
         raise ValueError("candidates must be recorded on the same calibration rows")
@@ -208,17 +212,20 @@ def calibrate_candidates(candidates: Sequence[Candidate], budget: float, delta: 
     estimates = []
     for c in candidates:
         own = c.sample.take(tune_idx)
+        mine = budget - c.head_share
         wrong = int(len(own) - own.final_ok.sum())
         head = wrong / len(own) if len(own) else 0.0
         head_up = clopper_pearson(wrong, len(own), 0.5)[1] if len(own) and wrong < len(own) else 1.0
-        feasible = wrong == 0 or binom_cdf(math.ceil(head_up * len(test_idx)), len(test_idx), budget) <= delta
+        feasible = mine > 0 and (wrong == 0 or binom_cdf(math.ceil(head_up * len(test_idx)), len(test_idx), mine) <= delta)
         tune = own if c.warm is None else FeedbackWindow.concat([own, c.warm])
-        shape = tune_thresholds(tune, c.costs, budget, act).thresholds
+        shape = tune_thresholds(tune, c.costs, max(mine, 0.0), act).thresholds
         saved = evaluate(tune, c.costs, shape, act).savings
         estimates.append({"candidate": c.name, "speed": round(c.speed, 4), "head_disagreement": round(head, 6),
-                          "feasible": bool(feasible), "estimated_savings": round(saved, 4),
+                          "budget": round(mine, 6), "feasible": bool(feasible), "estimated_savings": round(saved, 4),
                           "estimated_time_per_row": round(c.speed * (1.0 - saved) + c.overhead, 4)})
     feasible = [k for k, e in enumerate(estimates) if e["feasible"]] or [0]
     best = min(feasible, key=lambda k: estimates[k]["estimated_time_per_row"])
     chosen = candidates[best]
-    return chosen, calibrate_sample(chosen.sample, chosen.warm, chosen.costs, budget, delta, active, seed), estimates
+    cal = calibrate_sample(chosen.sample, chosen.warm, chosen.costs, max(budget - chosen.head_share, 1e-9), delta,
+                           active, seed)
+    return chosen, cal, estimates

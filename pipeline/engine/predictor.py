@@ -207,6 +207,11 @@ class Predictor:
         self.dtype_reason = "calibration chose the float original to answer"
         self.compression = f"none: the float original answers ({self.compression} could not keep the promise)"
 
+    def drop_reference(self) -> None:
+        """Stop running the float original on feedback rows (they measure against this model's own head from
+        now on): a certified job whose calibration bounded this model's head against the original apart."""
+        self.reference = None
+
     @property
     def num_ramps(self) -> int:
         return len(self.model.ramps)

@@ -179,6 +179,10 @@ class JobCalibration:
     quicker under the promise, or nothing could be certified for a compressed model whose own head disagrees)."""
     report: dict
     rows: int
+    audit_against: str = "float original"
+    """What the bulk's audit compares the answers with: "float original", or "own head" (the running model's own
+    head, no second model: the certificate adds its head's disagreement with the original, bounded on the
+    calibration sample, `report["head"]`)."""
     seconds: float = 0.0
     """Wall time from the job's start until the decision was published."""
     answers: dict[int, dict[int, tuple]] = field(default_factory=dict)
@@ -186,12 +190,19 @@ class JobCalibration:
     def decision(self) -> dict:
         """What the actors read (`DECISION`), and the driver reports."""
         return {"thresholds": self.thresholds, "audit_fraction": self.audit_fraction,
-                "answer_with": self.answer_with, "rows": self.rows, "report": self.report,
-                "decided_at": time.time()}
+                "answer_with": self.answer_with, "audit_against": self.audit_against, "rows": self.rows,
+                "report": self.report, "decided_at": time.time()}
 
     @classmethod
     def from_decision(cls, d: dict) -> "JobCalibration":
-        return cls(d["thresholds"], d["audit_fraction"], d["answer_with"], d.get("report") or {}, d["rows"])
+        return cls(d["thresholds"], d["audit_fraction"], d["answer_with"], d.get("report") or {}, d["rows"],
+                   d.get("audit_against", "float original"))
+
+    @property
+    def head(self) -> dict | None:
+        """The running model's head against the float original on the calibration sample, when the bulk's audit
+        compares with that head (the certificate's second term), else None."""
+        return self.report.get("head") if self.audit_against == "own head" else None
 
     def describe(self) -> str:
         """One line: which model answers the bulk and what was certified on the sample."""
@@ -205,6 +216,11 @@ class JobCalibration:
             why = (f" (the running model's own head disagreed with the float original on "
                    f"{est['head_disagreement']:.2%} of the tune rows, at {est['speed']:.2f}x the original's time per "
                    f"row)")
+        if self.head is not None:
+            h = self.head
+            why += (f", its exits audited against its own head (no second model): the head's disagreement with the "
+                    f"float original is bounded apart, {h['disagreements']}/{h['rows']} on the sample, at most "
+                    f"{h['upper_rows']} rows of the job")
         if r["chosen"] >= 0:
             return (f"calibration: {who} answers the bulk{why}; thresholds {[round(x, 4) for x in self.thresholds]} "
                     f"certified on {self.rows} rows (test split: {round(r['test_disagreement'] * r['test_rows'])}/"
@@ -215,10 +231,13 @@ class JobCalibration:
                 f"bulk{why}, every ramp closed")
 
 
-def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int, constraint: float) -> float:
+def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int, constraint: float,
+                   head_rows: int | None = None) -> float:
     """The audit's rate: enough bulk rows that the certificate's lower end clears the promise when the
     output disagrees at what calibration measured, plus a quarter of the way to its bound (the estimate of
-    the boldest point that passed is optimistic; planning at the bound itself oversizes the audit ~2x)."""
+    the boldest point that passed is optimistic; planning at the bound itself oversizes the audit ~2x).
+    `head_rows`: the audit compares with the running model's own head, whose disagreement with the float original
+    takes up to this many rows of the budget (the certificate's two terms each at half its error)."""
     from pipeline.control.stats import rows_to_certify
 
     if c.audit_fraction is not None:
@@ -230,9 +249,10 @@ def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int,
     else:
         rate = calibration["test_disagreement"] + (calibration["upper_bound"] - calibration["test_disagreement"]) / 4
     # The interval covers the bulk's disagreements, spread over every answered row (calibration's agree).
-    budget = constraint * total_rows / bulk_rows
+    budget = (constraint * total_rows - (head_rows or 0)) / bulk_rows
+    confidence = c.confidence if head_rows is None else 1 - (1 - c.confidence) / 2
     # x1.25: the audit's size is itself random (Bernoulli), and a count just at the need fails half the time
-    need = 1.25 * rows_to_certify(rate, budget, c.confidence)
+    need = 1.25 * rows_to_certify(rate, budget, confidence)
     return float(min(c.max_audit_fraction, max(c.min_audit_fraction, need / bulk_rows)))
 
 
@@ -243,6 +263,7 @@ def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int)
     calibrate_candidates): its own head's disagreement counts against the budget."""
     from pipeline.control.calibration import Candidate, bulk_budget, calibrate_candidates
     from pipeline.control.deployment import cost_model, warm_start_window
+    from pipeline.feedback import FeedbackWindow
 
     c = cfg.certify
     if table is None:
@@ -253,24 +274,56 @@ def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int)
     fb = feedback_of(table, R)
     candidates = [Candidate("model", fb, warm_start_window(cfg.model, manifest), costs)]
     original = feedback_of(table, R, original=True)
+    bulk = total - table.num_rows
+    head = None
     if original is not None:  # the running model is not the float original: the original is a candidate too
         times = seconds_of([table])
         candidates[0].speed = times["model_seconds"] / times["reference_seconds"] if times["reference_seconds"] else 1.0
-        # the float original runs beside it on the audited rows (planned as if at half the budget)
-        candidates[0].overhead = audit_fraction(c, None, total - table.num_rows, total, constraint)
+        # the float original runs beside it on the audit and feedback rows: an audit planned at 3/4 of the budget
+        # (the certified thresholds come close to it), feedback at least midway between its floor and ceiling
+        near = {"test_disagreement": 0.75 * constraint, "upper_bound": 0.75 * constraint}
+        candidates[0].overhead = max(audit_fraction(c, near, bulk, total, constraint),
+                                     (c.feedback_min + c.feedback_max) / 2)
         candidates.append(Candidate("original", original, None, costs))
+        # ... or the model alone, its exits audited against its own head, its head bounded on this sample
+        head = head_evidence(fb, total, table.num_rows, c.confidence)
+        own = FeedbackWindow(fb.conf, fb.pred, fb.final)
+        candidates.append(Candidate(OWN_HEAD, own, candidates[0].warm, costs, candidates[0].speed,
+                                    head_share=head["upper_rows"] / bulk if bulk > 0 else 1.0))
     budget = bulk_budget(constraint, total, table.num_rows)
     chosen, cal, estimates = calibrate_candidates(candidates, budget, 1 - c.confidence, manifest.active, c.seed)
-    head_disagree = int((chosen.sample.final != chosen.sample.labels).sum())
+    head_disagree = int((candidates[0].sample.final != candidates[0].sample.labels).sum())
     report = {**cal.to_dict(), "promise_constraint": constraint, "rows": table.num_rows, "answer_with": chosen.name,
-              "head_disagreements": head_disagree, "candidates": estimates}
-    answer_with = chosen.name
-    if cal.chosen < 0 and head_disagree:  # nothing certified and the model's own head errs: the original, closed
-        answer_with = "original"
-    closed = cal.chosen < 0 and answer_with != chosen.name
-    audit = 0.0 if closed else audit_fraction(c, report, total - table.num_rows, total, constraint)
+              "head_disagreements": head_disagree, "candidates": estimates, **({"head": head} if head else {})}
+    answer_with = "original" if chosen.name == "original" else "model"
+    if cal.chosen < 0 and head_disagree and chosen.name == "model":  # nothing certified and its head errs:
+        answer_with = "original"                                       # the original answers, every ramp closed
+    closed = cal.chosen < 0 and answer_with == "original" and chosen.name != "original"
+    against = OWN_HEAD if chosen.name == OWN_HEAD else "float original"
+    if against == OWN_HEAD and cal.chosen < 0:  # every ramp closed: its head answers all, bounded on the sample
+        audit = 0.0
+    else:
+        audit = 0.0 if closed else audit_fraction(c, report, bulk, total, constraint,
+                                                  head["upper_rows"] if against == OWN_HEAD else None)
     return JobCalibration([float(x) for x in cal.thresholds], audit, answer_with, report, table.num_rows,
-                          answers=answers_by_shard(table))
+                          against, answers=answers_by_shard(table))
+
+
+OWN_HEAD = "own head"
+"""The calibration candidate (and the audit) of a running model that is not the float original, its exits
+audited against its own head: what a certificate then adds for the head is bounded on the calibration sample."""
+
+
+def head_evidence(fb, total_rows: int, sample_rows: int, confidence: float) -> dict:
+    """The running model's own head against the float original on the calibration sample's answered rows (a
+    uniform sample of the job's), and the most disagreements the job's other rows can hold (the upper end of the
+    exact interval at half the certificate's error: the other half is the exits'). `fb`: feedback_of's window."""
+    from pipeline.control.stats import hypergeom_count_interval
+
+    n, k = len(fb), int((fb.final != fb.labels).sum())
+    population = max(n, round(total_rows * n / sample_rows)) if sample_rows else n  # answered rows, as planned
+    hi = hypergeom_count_interval(k, n, population, 1 - (1 - confidence) / 2)[1] if n else population
+    return {"rows": n, "disagreements": k, "upper_rows": int(hi - k)}
 
 
 def publish(output_url: str, calibration: JobCalibration, table: pa.Table | None) -> None:

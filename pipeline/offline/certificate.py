@@ -10,6 +10,12 @@ Every answered row of the output is one of two kinds:
 
 Disagreements of the output: a count among the early rows, of which the audit is a uniform sample drawn
 without replacement; its exact hypergeometric interval gives the output's interval. The same per part (wide: a part holds few audit rows).
+
+When the audit compares the early rows with the running model's own head instead (no second model in the bulk,
+`head`), an answer can differ from the original's only where it differs from its own head or that head differs
+from the original's: disagreements <= the audit's count + the head's count over the bulk, the second bounded
+from the calibration sample (a uniform sample of the job's rows, every one run through both). Each term's exact
+interval at half the error, and their sum (a union bound) is the output's interval.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from typing import Any
 from pipeline.control.stats import hypergeom_count_interval
 
 COUNTS = ("rows", "answered", "calibration", "exact", "early", "audit", "audit_disagree", "audit_early",
-          "audit_early_disagree")
+          "audit_early_disagree", "ramp", "audit_ramp", "audit_ramp_disagree")
+"""`ramp`: the early rows a ramp answered (the rest of them reached the running model's head), and the audit among
+them: where an answer can differ from the model's own head."""
 
 
 def interval_of(c: dict, confidence: float, audit_in_early: bool = True) -> dict[str, Any]:
@@ -36,27 +44,58 @@ def interval_of(c: dict, confidence: float, audit_in_early: bool = True) -> dict
             "interval": [1 - (hi - seen) / answered, 1 - (lo - seen) / answered]}
 
 
+def with_head(c: dict, head: dict, confidence: float) -> dict[str, Any]:
+    """The output's agreement and interval when its audit compared with the running model's own head (`c`'s
+    audit counts) and `head` ({"rows", "disagreements"}) is that head against the float original on the
+    calibration sample: a union bound, each term's exact interval at half the error (see the module)."""
+    answered = c["answered"]
+    if not answered:
+        return {"agreement": None, "interval": None}
+    half = 1 - (1 - confidence) / 2
+    # only a ramp's answer can differ from the model's own head: the audit's rows a ramp answered are a uniform
+    # sample of those rows
+    n, d, ramp = c.get("audit_ramp", 0), c.get("audit_ramp_disagree", 0), c.get("ramp", 0)
+    lo_e, hi_e = hypergeom_count_interval(d, n, ramp, half) if n else (0, ramp)
+    m, k = head["rows"], head["disagreements"]
+    population = max(answered, m)
+    lo_h, hi_h = hypergeom_count_interval(k, m, population, half) if m else (0, population)
+    lo_h, hi_h = lo_h - k, hi_h - k  # the sample's own rows were answered by the original
+    est = ((ramp * d / n if n else 0.0) + (population - m) * k / m) if m else None
+    lo = max(0, lo_h - hi_e, lo_e - hi_h)
+    return {"agreement": None if est is None else 1 - min(est, answered) / answered,
+            "interval": [1 - min(answered, hi_e + hi_h) / answered, 1 - lo / answered]}
+
+
 def certify(parts: list[dict], constraint: float, confidence: float = 0.95,
-            audit_in_early: bool = True) -> dict[str, Any]:
+            audit_in_early: bool = True, head: dict | None = None) -> dict[str, Any]:
     """The job's certificate from its parts' counts (COUNTS, plus "shard" and "first_row" per part).
-    `audit_in_early` False: the audited rows were re-run and are answered by the original now (a top-up)."""
+    `audit_in_early` False: the audited rows were re-run and are answered by the original now (a top-up).
+    `head`: the audit compared with the running model's own head, and this is that head against the float
+    original on the calibration sample ({"rows", "disagreements"}; `with_head`)."""
     total = {k: sum(int(p.get(k, 0)) for p in parts) for k in COUNTS}
-    head = interval_of(total, confidence, audit_in_early)
-    iv = head["interval"]
+    overall = interval_of(total, confidence, audit_in_early) if head is None else with_head(total, head, confidence)
+    iv = overall["interval"]
     certified = iv is None or iv[0] >= 1 - constraint - 1e-12
     per_part = []
     for p in sorted(parts, key=lambda p: (p["shard"], p.get("first_row", 0))):
         per_part.append({"shard": p["shard"], "first_row": p.get("first_row", 0),
                          **{k: int(p.get(k, 0)) for k in COUNTS}, **interval_of(p, confidence, audit_in_early)})
+    method = (f"exact hypergeometric {100 * confidence:g}% two-sided over the audited rows not answered by the "
+              "float original (a ramp's, or a compressed head's); rows the float original answered count as agreeing")
+    if head is not None:
+        method = (f"union bound of two exact hypergeometric intervals, {100 * confidence:g}% together: the audited "
+                  "rows against the running model's own head, and that head against the float original on the "
+                  "calibration sample; rows the float original answered count as agreeing (the parts' intervals: "
+                  "against the own head alone)")
     out = {
-        "method": f"exact hypergeometric {100 * confidence:g}% two-sided over the audited rows not answered by the "
-                  "float original (a ramp's, or a compressed head's); rows the float original answered count as agreeing",
+        "method": method,
         "constraint": constraint,
         "promise": 1 - constraint,
         "confidence": confidence,
-        **head,
+        **overall,
         "certified": certified,
         "audit_in_early": audit_in_early,
+        **({"audit_against": "own head", "head": head} if head is not None else {}),
         **total,
         "parts": per_part,
     }
@@ -83,7 +122,12 @@ def describe(cert: dict) -> str:
                 if cert.get("looks", 1) == 1 else
                 f"a fresh sample of {cert['audit_early']} rows it had not answered, re-run (and now answered) by it; "
                 f"{cert['early']} such rows left")
-    return (f"agreement with the float original {cert['agreement']:.2%}, {cert['method'].split(' over')[0]} "
+    if cert.get("head"):
+        h = cert["head"]
+        evidence = (f"{cert['audit_early']} audited of the {cert['early']} rows it did not answer itself, against its "
+                    f"own head, plus that head against the original on {h['rows']} calibration rows "
+                    f"({h['disagreements']} disagreements)")
+    return (f"agreement with the float original {cert['agreement']:.2%}, {cert['method'].split(' over')[0].split(':')[0]} "
             f"interval [{lo:.2%}, {hi:.2%}] from {evidence}: {verdict}")
 
 
@@ -99,7 +143,9 @@ def describe_cost(cert: dict) -> str | None:
         said.append(f"{cost['rows_answered_in_full_before_the_decision']} rows answered in full before it "
                     f"({cost['before_decision_share_of_actor_time']:.0%})")
     if cost.get("reference_share_of_actor_time"):
-        said.append(f"the float original on feedback rows {cost['reference_share_of_actor_time']:.0%}")
+        bulk = cost.get("bulk_reference_share_of_actor_time")
+        said.append(f"the float original beside it {cost['reference_share_of_actor_time']:.0%}"
+                    + ("" if bulk is None else f" ({bulk:.0%} on the bulk's audit and feedback rows, the rest in calibration)"))
     if cost.get("feedback_share_of_actor_time_estimated") is not None:
         said.append(f"audit and feedback rows run to the end ~{cost['feedback_share_of_actor_time_estimated']:.0%} "
                     f"(their {cost['feedback_share_of_bulk_layer_work']:.0%} of the bulk's layer work)")

@@ -331,7 +331,7 @@ def _certificate(cfg: JobConfig, summaries: list[dict], finished: set[int], cons
 
     parts = [json.loads(r["part_stats"]) for r in summaries if r.get("part_stats")]
     parts += sink.part_stats(cfg.output.url, finished)
-    cert = certify_parts(parts, constraint, cfg.certify.confidence)
+    cert = certify_parts(parts, constraint, cfg.certify.confidence, head=None if calibration is None else calibration.head)
     cert["audit_fraction"] = None if calibration is None else round(calibration.audit_fraction, 4)
     if calibration is not None and calibration.report:  # certify.calibrate off: the engine's thresholds, audited
         cert["calibration_report"] = calibration.report

@@ -56,6 +56,7 @@ def promise_cost(summaries: list[dict], summary: dict, calibration) -> dict:
         "rows_answered_in_full_before_the_decision": int(sum(r["exact_before_decision"] for r in bulk)),
         "before_decision_share_of_actor_time": share(before),
         "reference_share_of_actor_time": share(sum(r["reference_seconds"] for r in summaries)),
+        "bulk_reference_share_of_actor_time": share(sum(r["reference_seconds"] for r in bulk)),
         "feedback_share_of_bulk_layer_work": None if feedback is None else round(feedback, 4),
         "feedback_share_of_actor_time_estimated": None if feedback is None else share(feedback * bulk_busy),
     }

@@ -88,6 +88,7 @@ def rerun(cfg, shards: list[Shard], targets: dict[int, np.ndarray], num_layers: 
         if not hit:
             continue
         c = counts.setdefault(shard, {"rows": 0, "disagree": 0})
+        ramps = sum(d["exit_layer"][i] < num_layers for i in hit)  # a ramp had answered them
         for i in hit:
             lab, lid, sc = new[(shard, positions[i])]
             c["rows"] += 1
@@ -95,6 +96,7 @@ def rerun(cfg, shards: list[Shard], targets: dict[int, np.ndarray], num_layers: 
             d["label"][i], d["label_id"][i], d["score"][i], d["exit_layer"][i] = lab, lid, sc, num_layers
         if stats:
             stats["early"] = stats.get("early", 0) - len(hit)
+            stats["ramp"] = max(0, stats.get("ramp", 0) - ramps)
             stats["exact"] = stats.get("exact", 0) + len(hit)
             if "early_positions" in stats:
                 done = {positions[i] for i in hit}
@@ -119,6 +121,8 @@ def top_up(cfg, shards: list[Shard], cert: dict, constraint: float, num_layers: 
     if not E or not N:
         return None
     seen = (cert["audit_early_disagree"] + 0.5) / (cert["audit_early"] + 1)  # early-row rate, pulled off zero
+    if cert.get("head"):  # that audit compared with the model's own head: its head's own rate on top
+        seen += cert["head"]["disagreements"] / max(1, cert["head"]["rows"]) * N / E
     budget = constraint * N / E
     if seen >= budget:
         return None

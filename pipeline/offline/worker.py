@@ -110,7 +110,7 @@ class EarlyExitWorker:
         if self.certify is None or self.decision is not None:
             return self.decision
         from pipeline.engine.policy import ExitPolicy
-        from pipeline.offline.calibrate import read_published
+        from pipeline.offline.calibrate import OWN_HEAD, read_published
 
         got = read_published(self.output_url)
         if got is None:
@@ -118,6 +118,8 @@ class EarlyExitWorker:
         self.decision, self.known = got
         if self.decision["answer_with"] == "original":
             self.predictor.use_original()
+        elif self.decision.get("audit_against") == OWN_HEAD:  # audit rows run to the end of this model alone
+            self.predictor.drop_reference()
         if self.client is not None:
             self.client.refresh()  # the controller was handed the thresholds before they were published
         if self.client is None or self.client.version <= self.predictor.policy.version:
@@ -292,10 +294,12 @@ class EarlyExitWorker:
         answered by the float original; the audit measures the others against it."""
         answered = np.array([v[6] is None for v in values])
         early = answered & ~exact
+        ramp = early & np.array([v[4] < L for v in values])
         stats = {"shard": shard, "first_row": int(min(positions)), "rows": len(values),
                  "answered": int(answered.sum()), "calibration": int(calibration), "early": int(early.sum()),
                  "exact": int((answered & exact).sum()),
-                 "audit": 0, "audit_disagree": 0, "audit_early": 0, "audit_early_disagree": 0,
+                 "ramp": int(ramp.sum()), "audit": 0, "audit_disagree": 0, "audit_early": 0,
+                 "audit_early_disagree": 0, "audit_ramp": 0, "audit_ramp_disagree": 0,
                  # which rows the float original did not answer: what --repair and a top-up re-run
                  "early_positions": [positions[i] for i in np.flatnonzero(early)]}
         for piece in pieces:
@@ -312,6 +316,9 @@ class EarlyExitWorker:
                 if early[piece.rows[i]]:
                     stats["audit_early"] += 1
                     stats["audit_early_disagree"] += wrong
+                if ramp[piece.rows[i]]:
+                    stats["audit_ramp"] += 1
+                    stats["audit_ramp_disagree"] += wrong
         return stats
 
 

@@ -36,9 +36,20 @@ def test_a_bfloat16_job_is_certified_against_its_float32_original(ray_session, t
     summary = run_job(_certified(tiny_artifact, tmp_path, "out", engine={"dtype": "bfloat16"},
                                  certify={"audit_fraction": 0.3}))
     cert = summary["certificate"]
-    assert cert["cost"]["reference_share_of_actor_time"] > 0  # the float32 original ran beside it
+    cost = cert["cost"]
+    assert cost["reference_share_of_actor_time"] > 0  # the float32 original ran beside it
     candidates = {c["candidate"]: c for c in cert["calibration_report"]["candidates"]}
-    assert set(candidates) == {"model", "original"} and candidates["original"]["head_disagreement"] == 0
+    assert set(candidates) == {"model", "original", "own head"} and candidates["original"]["head_disagreement"] == 0
+    # audited against its own head: the head's bound leaves the exits less of the budget, and no second model runs
+    # in the bulk; against the original: it does
+    assert candidates["own head"]["budget"] < candidates["model"]["budget"]
+    head = cert["calibration_report"]["head"]
+    assert 0 < head["rows"] <= cert["calibration"]
+    if cert.get("audit_against") == "own head":
+        assert cert["head"] == head
+        assert cost["bulk_reference_share_of_actor_time"] == 0
+    elif cert["answer_with"] == "model":
+        assert cost["bulk_reference_share_of_actor_time"] > 0
     L = summary["layers"]
     rows = _read_output(tmp_path / "out")
     if cert["answer_with"] == "model":  # bfloat16 answered the bulk: only the original's own answers are exact

@@ -252,11 +252,13 @@ def test_the_cost_line_names_each_share_of_the_actors_time_it_has():
     cost = {"calibration_actor_seconds": 19.8, "calibration_share_of_actor_time": 0.265,
             "calibration_decided_after_seconds": 12.0, "rows_answered_in_full_before_the_decision": 512,
             "before_decision_share_of_actor_time": 0.08, "reference_share_of_actor_time": 0.04,
+            "bulk_reference_share_of_actor_time": 0.01,
             "feedback_share_of_bulk_layer_work": 0.097, "feedback_share_of_actor_time_estimated": 0.071}
     line = describe_cost({"cost": cost})
     assert line == ("the promise cost: calibration 26% of the actors' time (19.8 s, decided 12.0 s into the job); "
-                    "512 rows answered in full before it (8%); the float original on feedback rows 4%; audit and "
-                    "feedback rows run to the end ~7% (their 10% of the bulk's layer work)")
+                    "512 rows answered in full before it (8%); the float original beside it 4% (1% on the bulk's "
+                    "audit and feedback rows, the rest in calibration); audit and feedback rows run to the end ~7% "
+                    "(their 10% of the bulk's layer work)")
     bare = dict(cost, calibration_actor_seconds=0.0, rows_answered_in_full_before_the_decision=0,
                 reference_share_of_actor_time=0.0)
     assert describe_cost({"cost": bare}).startswith("the promise cost: audit and feedback rows")
@@ -331,3 +333,54 @@ def test_the_count_interval_matches_a_brute_force_hypergeometric():
         inside = [m for m in range(M + 1) if k <= m <= M - (n - k)
                   and cdf(k, m) > 0.025 and 1 - cdf(k - 1, m) > 0.025]
         assert hypergeom_count_interval(k, n, M, 0.95) == (inside[0], inside[-1])
+
+
+def test_the_union_bound_certificate_covers_the_truth_when_the_audit_compares_with_the_own_head():
+    """A bf16 / int8 model audited against its own head: an answer differs from the original's where exactly
+    one of (exit != own head, own head != original) holds (two labels). The audit sees the first, the calibration
+    sample the second; their union-bound interval must still hold the true agreement."""
+    rng = np.random.default_rng(6)
+    answered, m = 3000, 300
+    for head_rate, exit_rate in ((0.002, 0.01), (0.01, 0.004)):
+        covered = 0
+        for _ in range(300):
+            head_wrong = rng.random(answered) < head_rate
+            exit_wrong = rng.random(answered) < exit_rate
+            sample = np.zeros(answered, bool)
+            sample[rng.choice(answered, m, replace=False)] = True  # answered by the original: exact
+            bulk = ~sample
+            truth = 1 - int(((head_wrong ^ exit_wrong) & bulk).sum()) / answered
+            audit = bulk & (rng.random(answered) < 0.2)
+            at_ramp = bulk & (rng.random(answered) < 0.6) | exit_wrong & bulk  # only a ramp differs from its head
+            audit = audit & bulk
+            part = {"shard": 0, "rows": answered, "answered": answered, "calibration": m, "exact": m,
+                    "early": int(bulk.sum()), "audit": int(audit.sum()), "audit_disagree": int((exit_wrong & audit).sum()),
+                    "audit_early": int(audit.sum()), "audit_early_disagree": int((exit_wrong & audit).sum()),
+                    "ramp": int(at_ramp.sum()), "audit_ramp": int((audit & at_ramp).sum()),
+                    "audit_ramp_disagree": int((exit_wrong & audit).sum())}
+            cert = certify([part], 0.02, 0.95, head={"rows": m, "disagreements": int((head_wrong & sample).sum())})
+            lo, hi = cert["interval"]
+            covered += lo - 1e-12 <= truth <= hi + 1e-12
+            assert lo <= cert["agreement"] <= hi and cert["audit_against"] == "own head"
+        assert covered / 300 >= 0.95, (head_rate, exit_rate, covered)
+
+
+@pytest.mark.parametrize("head_share,winner", [(0.002, "own head"), (0.02, "model")])
+def test_a_model_audited_against_its_own_head_is_certified_at_what_its_head_leaves(head_share, winner):
+    """The third candidate: the compressed model alone, its exits against its own head at the budget less its
+    head's bound. It wins when that leaves room; with no room left it is passed over."""
+    from pipeline.control.calibration import Candidate, calibrate_candidates
+
+    original = synthetic_window(1500, SKILLS, seed=3)
+    model = _compressed(original, 0.002, seed=4)
+    own = FeedbackWindow(model.conf, model.pred, model.final)
+    chosen, cal, est = calibrate_candidates([Candidate("model", model, None, COSTS, 0.5, overhead=0.3),
+                                             Candidate("original", original, None, COSTS, 1.0),
+                                             Candidate("own head", own, None, COSTS, 0.5, head_share=head_share)],
+                                            0.01, 0.05, seed=0)
+    assert chosen.name == winner and est[2]["budget"] == pytest.approx(0.01 - head_share)
+    assert est[2]["feasible"] == (head_share < 0.01)
+    if winner == "own head":  # certified against its own head at what is left of the budget
+        _, test = split_rows(1500, 0)
+        out = evaluate(own.take(test), COSTS, cal.thresholds, np.ones(5, bool))
+        assert cal.constraint == pytest.approx(0.01 - head_share) and 1 - out.agreement <= cal.upper_bound + 1e-9
