@@ -160,7 +160,7 @@ def run_frontier_bench(model: str, others: list[str], config: str = "configs/job
                 mean_exit_layer=summary.get("mean_exit_layer"), pipeline_seconds=summary.get("seconds"),
                 engine_rows_per_s=round(len(texts) / alone_s, 1),
                 job_vs_engine=round(alone_s / secs, 3), engine_agreement=round(float((alone == reference).mean()), 5),
-                cost=cert.get("cost"))
+                cost=cert.get("cost"), timeline=summary.get("timeline"))
     result = {"machine": machine(), "rows": rows, "threads": threads, "config": config, "models": [model, *others],
               "points": points}
     echo(format_table(points))

@@ -21,7 +21,7 @@ from pipeline.config import JobConfig
 from pipeline.control.deployment import ControllerMismatch, controller_constraint, own_controller_name, start_controller
 from pipeline.data.readers import require_columns
 from pipeline.offline import attempts, ray_session, sink
-from pipeline.offline.job_summary import format_summary, output_exits, promise_cost, summarize  # noqa: F401
+from pipeline.offline.job_summary import format_summary, output_exits, promise_cost, summarize, timeline  # noqa: F401
 from pipeline.offline.shards import plan_shards, read_shard
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,10 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
     if ckpt and not cfg.resume and not cfg.controller.share:  # a fresh job's controller starts fresh, not from
         _remove_url(ckpt)                                     # an earlier job's state at the same URL
 
+    t_ray = time.perf_counter()
     started = _init_ray(cfg, address)
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
+    ray_start = t0 - t_ray
     controller = None
     try:
         c = cfg.certify
@@ -193,7 +195,7 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
             calibration = watch.decided or _published_calibration(cfg.output.url, t0)
             _clear_items(cfg.output.url)
         summary = summarize(cfg, shards, finished, summaries, controller, manifest)
-        summary["seconds_total"] = round(time.perf_counter() - t0, 3)
+        pipeline_done = time.time() - t0_wall
         if c.enabled:
             cert = _certificate(cfg, summaries, finished, constraint, calibration, summary)
             if not cert["certified"] and c.top_up:
@@ -201,6 +203,9 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
                 if cert.get("looks", 1) > 1:  # re-run rows carry the original's answers now: count the output as is
                     summary.update(output_exits(cfg.output.url, manifest.num_layers))
             summary["certificate"] = cert
+        summary["seconds_total"] = round(time.perf_counter() - t0, 3)
+        summary["timeline"] = timeline(summaries, t0_wall, ray_start, pipeline_done, calibration,
+                                       summary["seconds_total"])
     finally:
         if controller is not None and not cfg.controller.share:  # the job's own: gone with it (checkpoint stays)
             from pipeline.control.actor import stop_controller

@@ -62,6 +62,26 @@ def promise_cost(summaries: list[dict], summary: dict, calibration) -> dict:
     }
 
 
+def timeline(summaries: list[dict], t0_wall: float, ray_start: float, pipeline_done: float, calibration,
+             total: float) -> dict:
+    """Where the job's wall time went, as marks in seconds from the job's start (after Ray started): the first
+    item an actor began (start-up: actors built and warmed, the first shard read and tokenized), the calibration
+    decision, the last item done (the bulk), the pipeline's end, and the end of the certificate (a top-up
+    included) and summary."""
+    starts = [r["finished_at"] - r["seconds"] for r in summaries]
+    ends = [r["finished_at"] for r in summaries]
+
+    def mark(x):
+        return None if x is None else round(max(0.0, x), 2)
+
+    return {"ray_start_s": mark(ray_start),
+            "first_item_started_s": mark(min(starts) - t0_wall if starts else None),
+            "calibration_decided_s": mark(getattr(calibration, "seconds", None) or None),
+            "last_item_done_s": mark(max(ends) - t0_wall if ends else None),
+            "pipeline_done_s": mark(pipeline_done),
+            "total_s": mark(total)}
+
+
 def summarize(cfg: JobConfig, shards, finished, rows: list[dict], controller, manifest) -> dict:
     import numpy as np
 
