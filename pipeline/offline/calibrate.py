@@ -44,8 +44,8 @@ def sample_rows(shards: list[Shard], n: int, seed: int = 0) -> dict[int, np.ndar
     return {int(shards[k].shard): picks[which == k] - starts[k] for k in np.unique(which)}
 
 
-def record_table(shard: int, positions: list[int], ids: list, out) -> pa.Table:
-    """`Predictor.record_encoded`'s output for rows at `positions` of `shard` as the calibration table: one row
+def record_table(shards: list[int], positions: list[int], ids: list, out) -> pa.Table:
+    """`Predictor.record_encoded`'s output for rows at `positions` of `shards` as the calibration table: one row
     per input row with the float original's answer (ANSWER_COLUMNS, then its head-space `logits`) and the running
     model's ramp record (`conf`, `pred`: one entry per ramp, empty for an error row; `final`: its own head's answer
     id, -1 for an error row); when the running model is not the float original, the original's own ramp record
@@ -62,7 +62,7 @@ def record_table(shard: int, positions: list[int], ids: list, out) -> pa.Table:
         cols["pred_original"].append([] if k is None or orig is None else orig.pred[k].tolist())
     p = out.predictions
     table = pa.table({
-        "shard": pa.array([shard] * len(positions), pa.int64()),
+        "shard": pa.array(shards, pa.int64()),
         "row": pa.array(positions, pa.int64()),
         "id": pa.array(ids, pa.string()),
         "label": pa.array([x.label for x in p], pa.string()),
@@ -110,7 +110,8 @@ def run_full_depth(model: str, engine: dict, text_column: str, id_column: str | 
         read = row_errors(table)  # a line that is no row: its reading error wins, as in tokenize_shards
         enc.errors = [read[int(r)] or e for r, e in zip(rows, enc.errors)]
         out = predictor.record_encoded(enc, [f"{shard.shard}:{r}" for r in rows])
-        tables.append(record_table(shard.shard, [int(r) for r in rows], row_ids(table, shard, id_column, rows), out))
+        tables.append(record_table([shard.shard] * len(rows), [int(r) for r in rows], row_ids(table, shard, id_column, rows),
+                                   out))
     return pa.concat_tables(tables)
 
 
@@ -346,43 +347,63 @@ def read_published(output_url: str) -> tuple[dict, dict[int, dict[int, tuple]]] 
     return decision, ({} if table is None else answers_by_shard(table))
 
 
-def calibration_items(shards: list[Shard], sample: dict[int, np.ndarray]) -> list[dict]:
-    """One actor-pool item per shard with sampled rows: the shard and those positions."""
+def calibration_items(shards: list[Shard], sample: dict[int, np.ndarray], item_rows: int) -> list[dict]:
+    """Actor-pool items holding the sampled rows, consecutive shards' rows together up to about `item_rows`: each
+    item costs a task, a write and a look for the decision, and one item per shard spread a 1,499-row sample over
+    196 items of ~8 rows on a 200,000-row job. An item: the first shard's fields, and `group` (JSON: each shard's
+    fields and `positions`)."""
     by_id = {s.shard: s for s in shards}
-    return [{**by_id[k].to_dict(), "positions": v.tolist()} for k, v in sorted(sample.items())]
+    items: list[dict] = []
+    group: list[dict] = []
+    for k, v in sorted(sample.items()):
+        group.append({**by_id[k].to_dict(), "positions": v.tolist()})
+        if sum(len(g["positions"]) for g in group) >= item_rows:
+            items.append({**by_id[group[0]["shard"]].to_dict(), "group": json.dumps(group)})
+            group = []
+    if group:
+        items.append({**by_id[group[0]["shard"]].to_dict(), "group": json.dumps(group)})
+    return items
 
 
 ITEMS = "_offramp_calibration"
-"""Where each calibration item's record lands until the sample is whole (`ITEMS/part-SSSSSS.parquet`)."""
+"""Where the calibration items' records land until the sample is whole (`ITEMS/part-SSSSSS-RRRRRRRRR-NNNNNN.parquet`:
+the first shard and row of a piece, how many rows: a batch of GPU actors can cut an item, and each piece lands)."""
 
 
-def write_item(output_url: str, shard: int, table: pa.Table) -> None:
+def write_item(output_url: str, table: pa.Table) -> None:
     from pipeline.offline import sink
 
-    sink.write_table(output_url, f"{ITEMS}/part-{shard:06d}.parquet", table)
+    shard, row = min(zip(table.column("shard").to_pylist(), table.column("row").to_pylist()))
+    sink.write_table(output_url, f"{ITEMS}/part-{shard:06d}-{row:09d}-{table.num_rows:06d}.parquet", table)
 
 
-def whole_sample(output_url: str, shards: list[int]) -> pa.Table | None:
-    """The calibration sample once every item's record is in the output (`shards`: the items), else None."""
+def whole_sample(output_url: str, rows: int) -> pa.Table | None:
+    """The calibration sample once all its `rows` are in the output, else None."""
     from pipeline.offline import sink
 
     fs, root = sink.filesystem(output_url)
     folder = f"{root.rstrip('/')}/{ITEMS}"
     fs.invalidate_cache(folder)
-    have = {p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)} if fs.exists(folder) else set()
-    if not all(f"part-{k:06d}.parquet" in have for k in shards):
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)) if fs.exists(folder) else []
+    if sum(int(name.removesuffix(".parquet").rsplit("-", 1)[1]) for name in names) < rows:
         return None
-    return pa.concat_tables([sink.read_table(output_url, f"{ITEMS}/part-{k:06d}.parquet") for k in sorted(shards)])
+    table = pa.concat_tables([sink.read_table(output_url, f"{ITEMS}/{name}") for name in names])
+    # a retried batch cut differently can land overlapping pieces: keep each row once, and decide on all of them
+    keys = list(zip(table.column("shard").to_pylist(), table.column("row").to_pylist()))
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    if len(first) < rows:
+        return None
+    return table.take(pa.array(sorted(first.values()), pa.int64())) if len(first) < len(keys) else table
 
 
-def decide_when_whole(output_url: str, job: dict, shard_items: list[int], controller) -> JobCalibration | None:
+def decide_when_whole(output_url: str, job: dict, rows: int, controller) -> JobCalibration | None:
     """An actor's step after writing a calibration item: when the sample is whole, certify on it, hand the
     thresholds to the controller (a ControllerClient, or None), and publish (every actor that finds the sample
     whole decides the same: the decision is a function of the sample and the job)."""
     from pipeline.config import JobConfig
     from pipeline.model.artifact import read_manifest
 
-    table = whole_sample(output_url, shard_items)
+    table = whole_sample(output_url, rows)
     if table is None:
         return None
     cfg = JobConfig.model_validate(job["config"])

@@ -187,7 +187,7 @@ def run_job(cfg: JobConfig, address: str | None = None, echo=print) -> dict:
             echo(calibration.describe())
         items = plan_cal["items"] if plan_cal is not None and plan_cal["decided"] is None else []
         certify = None if not c.enabled else {
-            "seed": c.seed, "items": [i["shard"] for i in items],
+            "seed": c.seed, "sample_rows": plan_cal["rows"] if items else 0,
             "job": {"config": cfg.model_dump(mode="json"), "constraint": constraint, "total_rows": total_rows}}
         with _DecisionWatch(cfg.output.url, echo, t0) if items else nullcontext() as watch:
             summaries = _run_pipeline(cfg, items, todo, controller, certify) if todo else []
@@ -221,7 +221,7 @@ def _plan_calibration(cfg: JobConfig, shards, manifest, constraint: float, total
     """What the certified job calibrates on: {"items": calibration items for the actor pool, "rows": sample size,
     "decided": a JobCalibration already known (--resume: from the stored sample; `certify.calibrate` off: the
     engine's thresholds), "table": the stored sample}."""
-    from pipeline.control.calibration import calibration_rows
+    from pipeline.control.calibration import job_calibration_rows
     from pipeline.offline.calibrate import DECISION, FILE, calibration_items, decide, sample_rows
 
     c = cfg.certify
@@ -234,14 +234,16 @@ def _plan_calibration(cfg: JobConfig, shards, manifest, constraint: float, total
         return {"items": [], "rows": table.num_rows, "table": table,
                 "decided": decide(cfg, table, manifest, constraint, total_rows)}
     sink.remove(cfg.output.url, DECISION)  # an older run's decision must not reach this run's actors
-    wanted = c.calibration_rows or calibration_rows(constraint, 1 - c.confidence)
+    wanted = c.calibration_rows or job_calibration_rows(constraint, total_rows, 1 - c.confidence)
     n = min(wanted, int(c.max_calibration_share * total_rows))
     if n == 0:  # too few rows to calibrate on: the float original answers them all
         return {"items": [], "rows": 0, "decided": None, "table": None}
     echo(f"calibrating on {n} rows drawn uniformly from all {total_rows} ({n / total_rows:.1%}; {wanted} wanted for "
          f"a {constraint:.2%} promise at {c.confidence:.0%} confidence), run first by the actors, every ramp recorded;"
          " shards reached before the decision are answered by the float original")
-    return {"items": calibration_items(shards, sample_rows(shards, n, c.seed)), "rows": n, "decided": None,
+    # two items per actor: few items (each costs a task, a write and a look for the decision), evenly shared
+    per_item = max(64, -(-n // (2 * cfg.actors.max_actors)))
+    return {"items": calibration_items(shards, sample_rows(shards, n, c.seed), per_item), "rows": n, "decided": None,
             "table": None}
 
 
@@ -418,7 +420,7 @@ def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certify: 
     engine = cfg.engine.model_dump()
     ctl = None if controller is None else {k: v for k, v in controller.items() if k != "handle"}
     # Calibration items first: the actors take them before any shard, so most rows run at certified thresholds.
-    work = items + [{**s.to_dict(), "positions": None} for s in todo]
+    work = items + [{**s.to_dict(), "group": None} for s in todo]
     ds = ray.data.from_items(work, override_num_blocks=len(work))
     ds = ds.map_batches(
         tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=a.tokenize_cpus,

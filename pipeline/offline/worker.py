@@ -38,10 +38,10 @@ def _encoder(model: str, max_length: int | None):
 
 def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: str | None,
                     passthrough: list[str], max_length: int | None) -> pa.Table:
-    """One output table for the item(s) in `batch`: a shard, or a calibration item (a shard's `positions`
+    """One output table for the item(s) in `batch`: a shard, or a calibration item (`group`: shards' `positions`
     only). Bad rows keep their place with an error (a line that could not be read as a row, else the text's)."""
     out = []
-    for d in batch.to_pylist():
+    for d in [m for item in batch.to_pylist() for m in (json.loads(item["group"]) if item.get("group") else [item])]:
         shard = Shard(d["shard"], d["path"], d["start"], d["stop"])
         table = read_shard(shard, text_column)
         require_columns(table, [text_column, id_column, *passthrough], shard.path,
@@ -89,7 +89,7 @@ class EarlyExitWorker:
         self.output = output or {}
         """OutputSpec fields: `probabilities` (a column per label), `filter` (which rows the parts keep)."""
         self.certify = certify
-        """{"seed": the audit's hash seed, "items": the shards with calibration items, "job": what deciding needs
+        """{"seed": the audit's hash seed, "sample_rows": how many rows the calibration items hold, "job": what deciding needs
         (pipeline.offline.calibrate.decide_when_whole)}. None: no promise, the engine's shadow_fraction feeds the
         controller."""
         self.chunk_rows = 128  # before the calibration decision, rows are answered a chunk at a time
@@ -143,13 +143,12 @@ class EarlyExitWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = []
-        for shard in sorted(set(batch.column("shard").to_pylist())):
-            rows = batch.filter(pc.equal(batch.column("shard"), shard))
-            for calibration in (True, False):  # a calibration item's rows, then the shard's (a GPU batch: both)
-                part = rows.filter(pc.equal(rows.column("calibration"), calibration))
-                if part.num_rows:
-                    summaries.append(self._calibration(int(shard), part) if calibration
-                                     else self._shard(int(shard), part))
+        sample = batch.filter(batch.column("calibration"))  # calibration rows first (a GPU batch: with shards')
+        if sample.num_rows:
+            summaries.append(self._calibration(sample))
+        bulk = batch.filter(pc.invert(batch.column("calibration")))
+        for shard in sorted(set(bulk.column("shard").to_pylist())):
+            summaries.append(self._shard(int(shard), bulk.filter(pc.equal(bulk.column("shard"), shard))))
         return pa.Table.from_pylist(summaries)
 
     def _encoded(self, rows: pa.Table):
@@ -161,19 +160,20 @@ class EarlyExitWorker:
             rows.column("error").to_pylist(),
         )
 
-    def _calibration(self, shard: int, rows: pa.Table) -> dict:
-        """A calibration item: every row to the end, every ramp recorded, answered by the float original; the
-        record lands in the output (no part: the shard's part takes these answers) and the last one in decides."""
+    def _calibration(self, rows: pa.Table) -> dict:
+        """A calibration item (rows of several shards): every row to the end, every ramp recorded, answered by the
+        float original; the record lands in the output (no part: the shards' parts take these answers) and the
+        last one in decides."""
         from pipeline.offline.calibrate import decide_when_whole, record_table, write_item
 
         t = time.perf_counter()
-        positions, ids = rows.column("row").to_pylist(), rows.column("id").to_pylist()
-        out = self.predictor.record_encoded(self._encoded(rows), [f"{shard}:{r}" for r in positions])
-        write_item(self.output_url, shard, record_table(shard, positions, ids, out))
+        shards, positions = rows.column("shard").to_pylist(), rows.column("row").to_pylist()
+        out = self.predictor.record_encoded(self._encoded(rows), [f"{k}:{r}" for k, r in zip(shards, positions)])
+        write_item(self.output_url, record_table(shards, positions, rows.column("id").to_pylist(), out))
         # The last item in decides for everyone (all that find the sample whole decide the same).
-        decide_when_whole(self.output_url, self.certify["job"], self.certify["items"], self.client)
+        decide_when_whole(self.output_url, self.certify["job"], self.certify["sample_rows"], self.client)
         piece = _Piece(list(range(len(positions))), out, None, time.perf_counter() - t, before=False)
-        return self._summary(shard, "calibration", [], [piece], None)
+        return self._summary(int(min(shards)), "calibration", [], [piece], None)
 
     def _shard(self, shard: int, rows: pa.Table) -> dict:
         L = self.predictor.model.num_layers
