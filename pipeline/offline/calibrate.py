@@ -347,22 +347,12 @@ def read_published(output_url: str) -> tuple[dict, dict[int, dict[int, tuple]]] 
     return decision, ({} if table is None else answers_by_shard(table))
 
 
-def calibration_items(shards: list[Shard], sample: dict[int, np.ndarray], item_rows: int) -> list[dict]:
-    """Actor-pool items holding the sampled rows, consecutive shards' rows together up to about `item_rows`: each
-    item costs a task, a write and a look for the decision, and one item per shard spread a 1,499-row sample over
-    196 items of ~8 rows on a 200,000-row job. An item: the first shard's fields, and `group` (JSON: each shard's
-    fields and `positions`)."""
+def calibration_items(shards: list[Shard], sample: dict[int, np.ndarray]) -> list[dict]:
+    """One actor-pool item per shard with sampled rows: the shard and those positions. (Several shards' rows to an
+    item were tried: the item's shards are read one after another in one tokenize task, so it reached the actors
+    after the shards' own items, whose rows were then answered by the float original in full.)"""
     by_id = {s.shard: s for s in shards}
-    items: list[dict] = []
-    group: list[dict] = []
-    for k, v in sorted(sample.items()):
-        group.append({**by_id[k].to_dict(), "positions": v.tolist()})
-        if sum(len(g["positions"]) for g in group) >= item_rows:
-            items.append({**by_id[group[0]["shard"]].to_dict(), "group": json.dumps(group)})
-            group = []
-    if group:
-        items.append({**by_id[group[0]["shard"]].to_dict(), "group": json.dumps(group)})
-    return items
+    return [{**by_id[k].to_dict(), "positions": v.tolist()} for k, v in sorted(sample.items())]
 
 
 ITEMS = "_offramp_calibration"

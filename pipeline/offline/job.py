@@ -241,9 +241,7 @@ def _plan_calibration(cfg: JobConfig, shards, manifest, constraint: float, total
     echo(f"calibrating on {n} rows drawn uniformly from all {total_rows} ({n / total_rows:.1%}; {wanted} wanted for "
          f"a {constraint:.2%} promise at {c.confidence:.0%} confidence), run first by the actors, every ramp recorded;"
          " shards reached before the decision are answered by the float original")
-    # two items per actor: few items (each costs a task, a write and a look for the decision), evenly shared
-    per_item = max(64, -(-n // (2 * cfg.actors.max_actors)))
-    return {"items": calibration_items(shards, sample_rows(shards, n, c.seed), per_item), "rows": n, "decided": None,
+    return {"items": calibration_items(shards, sample_rows(shards, n, c.seed)), "rows": n, "decided": None,
             "table": None}
 
 
@@ -420,7 +418,7 @@ def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certify: 
     engine = cfg.engine.model_dump()
     ctl = None if controller is None else {k: v for k, v in controller.items() if k != "handle"}
     # Calibration items first: the actors take them before any shard, so most rows run at certified thresholds.
-    work = items + [{**s.to_dict(), "group": None} for s in todo]
+    work = items + [{**s.to_dict(), "positions": None} for s in todo]
     ds = ray.data.from_items(work, override_num_blocks=len(work))
     ds = ds.map_batches(
         tokenize_shards, batch_size=1, batch_format="pyarrow", num_cpus=a.tokenize_cpus,

@@ -29,19 +29,3 @@ def test_overlapping_pieces_of_a_retried_batch_count_each_row_once(tmp_path):
     write_item(out, _piece(0, [9]))
     assert whole_sample(out, 3).column("row").to_pylist() == [1, 5, 9]
 
-
-def test_a_sample_spread_over_many_shards_goes_to_the_actors_in_few_items_holding_every_row_once():
-    import json
-
-    from pipeline.offline.calibrate import calibration_items, sample_rows
-    from pipeline.offline.shards import Shard
-
-    shards = [Shard(k, f"in/f{k // 10}.parquet", (k % 10) * 1000, (k % 10 + 1) * 1000) for k in range(200)]
-    sample = sample_rows(shards, 1499, seed=0)
-    items = calibration_items(shards, sample, item_rows=512)
-    assert len(sample) > 150 and len(items) == 3  # ~8 rows a shard, three items instead of ~190
-    members = [m for it in items for m in json.loads(it["group"])]
-    assert sum(len(m["positions"]) for m in members) == 1499
-    assert sorted((m["shard"], p) for m in members for p in m["positions"]) == sorted(
-        (k, int(p)) for k, v in sample.items() for p in v)
-    assert all(it["shard"] == json.loads(it["group"])[0]["shard"] for it in items)
