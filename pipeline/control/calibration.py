@@ -32,7 +32,7 @@ from .stats import binom_cdf, clopper_pearson, rows_to_certify
 from .tuner import evaluate, tune_thresholds
 
 __all__ = ["Calibration", "Candidate", "bulk_budget", "calibrate_candidates", "calibrate_sample", "calibration_rows",
-           "certify_thresholds", "job_calibration_rows", "split_rows", "walk_path"]
+           "certify_thresholds", "split_rows", "walk_path"]
 
 TUNE_SHARE = 0.3
 """Share of the calibration sample that builds the path; the rest tests it (the test split sets the power)."""
@@ -46,18 +46,6 @@ def calibration_rows(constraint: float, delta: float = 0.05, design_rate: float 
         raise ValueError(f"constraint={constraint} must be in (0, 1) to calibrate")
     test = rows_to_certify(constraint * design_rate, constraint, confidence=1 - 2 * delta)
     return math.ceil(test / (1 - TUNE_SHARE))
-
-
-LARGE_JOB_SHARE = 0.03
-"""The share of a job's rows a loose promise's calibration may grow to (see `job_calibration_rows`)."""
-
-
-def job_calibration_rows(constraint: float, total_rows: int, delta: float = 0.05) -> int:
-    """A job's calibration sample: `calibration_rows`, and on a large job at least a 1% promise's sample (up to
-    LARGE_JOB_SHARE of its rows). A loose promise's small sample has little power, and bounds a compressed head
-    loosely (0 disagreements in n rows: ~3.7/n): replaying the demo's bf16 sample at a 3.5% promise on 50,000 rows,
-    426 rows certified 43% of layer work saved, 1,499 rows 54%, for ~2 s more of a ~50 s job."""
-    return max(calibration_rows(constraint, delta), min(calibration_rows(0.01, delta), int(LARGE_JOB_SHARE * total_rows)))
 
 
 def bulk_budget(constraint: float, total_rows: int, calibration_rows: int) -> float:

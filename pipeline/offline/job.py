@@ -221,7 +221,7 @@ def _plan_calibration(cfg: JobConfig, shards, manifest, constraint: float, total
     """What the certified job calibrates on: {"items": calibration items for the actor pool, "rows": sample size,
     "decided": a JobCalibration already known (--resume: from the stored sample; `certify.calibrate` off: the
     engine's thresholds), "table": the stored sample}."""
-    from pipeline.control.calibration import job_calibration_rows
+    from pipeline.control.calibration import calibration_rows
     from pipeline.offline.calibrate import DECISION, FILE, calibration_items, decide, sample_rows
 
     c = cfg.certify
@@ -234,7 +234,7 @@ def _plan_calibration(cfg: JobConfig, shards, manifest, constraint: float, total
         return {"items": [], "rows": table.num_rows, "table": table,
                 "decided": decide(cfg, table, manifest, constraint, total_rows)}
     sink.remove(cfg.output.url, DECISION)  # an older run's decision must not reach this run's actors
-    wanted = c.calibration_rows or job_calibration_rows(constraint, total_rows, 1 - c.confidence)
+    wanted = c.calibration_rows or calibration_rows(constraint, 1 - c.confidence)
     n = min(wanted, int(c.max_calibration_share * total_rows))
     if n == 0:  # too few rows to calibrate on: the float original answers them all
         return {"items": [], "rows": 0, "decided": None, "table": None}

@@ -385,10 +385,3 @@ def test_a_model_audited_against_its_own_head_is_certified_at_what_its_head_leav
         out = evaluate(own.take(test), COSTS, cal.thresholds, np.ones(5, bool))
         assert cal.constraint == pytest.approx(0.01 - head_share) and 1 - out.agreement <= cal.upper_bound + 1e-9
 
-
-def test_a_large_job_calibrates_a_loose_promise_on_at_least_a_one_percent_sample():
-    from pipeline.control.calibration import job_calibration_rows
-
-    assert job_calibration_rows(0.035, 50_000) == calibration_rows(0.01) > calibration_rows(0.035)
-    assert job_calibration_rows(0.035, 10_568) == max(calibration_rows(0.035), 317)  # at most 3% of a small job
-    assert job_calibration_rows(0.005, 50_000) == calibration_rows(0.005)  # a strict promise keeps its own
