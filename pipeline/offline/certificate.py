@@ -44,10 +44,12 @@ def interval_of(c: dict, confidence: float, audit_in_early: bool = True) -> dict
             "interval": [1 - (hi - seen) / answered, 1 - (lo - seen) / answered]}
 
 
-def with_head(c: dict, head: dict, confidence: float) -> dict[str, Any]:
+def with_head(c: dict, head: dict, confidence: float, job_answered: int | None = None) -> dict[str, Any]:
     """The output's agreement and interval when its audit compared with the running model's own head (`c`'s
     audit counts) and `head` ({"rows", "disagreements"}) is that head against the float original on the
-    calibration sample: a union bound, each term's exact interval at half the error (see the module)."""
+    calibration sample: a union bound, each term's exact interval at half the error (see the module).
+    `job_answered`: `c` is one part of a job with that many answered rows (the head's bound is the job's: a part
+    may hold all of it, or none)."""
     answered = c["answered"]
     if not answered:
         return {"agreement": None, "interval": None}
@@ -57,10 +59,11 @@ def with_head(c: dict, head: dict, confidence: float) -> dict[str, Any]:
     n, d, ramp = c.get("audit_ramp", 0), c.get("audit_ramp_disagree", 0), c.get("ramp", 0)
     lo_e, hi_e = hypergeom_count_interval(d, n, ramp, half) if n else (0, ramp)
     m, k = head["rows"], head["disagreements"]
-    population = max(answered, m)
+    population = max(job_answered or answered, m)
     lo_h, hi_h = hypergeom_count_interval(k, m, population, half) if m else (0, population)
-    lo_h, hi_h = lo_h - k, hi_h - k  # the sample's own rows were answered by the original
-    est = ((ramp * d / n if n else 0.0) + (population - m) * k / m) if m else None
+    # the sample's own rows were answered by the original; only the rows the model answered can hold the rest
+    lo_h, hi_h = (0 if job_answered else lo_h - k), min(hi_h - k, c["early"])
+    est = ((ramp * d / n if n else 0.0) + c["early"] * k / m) if m else None
     lo = max(0, lo_h - hi_e, lo_e - hi_h)
     return {"agreement": None if est is None else 1 - min(est, answered) / answered,
             "interval": [1 - min(answered, hi_e + hi_h) / answered, 1 - lo / answered]}
@@ -78,15 +81,17 @@ def certify(parts: list[dict], constraint: float, confidence: float = 0.95,
     certified = iv is None or iv[0] >= 1 - constraint - 1e-12
     per_part = []
     for p in sorted(parts, key=lambda p: (p["shard"], p.get("first_row", 0))):
-        per_part.append({"shard": p["shard"], "first_row": p.get("first_row", 0),
-                         **{k: int(p.get(k, 0)) for k in COUNTS}, **interval_of(p, confidence, audit_in_early)})
+        counts = {k: int(p.get(k, 0)) for k in COUNTS}
+        per_part.append({"shard": p["shard"], "first_row": p.get("first_row", 0), **counts,
+                         **(interval_of(p, confidence, audit_in_early) if head is None else
+                            with_head(counts, head, confidence, total["answered"]))})
     method = (f"exact hypergeometric {100 * confidence:g}% two-sided over the audited rows not answered by the "
               "float original (a ramp's, or a compressed head's); rows the float original answered count as agreeing")
     if head is not None:
         method = (f"union bound of two exact hypergeometric intervals, {100 * confidence:g}% together: the audited "
                   "rows against the running model's own head, and that head against the float original on the "
-                  "calibration sample; rows the float original answered count as agreeing (the parts' intervals: "
-                  "against the own head alone)")
+                  "calibration sample; rows the float original answered count as agreeing (a part's interval: the "
+                  "job's bound on the head may lie anywhere, so it is wide)")
     out = {
         "method": method,
         "constraint": constraint,

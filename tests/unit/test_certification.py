@@ -358,10 +358,15 @@ def test_the_union_bound_certificate_covers_the_truth_when_the_audit_compares_wi
                     "audit_early": int(audit.sum()), "audit_early_disagree": int((exit_wrong & audit).sum()),
                     "ramp": int(at_ramp.sum()), "audit_ramp": int((audit & at_ramp).sum()),
                     "audit_ramp_disagree": int((exit_wrong & audit).sum())}
-            cert = certify([part], 0.02, 0.95, head={"rows": m, "disagreements": int((head_wrong & sample).sum())})
+            head = {"rows": m, "disagreements": int((head_wrong & sample).sum())}
+            cert = certify([part], 0.02, 0.95, head=head)
             lo, hi = cert["interval"]
             covered += lo - 1e-12 <= truth <= hi + 1e-12
             assert lo <= cert["agreement"] <= hi and cert["audit_against"] == "own head"
+            # a part's interval: the job's head bound may all lie in it, so it is never narrower than the job's
+            other = dict(part, shard=1)
+            halves = certify([part, other], 0.02, 0.95, head=head)["parts"]
+            assert all(p["interval"][0] <= lo + 1e-12 for p in halves)
         assert covered / 300 >= 0.95, (head_rate, exit_rate, covered)
 
 
