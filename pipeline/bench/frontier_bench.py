@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bench import machine, timed_job, write_result
+from pipeline.offline.certificate import OWN_HEAD
 
 PROMISES = (0.995, 0.99, 0.98, 0.965)
 
@@ -154,7 +155,7 @@ def run_frontier_bench(model: str, others: list[str], config: str = "configs/job
                                               threads, original=answered_by == "original")
             add("offramp", f"certified job, promise {promise:.1%}, {Path(artifact).name} ({engine['dtype']}, "
                            f"answered by the {'float original' if answered_by == 'original' else 'artifact'}"
-                           f"{', audited against its own head' if cert.get('audit_against') == 'own head' else ''})",
+                           f"{', audited against its own head' if cert.get('audit_against') == OWN_HEAD else ''})",
                 secs, [by_id[i] for i in ids], promise, label=f"{promise:.1%} {Path(artifact).name}",
                 certified=cert.get("certified"), claimed_interval=cert.get("interval"),
                 mean_exit_layer=summary.get("mean_exit_layer"), pipeline_seconds=summary.get("seconds"),

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.readers import row_errors
+from pipeline.offline.certificate import OWN_HEAD, half_error
 from pipeline.offline.shards import Shard, read_shard, row_ids
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class JobCalibration:
     def head(self) -> dict | None:
         """The running model's head against the float original on the calibration sample, when the bulk's audit
         compares with that head (the certificate's second term), else None."""
-        return self.report.get("head") if self.audit_against == "own head" else None
+        return self.report.get("head") if self.audit_against == OWN_HEAD else None
 
     def describe(self) -> str:
         """One line: which model answers the bulk and what was certified on the sample."""
@@ -251,7 +252,7 @@ def audit_fraction(c, calibration: dict | None, bulk_rows: int, total_rows: int,
         rate = calibration["test_disagreement"] + (calibration["upper_bound"] - calibration["test_disagreement"]) / 4
     # The interval covers the bulk's disagreements, spread over every answered row (calibration's agree).
     budget = (constraint * total_rows - (head_rows or 0)) / bulk_rows
-    confidence = c.confidence if head_rows is None else 1 - (1 - c.confidence) / 2
+    confidence = c.confidence if head_rows is None else half_error(c.confidence)
     # x1.25: the audit's size is itself random (Bernoulli), and a count just at the need fails half the time
     need = 1.25 * rows_to_certify(rate, budget, confidence)
     return float(min(c.max_audit_fraction, max(c.min_audit_fraction, need / bulk_rows)))
@@ -296,23 +297,17 @@ def decide(cfg, table: pa.Table | None, manifest, constraint: float, total: int)
     head_disagree = int((candidates[0].sample.final != candidates[0].sample.labels).sum())
     report = {**cal.to_dict(), "promise_constraint": constraint, "rows": table.num_rows, "answer_with": chosen.name,
               "head_disagreements": head_disagree, "candidates": estimates, **({"head": head} if head else {})}
-    answer_with = "original" if chosen.name == "original" else "model"
-    if cal.chosen < 0 and head_disagree and chosen.name == "model":  # nothing certified and its head errs:
-        answer_with = "original"                                       # the original answers, every ramp closed
-    closed = cal.chosen < 0 and answer_with == "original" and chosen.name != "original"
+    # Nothing certified for a model audited against the original while its head errs: the original answers,
+    # every ramp closed. Every ramp closed under the own-head audit: its head answers, bounded on the sample.
+    fallback = cal.chosen < 0 and head_disagree > 0 and chosen.name == "model"
+    answer_with = "original" if fallback or chosen.name == "original" else "model"
     against = OWN_HEAD if chosen.name == OWN_HEAD else "float original"
-    if against == OWN_HEAD and cal.chosen < 0:  # every ramp closed: its head answers all, bounded on the sample
+    if fallback or (against == OWN_HEAD and cal.chosen < 0):
         audit = 0.0
     else:
-        audit = 0.0 if closed else audit_fraction(c, report, bulk, total, constraint,
-                                                  head["upper_rows"] if against == OWN_HEAD else None)
+        audit = audit_fraction(c, report, bulk, total, constraint, head["upper_rows"] if against == OWN_HEAD else None)
     return JobCalibration([float(x) for x in cal.thresholds], audit, answer_with, report, table.num_rows,
                           against, answers=answers_by_shard(table))
-
-
-OWN_HEAD = "own head"
-"""The calibration candidate (and the audit) of a running model that is not the float original, its exits
-audited against its own head: what a certificate then adds for the head is bounded on the calibration sample."""
 
 
 def head_evidence(fb, total_rows: int, sample_rows: int, confidence: float) -> dict:
@@ -323,7 +318,7 @@ def head_evidence(fb, total_rows: int, sample_rows: int, confidence: float) -> d
 
     n, k = len(fb), int((fb.final != fb.labels).sum())
     population = max(n, round(total_rows * n / sample_rows)) if sample_rows else n  # answered rows, as planned
-    hi = hypergeom_count_interval(k, n, population, 1 - (1 - confidence) / 2)[1] if n else population
+    hi = hypergeom_count_interval(k, n, population, half_error(confidence))[1] if n else population
     return {"rows": n, "disagreements": k, "upper_rows": int(hi - k)}
 
 
@@ -379,11 +374,14 @@ def whole_sample(output_url: str, rows: int) -> pa.Table | None:
         return None
     table = pa.concat_tables([sink.read_table(output_url, f"{ITEMS}/{name}") for name in names])
     # a retried batch cut differently can land overlapping pieces: keep each row once, and decide on all of them
-    keys = list(zip(table.column("shard").to_pylist(), table.column("row").to_pylist()))
-    first = {k: i for i, k in reversed(list(enumerate(keys)))}
-    if len(first) < rows:
+    seen, keep = set(), []
+    for i, key in enumerate(zip(table.column("shard").to_pylist(), table.column("row").to_pylist())):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) < rows:
         return None
-    return table.take(pa.array(sorted(first.values()), pa.int64())) if len(first) < len(keys) else table
+    return table if len(keep) == table.num_rows else table.take(pa.array(keep, pa.int64()))
 
 
 def decide_when_whole(output_url: str, job: dict, rows: int, controller) -> JobCalibration | None:

@@ -28,6 +28,14 @@ COUNTS = ("rows", "answered", "calibration", "exact", "early", "audit", "audit_d
 """`ramp`: the early rows a ramp answered (the rest of them reached the running model's head), and the audit among
 them: where an answer can differ from the model's own head."""
 
+OWN_HEAD = "own head"
+"""What the audit compares with when the union bound certifies (`with_head`); otherwise the float original."""
+
+
+def half_error(confidence: float) -> float:
+    """The confidence of each of a union bound's two terms: half the error each, `confidence` together."""
+    return 1 - (1 - confidence) / 2
+
 
 def interval_of(c: dict, confidence: float, audit_in_early: bool = True) -> dict[str, Any]:
     """The output's agreement and its exact interval. The audited rows are a uniform sample drawn without
@@ -53,7 +61,7 @@ def with_head(c: dict, head: dict, confidence: float, job_answered: int | None =
     answered = c["answered"]
     if not answered:
         return {"agreement": None, "interval": None}
-    half = 1 - (1 - confidence) / 2
+    half = half_error(confidence)
     # only a ramp's answer can differ from the model's own head: the audit's rows a ramp answered are a uniform
     # sample of those rows
     n, d, ramp = c.get("audit_ramp", 0), c.get("audit_ramp_disagree", 0), c.get("ramp", 0)
@@ -100,7 +108,7 @@ def certify(parts: list[dict], constraint: float, confidence: float = 0.95,
         **overall,
         "certified": certified,
         "audit_in_early": audit_in_early,
-        **({"audit_against": "own head", "head": head} if head is not None else {}),
+        **({"audit_against": OWN_HEAD, "head": head} if head is not None else {}),
         **total,
         "parts": per_part,
     }
@@ -129,8 +137,8 @@ def describe(cert: dict) -> str:
                 f"{cert['early']} such rows left")
     if cert.get("head"):
         h = cert["head"]
-        evidence = (f"{cert['audit_early']} audited of the {cert['early']} rows it did not answer itself, against its "
-                    f"own head, plus that head against the original on {h['rows']} calibration rows "
+        evidence = (f"{cert['audit_ramp']} audited of the {cert['ramp']} rows a ramp answered, against its own head, "
+                    f"plus that head against the original on {h['rows']} calibration rows "
                     f"({h['disagreements']} disagreements)")
     return (f"agreement with the float original {cert['agreement']:.2%}, {cert['method'].split(' over')[0].split(':')[0]} "
             f"interval [{lo:.2%}, {hi:.2%}] from {evidence}: {verdict}")

@@ -110,7 +110,8 @@ class EarlyExitWorker:
         if self.certify is None or self.decision is not None:
             return self.decision
         from pipeline.engine.policy import ExitPolicy
-        from pipeline.offline.calibrate import OWN_HEAD, read_published
+        from pipeline.offline.calibrate import read_published
+        from pipeline.offline.certificate import OWN_HEAD
 
         got = read_published(self.output_url)
         if got is None:
@@ -161,9 +162,9 @@ class EarlyExitWorker:
         )
 
     def _calibration(self, rows: pa.Table) -> dict:
-        """A calibration item (rows of several shards): every row to the end, every ramp recorded, answered by the
-        float original; the record lands in the output (no part: the shards' parts take these answers) and the
-        last one in decides."""
+        """A batch's calibration rows (one item; a GPU batch may hold pieces of several): every row to the end,
+        every ramp recorded, answered by the float original; the record lands in the output (no part: the shards'
+        parts take these answers) and the last one in decides."""
         from pipeline.offline.calibrate import decide_when_whole, record_table, write_item
 
         t = time.perf_counter()

@@ -95,8 +95,6 @@ class PruneConfig(BaseModel):
     device: str = "cpu"
 
 
-
-
 def _shares_text(record: dict) -> str:
     parts = [f"{k} {record[k]:.0%}" for k in ("ffn", "heads") if record.get(k)]
     return ", ".join(parts) or "nothing"

@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 COMPRESSION_JSON = "compression.json"
 
 
-
-
 def _previous_output(path: Path) -> bool:
     if (path / COMPRESSION_JSON).exists():
         return True

@@ -28,4 +28,3 @@ def test_overlapping_pieces_of_a_retried_batch_count_each_row_once(tmp_path):
     assert whole_sample(out, 3) is None
     write_item(out, _piece(0, [9]))
     assert whole_sample(out, 3).column("row").to_pylist() == [1, 5, 9]
-

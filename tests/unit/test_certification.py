@@ -351,8 +351,7 @@ def test_the_union_bound_certificate_covers_the_truth_when_the_audit_compares_wi
             bulk = ~sample
             truth = 1 - int(((head_wrong ^ exit_wrong) & bulk).sum()) / answered
             audit = bulk & (rng.random(answered) < 0.2)
-            at_ramp = bulk & (rng.random(answered) < 0.6) | exit_wrong & bulk  # only a ramp differs from its head
-            audit = audit & bulk
+            at_ramp = bulk & ((rng.random(answered) < 0.6) | exit_wrong)  # only a ramp differs from its head
             part = {"shard": 0, "rows": answered, "answered": answered, "calibration": m, "exact": m,
                     "early": int(bulk.sum()), "audit": int(audit.sum()), "audit_disagree": int((exit_wrong & audit).sum()),
                     "audit_early": int(audit.sum()), "audit_early_disagree": int((exit_wrong & audit).sum()),
