@@ -196,6 +196,7 @@ class Predictor:
         )
         self.head = self.model.head_kind  # what an answer is (pipeline.model.heads)
         self.label_names = self.head.label_names
+        self.shape_multiple = self._shape_multiple()
 
     def use_original(self) -> None:
         """Answer with the float original from now on (`reference` becomes the model): a certified job's bulk
@@ -204,6 +205,7 @@ class Predictor:
             return
         self.model, self.reference = self.reference, None
         self.exact, self.dtype, self.head = True, torch.float32, self.model.head_kind
+        self.shape_multiple = self._shape_multiple()
         self.dtype_reason = "calibration chose the float original to answer"
         self.compression = f"none: the float original answers ({self.compression} could not keep the promise)"
 
@@ -211,6 +213,16 @@ class Predictor:
         """Stop running the float original on feedback rows (they measure against this model's own head from
         now on): a certified job whose calibration bounded this model's head against the original apart."""
         self.reference = None
+
+    def _shape_multiple(self) -> int:
+        """`engine.shape_multiple`, else 8 where a new shape costs (half precision, compiled layers, CUDA) and 1 in
+        float32 eager on a CPU (EngineConfig.shape_multiple)."""
+        from pipeline.compression import compression_of
+
+        if self.config.shape_multiple is not None:
+            return self.config.shape_multiple
+        eager_fp32 = self.device.type == "cpu" and self.dtype == torch.float32 and compression_of(self.model) is None
+        return 1 if eager_fp32 else 8
 
     @property
     def num_ramps(self) -> int:
@@ -241,7 +253,7 @@ class Predictor:
 
     # -- schedule ---------------------------------------------------------------------------
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = pad_rows(seqs, self.tokenizer.pad_token_id or 0, self.config.shape_multiple, self.max_length)
+        ids, mask = pad_rows(seqs, self.tokenizer.pad_token_id or 0, self.shape_multiple, self.max_length)
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -292,7 +304,7 @@ class Predictor:
             shadow = (shadow_mask([keys[i] for i in valid], self.config.shadow_fraction) if shadow is None
                       else np.asarray(shadow, bool)[valid])
             lengths = np.array([len(e) for e in enc])
-            pending = MicroBatchQueue(lengths, self.config.max_batch_rows, self.config.shape_multiple)
+            pending = MicroBatchQueue(lengths, self.config.max_batch_rows, self.shape_multiple)
             while pending:
                 idx = pending.pop(self.budget.value)  # the budget as of now: it adapts within a call
                 tokens = len(idx) * int(lengths[idx].max())  # padded size, what the budget counts
@@ -366,7 +378,7 @@ class Predictor:
         policy = self.policy if policy is None else policy
         t = time.perf_counter()
         res = execute(self.model, input_ids, mask, policy, mode, shadow_t, on_exit=on_exit, defer_tail=defer_tail,
-                      multiple=self.config.shape_multiple)
+                      multiple=self.shape_multiple)
         self.model_seconds += time.perf_counter() - t
         if self.reference is not None and len(res.feedback_rows):
             t = time.perf_counter()

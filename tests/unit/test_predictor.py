@@ -224,3 +224,17 @@ def test_auto_dtype_is_bfloat16_on_a_fast_bf16_cpu_only_where_its_loss_is_measur
     assert predictor_mod.resolve_dtype("auto", cpu, measured=False)[0] == torch.float32  # Serve, predict: float32
     assert predictor_mod.resolve_dtype("float32", cpu, measured=True) == (torch.float32, "engine.dtype")
     assert predictor_mod.resolve_dtype("auto", torch.device("cuda"), half="bfloat16")[0] == torch.bfloat16
+
+
+def test_shape_multiple_rides_along_only_where_new_shapes_cost(tiny_artifact):
+    """Default: exact shapes in float32 eager on a CPU (ride-along rows cost more there), multiples of 8 in
+    bfloat16 (oneDNN pays for every new shape); the float original taking over a bf16 job runs exact shapes."""
+    seqs = [[101, 7, 8, 9, 102], [101, 7, 102]]
+    fp32 = Predictor(tiny_artifact, EngineConfig(dtype="float32"))
+    bf = Predictor(tiny_artifact, EngineConfig(dtype="bfloat16"), reference=True)
+    fixed = Predictor(tiny_artifact, EngineConfig(dtype="float32", shape_multiple=4))
+    assert (fp32.shape_multiple, bf.shape_multiple, fixed.shape_multiple) == (1, 8, 4)
+    assert fp32._pad(seqs)[0].shape == (2, 5) and bf._pad(seqs)[0].shape == (2, 8)
+    assert fixed._pad(seqs)[0].shape == (2, 8)
+    bf.use_original()
+    assert bf.shape_multiple == 1 and bf._pad(seqs)[0].shape == (2, 5)
