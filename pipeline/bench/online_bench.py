@@ -6,7 +6,12 @@
                       answers released at the ramp, every text runs to the end (the answered ones while
                       the replica is idle; after each of its turns the bench waits for those to finish,
                       so they never run in another app's turn);
-    (c) offramp-exit: the same app in `exit` mode (exited texts leave the batch; 5% shadow rows).
+    (c) offramp-exit: the same app in `exit` mode (exited texts leave the batch; 5% shadow rows);
+(a') plain-bf16:  with `--plain-dtypes float32,bfloat16`, (a) cast to bfloat16 (`model.to(torch.bfloat16)`): the
+                  afternoon's other peer, to set beside offramp serving a bf16 artifact (`offramp quantize
+                  --method bf16`; its model/ dir holds the float original, which (a) serves);
+(f) serve-floor:  with `--floor`, capacity only: (a)'s HTTP shape with no model at all (a fixed answer), the most
+                  requests/s Ray Serve itself passes on this machine, which bounds every app's capacity.
 (b) and (c) answer in TEI's protocol, every label with its score (the plain baseline returns the top label
 only); the client reads the top entry of each.
 
@@ -44,14 +49,15 @@ def _plain_deployment():
     class PlainClassifier:
         """The original model with `@serve.batch`, as in Ray Serve's docs (no sorting, no exits)."""
 
-        def __init__(self, model_dir: str, num_threads: int, max_batch_size: int, batch_wait_timeout_s: float):
+        def __init__(self, model_dir: str, num_threads: int, max_batch_size: int, batch_wait_timeout_s: float,
+                     dtype: str = "float32"):
             import torch
 
             from pipeline.model.artifact import load_classifier, load_tokenizer
 
             torch.set_num_threads(num_threads)
             self.torch = torch
-            self.model, self.tok = load_classifier(model_dir), load_tokenizer(model_dir)
+            self.model, self.tok = load_classifier(model_dir).to(getattr(torch, dtype)), load_tokenizer(model_dir)
             self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
             self.batch.set_max_batch_size(max_batch_size)
             self.batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -69,6 +75,25 @@ def _plain_deployment():
             return JSONResponse([await self.batch(body["inputs"])])
 
     return PlainClassifier
+
+
+FLOOR = "serve-floor"
+
+
+def _floor_deployment():
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(name="ServeFloor", max_ongoing_requests=1024)
+    class ServeFloor:
+        """(a)'s request and response, no model: what Ray Serve's HTTP path costs by itself."""
+
+        async def __call__(self, request: Request):
+            await request.json()
+            return JSONResponse([{"label": "-", "score": 1.0}])
+
+    return ServeFloor
 
 
 # ----------------------------------------------------------------------------- the load client
@@ -187,7 +212,8 @@ def _summary(records: list[dict], span: float) -> dict:
 def run_online_bench(model: str = "artifacts/minilm-movie-ee",
                      serve_config: str | None = "configs/serve/movie_reviews.yaml",
                      fractions: tuple[float, ...] = (0.3, 0.5, 0.7), rps: tuple[float, ...] | None = None,
-                     modes: tuple[str, ...] = ("release",),
+                     modes: tuple[str, ...] = ("release",), plain_dtypes: tuple[str, ...] = ("float32",),
+                     floor: bool = False,
                      requests_per_rate: int = 400, rounds: int = 1, capacity_requests: int = 400,
                      capacity_rounds: int = 2,
                      max_seconds: float = 40.0,
@@ -218,10 +244,13 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         actor = {"num_cpus": 0.5}  # resource accounting only: the load hits one app at a time
-        plain = _plain_deployment().options(ray_actor_options=actor).bind(
-            f"{model}/model", num_threads, max_batch_size, batch_wait_timeout_s)
-        serve.run(plain, name="plain", route_prefix="/plain")
-        urls = {"plain": f"http://127.0.0.1:{port}/plain"}
+        urls = {}
+        for dtype in ("float32", *[d for d in plain_dtypes if d != "float32"]):  # (a) first: the rates follow it
+            name = "plain" if dtype == "float32" else f"plain-{dtype.replace('bfloat', 'bf')}"
+            plain = _plain_deployment().options(ray_actor_options=actor).bind(
+                f"{model}/model", num_threads, max_batch_size, batch_wait_timeout_s, dtype)
+            serve.run(plain, name=name, route_prefix=f"/{name}")
+            urls[name] = f"http://127.0.0.1:{port}/{name}"
         for mode in modes:  # one offramp app per engine mode, each with its own controller
             name = "offramp" if mode == "release" else f"offramp-{mode}"
             a = {**args, "engine": {**args["engine"], "mode": mode},
@@ -229,6 +258,10 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
             serve.run(build_app(a, ray_actor_options=actor, max_ongoing_requests=1024), name=name,
                       route_prefix=f"/{name}")
             urls[name] = f"http://127.0.0.1:{port}/{name}"
+        if floor:
+            serve.run(_floor_deployment().options(ray_actor_options={"num_cpus": 0}).bind(), name=FLOOR,  # no compute
+                      route_prefix=f"/{FLOOR}")
+            urls[FLOOR] = f"http://127.0.0.1:{port}/{FLOOR}"
         echo(f"deployed {list(urls)} on 127.0.0.1:{port}; {len(texts)} test sentences")
 
         warm = [int(i) for i in rng.permutation(len(texts))[:64]]
@@ -244,6 +277,7 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
                 echo(f"capacity {name} (round {round_ + 1}): {got:.1f} requests/s (closed loop, 64 in flight)")
         results["capacity_rps"] = capacity
         rates = list(rps) if rps else [f * capacity["plain"] for f in fractions]
+        urls.pop(FLOOR, None)  # capacity only: its answers are not answers
         plain_labels: dict[int, str] = {}
         for i, rate in enumerate(rates):
             pooled: dict[str, tuple[list, float]] = {name: ([], 0.0) for name in urls}
@@ -270,7 +304,8 @@ def run_online_bench(model: str = "artifacts/minilm-movie-ee",
                      f"  {s['throughput_rps'] or 0:6.1f}/s  errors {s['errors']}")
         import requests
 
-        results["health"] = {n: requests.get(f"{u}/health", timeout=10).json() for n, u in urls.items() if n != "plain"}
+        results["health"] = {n: requests.get(f"{u}/health", timeout=10).json() for n, u in urls.items()
+                             if not n.startswith("plain")}
     finally:
         serve.shutdown()
         if started:
@@ -316,17 +351,21 @@ def _table(results: dict) -> str:
 @click.option("--rounds", default=2, show_default=True,
               help="Rounds per rate, apps interleaved; latencies are pooled over the rounds.")
 @click.option("--max-seconds", default=40.0, show_default=True, help="Each rate stops after this long.")
+@click.option("--plain-dtypes", default="float32", show_default=True,
+              help="Plain peers: float32 is (a); bfloat16 adds (a) cast to bfloat16.")
+@click.option("--floor", is_flag=True, help="Also measure Ray Serve's own capacity with no model (capacity only).")
 @click.option("--num-threads", default=2, show_default=True, help="torch threads per replica (both apps).")
 @click.option("--port", default=8011, show_default=True)
 @click.option("--out", "out_json", default="bench_results/online.json", show_default=True)
-def bench_online(model_dir, serve_config, rates, rps, modes, requests_per_rate, rounds, max_seconds, num_threads,
-                 port, out_json):
+def bench_online(model_dir, serve_config, rates, rps, modes, plain_dtypes, floor, requests_per_rate, rounds,
+                 max_seconds, num_threads, port, out_json):
     """Open-loop Poisson load on 127.0.0.1: plain @serve.batch deployment vs offramp, p50/p90/p99, throughput,
     agreement."""
     if not Path(model_dir, "manifest.json").exists():
         raise click.ClickException(f"{model_dir} is not an early-exit artifact; run `offramp demo` first")
     run_online_bench(model_dir, serve_config, tuple(float(x) for x in rates.split(",")),
                      tuple(float(x) for x in rps.split(",")) if rps else None, tuple(modes.split(",")),
+                     tuple(plain_dtypes.split(",")), floor,
                      requests_per_rate, rounds,
                      max_seconds=max_seconds, num_threads=num_threads, port=port, out_json=out_json, echo=click.echo)
 

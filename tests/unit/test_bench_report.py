@@ -40,3 +40,18 @@ def test_a_pruning_result_reads_as_one_line_per_pruned_artifact_at_full_depth():
     [line] = headlines(result)
     assert line["benchmark"].startswith("pruning: ee-ffn50 (50% of feed-forward neurons")
     assert line["ratio"] == "1.31x" and line["accuracy"] == "agreement with the original 97.00%"
+
+
+def test_an_online_result_sets_each_offramp_app_beside_every_plain_peer_and_the_serve_floor():
+    from pipeline.bench.report import headlines
+
+    run = {"fraction_of_plain_capacity": 0.5, "offered_rps": 50.0, "p99_ms": 200.0, "errors": 0}
+    result = {"plain": {}, "runs": [dict(run, app="plain", p50_ms=80.0), dict(run, app="plain-bf16", p50_ms=60.0),
+                                    dict(run, app="offramp-exit", p50_ms=40.0)],
+              "capacity_rps": {"plain": 100.0, "plain-bf16": 150.0, "offramp-exit": 120.0, "serve-floor": 250.0}}
+    lines = headlines(result)
+    assert [x["benchmark"].split(":")[0] for x in lines] == ["online", "online capacity"]  # peers are not offramp
+    assert lines[0]["ratio"] == "p50 2.00x lower" and lines[0]["baseline"].endswith("; plain-bf16 p50 60 ms")
+    cap = lines[1]
+    assert cap["ratio"] == "1.20x plain, 0.80x plain-bf16"
+    assert cap["baseline"] == "plain 100.0 req/s, plain-bf16 150.0 req/s (Serve alone, no model: 250.0)"
