@@ -11,7 +11,7 @@ from pipeline.feedback import CostModel, FeedbackWindow
 
 def cost_model(manifest) -> CostModel:
     """The controller's cost model from an artifact's measured latency profile."""
-    from pipeline.model.profile import cost_arrays
+    from pipeline.model.artifact import cost_arrays
 
     layer_costs, ramp_costs = cost_arrays(manifest.profile, manifest.num_layers, len(manifest.ramps))
     return CostModel(layer_costs=layer_costs, ramp_layers=np.array(manifest.ramp_layers), ramp_costs=ramp_costs)

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data import storage
@@ -47,6 +48,17 @@ class Profile(BaseModel):
     layer_ms: list[float]
     ramp_ms: list[float]
     head_ms: float
+
+
+def cost_arrays(profile: Profile | None, num_layers: int, num_ramps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(layer_costs [L], ramp_costs [R]): embeddings fold into layer 1 (always paid), the head into layer L
+    (paid only by rows that do not exit). Without a profile, every layer costs 1 and ramps nothing."""
+    if profile is None:
+        return np.ones(num_layers), np.zeros(num_ramps)
+    layers = np.asarray(profile.layer_ms, dtype=np.float64).copy()
+    layers[0] += profile.embed_ms
+    layers[-1] += profile.head_ms
+    return layers, np.asarray(profile.ramp_ms, dtype=np.float64)
 
 
 class Manifest(BaseModel):

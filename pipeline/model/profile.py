@@ -41,14 +41,3 @@ def measure_profile(model: EarlyExitModel, batch_rows: int = 64, seq_len: int = 
         device=str(device), dtype=str(dtype).removeprefix("torch."), batch_rows=batch_rows, seq_len=seq_len,
         embed_ms=embed_ms, layer_ms=layer_ms, ramp_ms=ramp_ms, head_ms=head_ms,
     )
-
-
-def cost_arrays(profile: Profile | None, num_layers: int, num_ramps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(layer_costs [L], ramp_costs [R]): embeddings fold into layer 1 (always paid), the head into layer L
-    (paid only by rows that do not exit). Without a profile, every layer costs 1 and ramps nothing."""
-    if profile is None:
-        return np.ones(num_layers), np.zeros(num_ramps)
-    layers = np.asarray(profile.layer_ms, dtype=np.float64).copy()
-    layers[0] += profile.embed_ms
-    layers[-1] += profile.head_ms
-    return layers, np.asarray(profile.ramp_ms, dtype=np.float64)

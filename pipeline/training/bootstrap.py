@@ -25,6 +25,7 @@ from pipeline.engine.loader import load_artifact
 from pipeline.model.artifact import (
     Manifest,
     RampInfo,
+    cost_arrays,
     load_classifier,
     load_tokenizer,
     model_max_length,
@@ -35,7 +36,7 @@ from pipeline.model.artifact import (
 from pipeline.model.early_exit import EarlyExitModel, attention_kernels
 from pipeline.model.families import Backbone, backbone
 from pipeline.model.heads import HeadKind, head_from_scores
-from pipeline.model.profile import cost_arrays, measure_profile
+from pipeline.model.profile import measure_profile
 from pipeline.model.ramps import RampSet, pool
 
 log = logging.getLogger(__name__)
