@@ -10,7 +10,7 @@
 (a') plain-bf16:  with `--plain-dtypes float32,bfloat16`, (a) cast to bfloat16 (`model.to(torch.bfloat16)`): the
                   afternoon's other peer, to set beside offramp serving a bf16 artifact (`offramp quantize
                   --method bf16`; its model/ dir holds the float original, which (a) serves);
-(f) serve-floor:  with `--floor`, capacity only: (a)'s HTTP shape with no model at all (a fixed answer), the most
+(d) serve-floor:  with `--floor`, capacity only: (a)'s HTTP shape with no model at all (a fixed answer), the most
                   requests/s Ray Serve itself passes on this machine, which bounds every app's capacity.
 (b) and (c) answer in TEI's protocol, every label with its score (the plain baseline returns the top label
 only); the client reads the top entry of each.

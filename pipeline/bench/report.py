@@ -112,11 +112,16 @@ def headlines(result: dict) -> list[dict]:
                                     + ("" if job.get("certified") else " NOT certified")})
         return out
     if "runs" in result and "plain" in result:  # bench online
+        from pipeline.bench.online_bench import FLOOR
+
         out = []
         plain = {r["fraction_of_plain_capacity"]: r for r in result["runs"] if r["app"] == "plain"}
         art = f" ({Path(result['model']).name})" if result.get("model") else ""
-        others = {(r["fraction_of_plain_capacity"], r["app"]): r for r in result["runs"]
-                  if r["app"].startswith("plain-") and r["p50_ms"]}  # e.g. plain-bf16, beside (a)
+        others: dict[float, str] = {}  # other plain peers' p50 at each load (e.g. plain-bf16), beside (a)'s
+        for r in result["runs"]:
+            if r["app"].startswith("plain-") and r["p50_ms"]:
+                frac = r["fraction_of_plain_capacity"]
+                others[frac] = others.get(frac, "") + f"; {r['app']} p50 {r['p50_ms']:.0f} ms"
         for r in result["runs"]:
             if r["app"].startswith("plain") or r["fraction_of_plain_capacity"] not in plain:
                 continue
@@ -124,18 +129,17 @@ def headlines(result: dict) -> list[dict]:
             out.append({"benchmark": f"online: {r['app']}{art} at {r['fraction_of_plain_capacity']:.0%} of plain capacity "
                                      f"({r['offered_rps']:.1f} req/s)",
                         "offramp": f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms",
-                        "baseline": f"p50 {p['p50_ms']:.0f} ms, p99 {p['p99_ms']:.0f} ms (plain @serve.batch)" + "".join(
-                            f"; {app} p50 {o['p50_ms']:.0f} ms" for (f, app), o in others.items()
-                            if f == r["fraction_of_plain_capacity"]),
+                        "baseline": f"p50 {p['p50_ms']:.0f} ms, p99 {p['p99_ms']:.0f} ms (plain @serve.batch)"
+                                    + others.get(r["fraction_of_plain_capacity"], ""),
                         "ratio": f"p50 {p['p50_ms'] / r['p50_ms']:.2f}x lower" if r["p50_ms"] else "-",
                         "accuracy": f"{r['errors']} errors"})
         cap = result.get("capacity_rps", {})
         peers = [n for n in cap if n.startswith("plain")]
-        for name in [n for n in cap if not n.startswith(("plain", "serve-floor"))] if "plain" in cap else []:
+        for name in [n for n in cap if not n.startswith("plain") and n != FLOOR] if "plain" in cap else []:
             out.append({"benchmark": f"online capacity: {name}{art} (closed loop, 64 in flight)",
                         "offramp": f"{cap[name]:.1f} req/s",
                         "baseline": ", ".join(f"{n} {cap[n]:.1f} req/s" for n in peers)
-                                    + (f" (Serve alone, no model: {cap['serve-floor']:.1f})" if "serve-floor" in cap else ""),
+                                    + (f" (Serve alone, no model: {cap[FLOOR]:.1f})" if FLOOR in cap else ""),
                         "ratio": ", ".join(f"{cap[name] / cap[n]:.2f}x {n}" for n in peers),
                         "accuracy": "-"})
         return out

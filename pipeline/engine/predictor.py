@@ -196,7 +196,6 @@ class Predictor:
         )
         self.head = self.model.head_kind  # what an answer is (pipeline.model.heads)
         self.label_names = self.head.label_names
-        self.shape_multiple = self._shape_multiple()
 
     def use_original(self) -> None:
         """Answer with the float original from now on (`reference` becomes the model): a certified job's bulk
@@ -205,7 +204,6 @@ class Predictor:
             return
         self.model, self.reference = self.reference, None
         self.exact, self.dtype, self.head = True, torch.float32, self.model.head_kind
-        self.shape_multiple = self._shape_multiple()
         self.dtype_reason = "calibration chose the float original to answer"
         self.compression = f"none: the float original answers ({self.compression} could not keep the promise)"
 
@@ -214,9 +212,10 @@ class Predictor:
         now on): a certified job whose calibration bounded this model's head against the original apart."""
         self.reference = None
 
-    def _shape_multiple(self) -> int:
+    @property
+    def shape_multiple(self) -> int:
         """`engine.shape_multiple`, else 8 where a new shape costs (half precision, compiled layers, CUDA) and 1 in
-        float32 eager on a CPU (EngineConfig.shape_multiple)."""
+        float32 eager on a CPU (EngineConfig.shape_multiple); follows `use_original`."""
         from pipeline.compression import compression_of
 
         if self.config.shape_multiple is not None:
