@@ -425,9 +425,10 @@ class CertifySpec(_Strict):
     """The controller judges the output every this many answered rows (its windows), whatever the feedback
     rate; its guard is an exact binomial test at level 1 - confidence."""
     feedback_min: float = Field(0.02, ge=0, le=1)
-    """The controller asks for this share of rows as feedback once its evidence is far from the budget..."""
+    """The controller asks for this share of rows as feedback while it holds the certified thresholds..."""
     feedback_max: float = Field(0.1, ge=0, le=1)
-    """...and this share while it is thin or near the budget (the audit rows count toward both)."""
+    """...and this share while a guard back-off holds (the audit rows count toward both; pipeline.control.
+    controller, hold mode)."""
     top_up: bool = True
     """When the interval's lower end misses the promise but the audit saw disagreement under the budget (an
     audit too small to tell), re-run a fresh uniform sample of the early-exit rows through the original

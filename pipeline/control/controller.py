@@ -144,6 +144,7 @@ class ThresholdController:
         self._ok_streak, self._brakes = 0, []
         self.state.calibrated = True
         self._set(self._base, np.asarray(self.state.active, bool))
+        self._feedback_while_held()
         self._logged += 1
         self._history.append({"seq": self._logged, "window": self.state.windows, "action": "calibrated",
                               "version": self.state.version, "thresholds": list(self.state.thresholds),
@@ -227,6 +228,14 @@ class ThresholdController:
             upper = wilson(*self._since_change)[1]
             self.state.feedback_fraction = cfg.feedback_max if upper > cfg.constraint else cfg.feedback_min
 
+    def _feedback_while_held(self) -> None:
+        """Certified thresholds come with their evidence (the calibration sample's test split, sized for them), so
+        the guard watches for drift at ``feedback_min`` and asks for ``feedback_max`` only while ramps are backed
+        off. (Certified thresholds sit near the budget by design: the served rate's upper bound would stay above
+        it for thousands of rows, at ``feedback_max`` all along.)"""
+        if self.config.feedback_max > 0:
+            self.state.feedback_fraction = self.config.feedback_max if self._floors.any() else self.config.feedback_min
+
     def _hold_window(self, w: FeedbackWindow, t0: float) -> None:
         """A window while holding certified thresholds: judge it, back off the ramps that erred on a
         violation, lift the back-off after ``backoff_hold_windows`` good windows."""
@@ -248,6 +257,7 @@ class ThresholdController:
             action = "ok"
         self._count_served(realized["agreement"], len(w))
         self._set(np.maximum(self._base, self._floors), act)
+        self._feedback_while_held()
         st.windows += 1
         self._log(t0, 0.0, w, action, realized, None, 0, backed_off, None, False)
 
