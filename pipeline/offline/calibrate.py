@@ -93,6 +93,12 @@ def seconds_of(tables: list[pa.Table]) -> dict[str, float]:
     return total
 
 
+def concat_records(tables: list[pa.Table]) -> pa.Table:
+    """`record_table`s as one table, the seconds each model took summed (concat_tables keeps the first table's
+    metadata alone: the speed a job's calibration compares candidates by was one piece's)."""
+    return pa.concat_tables(tables).replace_schema_metadata({TIMES: json.dumps(seconds_of(tables))})
+
+
 def run_full_depth(model: str, engine: dict, text_column: str, id_column: str | None,
                    items: list[tuple[dict, list[int]]]) -> pa.Table:
     """Rows of some shards through the whole model, every ramp recorded, each answered by the float original
@@ -113,7 +119,7 @@ def run_full_depth(model: str, engine: dict, text_column: str, id_column: str | 
         out = predictor.record_encoded(enc, [f"{shard.shard}:{r}" for r in rows])
         tables.append(record_table([shard.shard] * len(rows), [int(r) for r in rows], row_ids(table, shard, id_column, rows),
                                    out))
-    return pa.concat_tables(tables)
+    return concat_records(tables)
 
 
 def run_sample(cfg, shards: list[Shard], sample: dict[int, np.ndarray], tasks: int) -> pa.Table:
@@ -133,7 +139,7 @@ def run_sample(cfg, shards: list[Shard], sample: dict[int, np.ndarray], tasks: i
     remote = ray.remote(run_full_depth).options(num_cpus=a.num_cpus, num_gpus=a.num_gpus or None, max_retries=2)
     engine = cfg.engine.model_dump()
     refs = [remote.remote(cfg.model, engine, cfg.input.text_column, cfg.input.id_column, g) for g in groups if g]
-    return pa.concat_tables(ray.get(refs))
+    return concat_records(ray.get(refs))
 
 
 def answers_by_shard(table: pa.Table) -> dict[int, dict[int, tuple]]:
@@ -372,7 +378,7 @@ def whole_sample(output_url: str, rows: int) -> pa.Table | None:
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)) if fs.exists(folder) else []
     if sum(int(name.removesuffix(".parquet").rsplit("-", 1)[1]) for name in names) < rows:
         return None
-    table = pa.concat_tables([sink.read_table(output_url, f"{ITEMS}/{name}") for name in names])
+    table = concat_records([sink.read_table(output_url, f"{ITEMS}/{name}") for name in names])
     # a retried batch cut differently can land overlapping pieces: keep each row once, and decide on all of them
     seen, keep = set(), []
     for i, key in enumerate(zip(table.column("shard").to_pylist(), table.column("row").to_pylist())):
