@@ -241,8 +241,9 @@ def _plan_calibration(cfg: JobConfig, shards, manifest, constraint: float, total
     echo(f"calibrating on {n} rows drawn uniformly from all {total_rows} ({n / total_rows:.1%}; {wanted} wanted for "
          f"a {constraint:.2%} promise at {c.confidence:.0%} confidence), run first by the actors, every ramp recorded;"
          " shards reached before the decision are answered by the float original")
-    return {"items": calibration_items(shards, sample_rows(shards, n, c.seed)), "rows": n, "decided": None,
-            "table": None}
+    # two items per actor: batches large enough for both models, and an actor done early waits on one item at most
+    items = calibration_items(shards, sample_rows(shards, n, c.seed), 2 * cfg.actors.max_actors)
+    return {"items": items, "rows": n, "decided": None, "table": None}
 
 
 def _controller_budget(c, manifest, constraint: float, total_rows: int, plan_cal: dict | None) -> float:
@@ -417,7 +418,9 @@ def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certify: 
     a = cfg.actors
     engine = cfg.engine.model_dump()
     ctl = None if controller is None else {k: v for k, v in controller.items() if k != "handle"}
-    # Calibration items first: the actors take them before any shard, so most rows run at certified thresholds.
+    # Calibration items first, kept first (a group is read in one tokenize task, slower than a shard's): the actors
+    # take them before any shard, so most rows run at certified thresholds.
+    ctx.execution_options.preserve_order = bool(items)
     work = items + [{**s.to_dict(), "positions": None} for s in todo]
     ds = ray.data.from_items(work, override_num_blocks=len(work))
     ds = ds.map_batches(
