@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["binom_cdf", "binom_sf", "clopper_pearson", "hypergeom_count_interval", "wilson", "rows_to_certify"]
+__all__ = ["binom_cdf", "binom_quantile", "binom_sf", "clopper_pearson", "hypergeom_count_interval", "wilson", "rows_to_certify"]
 
 
 def _log_pmf(k: int, n: int, p: float) -> float:
@@ -121,15 +121,29 @@ def _normal_quantile(q: float) -> float:
     return _solve(lambda x: 0.5 * math.erfc(-x / math.sqrt(2)) - q, -40.0, 40.0)
 
 
-def rows_to_certify(rate: float, budget: float, confidence: float = 0.95, most: int = 1_000_000) -> int:
+def binom_quantile(q: float, n: int, p: float) -> int:
+    """The least k with P(X <= k) >= q for X ~ Binomial(n, p)."""
+    total = 0.0
+    for k in range(n + 1):
+        total += math.exp(_log_pmf(k, n, p))
+        if total >= q:
+            return k
+    return n
+
+
+def rows_to_certify(rate: float, budget: float, confidence: float = 0.95, most: int = 1_000_000,
+                    power: float | None = None) -> int:
     """Fewest rows whose two-sided Clopper-Pearson interval, at a disagreement `rate` observed exactly, ends
     at or below `budget`: how many checked rows it takes to tell `rate` from `budget` (e.g. 0.5% from 1%:
-    ~1,900 at 95%). `most` when the rate is not below the budget or more rows would be needed."""
+    ~1,900 at 95%). `power`: the count those rows show is random, and at `rate` exactly the interval misses
+    about half the time; plan for the count's `power` quantile instead (the chance it then ends within budget).
+    `most` when the rate is not below the budget or more rows would be needed."""
     if not 0 <= rate < budget:
         return most
 
     def hi(n: int) -> float:
-        return clopper_pearson(math.floor(rate * n), n, confidence)[1]
+        k = math.floor(rate * n) if power is None else binom_quantile(power, n, rate)
+        return clopper_pearson(k, n, confidence)[1]
 
     lo, up = 1, 64
     while hi(up) > budget:

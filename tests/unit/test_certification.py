@@ -58,6 +58,22 @@ def test_wilson_brackets_the_estimate():
     assert lo < 0.005 < hi and hi < 0.012
 
 
+def test_an_audit_planned_at_a_power_clears_the_budget_that_often():
+    """Rows planned for the count's 90% quantile: drawn at the planned rate, the interval ends within the budget
+    on ~90% of audits; planned for the count expected, on about half."""
+    from pipeline.control.stats import binom_quantile
+
+    rng = np.random.default_rng(2)
+    for rate, budget in ((0.003, 0.01), (0.02, 0.035)):
+        cleared = {}
+        for power in (None, 0.9):
+            n = rows_to_certify(rate, budget, 0.975, power=power)
+            counts = rng.binomial(n, rate, size=2000)
+            cleared[power] = np.mean([clopper_pearson(int(k), n, 0.975)[1] <= budget for k in counts])
+        assert 0.86 <= cleared[0.9] <= 0.95 and cleared[None] < 0.75, (rate, cleared)
+    assert binom_quantile(0.5, 1000, 0.01) in (9, 10) and binom_quantile(0.999, 10, 0.0) == 0
+
+
 def test_rows_to_certify_grows_as_the_rate_nears_the_budget():
     sizes = [rows_to_certify(r, 0.01) for r in (0.002, 0.004, 0.006, 0.008)]
     assert sizes == sorted(sizes) and sizes[-1] > 4 * sizes[1]
