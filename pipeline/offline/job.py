@@ -419,8 +419,9 @@ def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certify: 
     engine = cfg.engine.model_dump()
     ctl = None if controller is None else {k: v for k, v in controller.items() if k != "handle"}
     # Calibration items first, kept first (a group is read in one tokenize task, slower than a shard's): the actors
-    # take them before any shard, so most rows run at certified thresholds.
-    ctx.execution_options.preserve_order = bool(items)
+    # take them before any shard, so most rows run at certified thresholds. (The context is the process's: put back.)
+    order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = order or bool(items)
     work = items + [{**s.to_dict(), "positions": None} for s in todo]
     ds = ray.data.from_items(work, override_num_blocks=len(work))
     ds = ds.map_batches(
@@ -452,6 +453,8 @@ def _run_pipeline(cfg: JobConfig, items: list[dict], todo, controller, certify: 
                 f"{ray.cluster_resources()}); lower actors.min_actors / num_gpus or add nodes"
             ) from e
         raise
+    finally:
+        ctx.execution_options.preserve_order = order
     elapsed = time.perf_counter() - t
     for r in rows:
         r["_elapsed"] = elapsed
