@@ -144,7 +144,7 @@ class ThresholdController:
         self._ok_streak, self._brakes = 0, []
         self.state.calibrated = True
         self._set(self._base, np.asarray(self.state.active, bool))
-        self._feedback_while_held()
+        self._choose_feedback()  # also when the certified thresholds equal those in force (no new version)
         self._logged += 1
         self._history.append({"seq": self._logged, "window": self.state.windows, "action": "calibrated",
                               "version": self.state.version, "thresholds": list(self.state.thresholds),
@@ -221,20 +221,21 @@ class ThresholdController:
 
     def _count_served(self, agreement: float, rows: int) -> None:
         """Add a window to the evidence at the current thresholds; set the feedback share it calls for."""
-        cfg = self.config
         self._since_change[0] += int(round((1.0 - agreement) * rows))
         self._since_change[1] += rows
-        if cfg.feedback_max > 0:
-            upper = wilson(*self._since_change)[1]
-            self.state.feedback_fraction = cfg.feedback_max if upper > cfg.constraint else cfg.feedback_min
+        self._choose_feedback()
 
-    def _feedback_while_held(self) -> None:
-        """Certified thresholds come with their evidence (the calibration sample's test split, sized for them), so
-        the guard watches for drift at ``feedback_min`` and asks for ``feedback_max`` only while ramps are backed
-        off. (Certified thresholds sit near the budget by design: the served rate's upper bound would stay above
-        it for thousands of rows, at ``feedback_max`` all along.)"""
-        if self.config.feedback_max > 0:
-            self.state.feedback_fraction = self.config.feedback_max if self._floors.any() else self.config.feedback_min
+    def _choose_feedback(self) -> None:
+        """The share of rows workers run to the end for the controller: ``feedback_max`` while evidence is thin,
+        else ``feedback_min``. Tuning: thin until the Wilson upper bound of the disagreement served since the
+        thresholds last changed is within the budget. Holding certified thresholds: thin only while a back-off
+        holds, since they come with the calibration sample's evidence (and sit near the budget by design, so that
+        bound would stay above it for thousands of rows)."""
+        cfg = self.config
+        if cfg.feedback_max <= 0:
+            return
+        thin = self._floors.any() if self._base is not None else wilson(*self._since_change)[1] > cfg.constraint
+        self.state.feedback_fraction = cfg.feedback_max if thin else cfg.feedback_min
 
     def _hold_window(self, w: FeedbackWindow, t0: float) -> None:
         """A window while holding certified thresholds: judge it, back off the ramps that erred on a
@@ -257,7 +258,6 @@ class ThresholdController:
             action = "ok"
         self._count_served(realized["agreement"], len(w))
         self._set(np.maximum(self._base, self._floors), act)
-        self._feedback_while_held()
         st.windows += 1
         self._log(t0, 0.0, w, action, realized, None, 0, backed_off, None, False)
 
@@ -394,8 +394,7 @@ class ThresholdController:
         if np.array_equal(thresholds, st.thresholds) and np.array_equal(active, st.active):
             return
         self._since_change = [0, 0]
-        if self.config.feedback_max > 0:
-            st.feedback_fraction = self.config.feedback_max  # new thresholds: no evidence yet
+        self._choose_feedback()  # new thresholds: no evidence served at them yet
         st.version += 1
         st.thresholds = [float(x) for x in thresholds]
         st.active = [bool(x) for x in active]

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["binom_cdf", "binom_quantile", "binom_sf", "clopper_pearson", "hypergeom_count_interval", "wilson", "rows_to_certify"]
+__all__ = ["binom_cdf", "binom_quantile", "binom_sf", "clopper_pearson", "hypergeom_count_interval", "wilson",
+           "rows_to_certify"]
 
 
 def _log_pmf(k: int, n: int, p: float) -> float:

@@ -39,9 +39,12 @@ def _encoder(model: str, max_length: int | None):
 def tokenize_shards(batch: pa.Table, model: str, text_column: str, id_column: str | None,
                     passthrough: list[str], max_length: int | None) -> pa.Table:
     """One output table for the item(s) in `batch`: a shard, or a calibration item (its `group` of shards'
-    `positions` only). Bad rows keep their place with an error (a line that could not be read as a row, else the text's)."""
+    `positions` only). Bad rows keep their place with an error (a line that could not be read as a row, else the
+    text's)."""
     out = []
-    for d in (part for item in batch.to_pylist() for part in (json.loads(item["group"]) if item.get("group") else [item])):
+    items = batch.to_pylist()
+    parts = [part for item in items for part in (json.loads(item["group"]) if item.get("group") else [item])]
+    for d in parts:
         shard = Shard(d["shard"], d["path"], d["start"], d["stop"])
         table = read_shard(shard, text_column)
         require_columns(table, [text_column, id_column, *passthrough], shard.path,
